@@ -1,0 +1,173 @@
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Storage;
+
+/// Alignment used for O_DIRECT I/O.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A host file, accessed with positional I/O; `flush` is `fdatasync`.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    direct: bool,
+    syncs: AtomicU64,
+}
+
+impl FileStorage {
+    /// Open an existing file.
+    pub fn open(path: &Path, writable: bool, direct: bool) -> io::Result<FileStorage> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(writable);
+        if direct {
+            oo.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+        }
+        let file = oo.open(path)?;
+        Ok(FileStorage {
+            file,
+            direct,
+            syncs: AtomicU64::new(0),
+        })
+    }
+    /// Create (or truncate) a file.
+    pub fn create(path: &Path) -> io::Result<FileStorage> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileStorage {
+            file,
+            direct: false,
+            syncs: AtomicU64::new(0),
+        })
+    }
+    /// Wrap an open file.
+    pub fn from_file(file: File) -> FileStorage {
+        FileStorage {
+            file,
+            direct: false,
+            syncs: AtomicU64::new(0),
+        }
+    }
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn read_plain(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A heap buffer whose usable part starts at a DIRECT_ALIGN boundary.
+struct Aligned {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let addr = raw.as_ptr() as usize;
+        let start = (DIRECT_ALIGN - addr % DIRECT_ALIGN) % DIRECT_ALIGN;
+        Aligned { raw, start, len }
+    }
+    fn buf(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return self.read_plain(buf, offset);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let mut bounce = Aligned::new((end - start) as usize);
+        self.read_plain(bounce.buf(), start)?;
+        let skip = (offset - start) as usize;
+        let n = buf.len();
+        buf.copy_from_slice(&bounce.buf()[skip..skip + n]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.direct {
+            return self.file.write_all_at(buf, offset);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).div_ceil(a) * a;
+        let mut bounce = Aligned::new((end - start) as usize);
+        let skip = (offset - start) as usize;
+        if skip != 0 || (offset + buf.len() as u64) != end {
+            // Read-modify-write of the partial blocks at either end.
+            self.read_plain(bounce.buf(), start)?;
+        }
+        bounce.buf()[skip..skip + buf.len()].copy_from_slice(buf);
+        let len = self.len()?;
+        self.file.write_all_at(bounce.buf(), start)?;
+        // Do not let the block rounding grow the file.
+        let new_end = offset + buf.len() as u64;
+        if end > len && new_end < end {
+            self.file.set_len(len.max(new_end))?;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            // Not supported by this file system: discard is advisory.
+            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn allocated_size(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,40 @@
+//! The only I/O seam: every byte the engine reads or writes goes through a [`Storage`].
+//!
+//! `flush` is the only durability barrier. The crash simulator and fault injection plug in here.
+
+use std::fmt;
+use std::io;
+
+mod file;
+mod mem;
+
+pub use file::FileStorage;
+pub use mem::MemStorage;
+
+/// A byte-addressed host file.
+///
+/// Implementations must be usable from several threads at once (`&self` methods, positional I/O).
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Read exactly `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write all of `buf` at `offset`, extending the file if needed. Not durable until `flush`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Current length of the file.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Durability barrier: everything written before is on stable storage when this returns
+    /// (fdatasync for a file).
+    fn flush(&self) -> io::Result<()>;
+    /// Tell the storage that a byte range is no longer needed (punch a hole). Reads of the range
+    /// then return zeros. Best effort: may do nothing.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes actually allocated on the host (for `info`'s actual size). Defaults to `len`.
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.len()
+    }
+    /// Number of durability barriers (`flush` calls that reached the device) so far.
+    fn sync_count(&self) -> u64 {
+        0
+    }
+}
