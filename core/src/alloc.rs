@@ -1,1 +1,343 @@
-//! alloc
+//! Cluster allocation and refcount updates.
+//!
+//! Crash analysis:
+//! - A cluster's refcount is raised (in the refcount-block cache) before any L2/L1 entry points
+//!   at it; the L2 cache then depends on the refcount cache, so the raise is stable first. A crash
+//!   in between leaks the cluster.
+//! - A new refcount block is written and made stable before the refcount-table entry naming it
+//!   is written. A crash in between leaks the block's cluster.
+//! - A grown refcount table (with the refcount blocks describing it) is written and made stable
+//!   before the header is switched to it with one write inside sector 0. The old table is freed
+//!   after the switch is stable.
+//! - Decreases (freeing) are only made after the pointer removal is stable: the refcount cache
+//!   depends on the L2 cache.
+
+use crate::cache::Kind;
+use crate::error::{Error, Result};
+use crate::format::header;
+use crate::format::l2::MAX_HOST_OFFSET;
+use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::format::{self as fmt};
+use crate::image::State;
+
+impl State {
+    /// Validate a metadata offset read from the image (refcount block, L2 table).
+    pub(crate) fn check_meta_offset(&self, off: u64, what: &str, at: u64) -> Result<()> {
+        if !off.is_multiple_of(self.cs) || off == 0 || off >= MAX_HOST_OFFSET {
+            return Err(Error::corrupt(
+                &self.name,
+                format!("{what} offset {off:#x} is invalid (not cluster aligned or out of range)"),
+                at,
+            ));
+        }
+        let len = self.file_len()?;
+        if off.checked_add(self.cs).is_none_or(|end| end > len) && !self.is_pending(off) {
+            return Err(Error::corrupt(
+                &self.name,
+                format!("{what} at {off:#x} lies past the end of the file ({len} bytes)"),
+                at,
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cluster this session allocated that may not be written yet.
+    fn is_pending(&self, off: u64) -> bool {
+        off / self.cs >= self.file_clusters_at_open
+    }
+
+    /// Refcount of a host cluster (0 where no refcount block exists).
+    pub(crate) fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let ri = cluster / self.rb_entries;
+        if ri >= self.reftable.len() as u64 {
+            return Ok(0);
+        }
+        let rbo = self.reftable[ri as usize] & REFT_OFFSET_MASK;
+        if rbo == 0 {
+            return Ok(0);
+        }
+        self.check_meta_offset(rbo, "refcount block", self.h.refcount_table_offset + ri * 8)?;
+        let i = self
+            .caches
+            .get(&*self.storage, &self.name, Kind::Refblock, rbo, false)?;
+        let idx = (cluster % self.rb_entries) as usize;
+        Ok(refcount::get(
+            self.caches.data(Kind::Refblock, i),
+            idx,
+            self.h.refcount_order,
+        ))
+    }
+
+    /// Set a refcount whose refcount block exists.
+    fn store_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let ri = (cluster / self.rb_entries) as usize;
+        let rbo = self.reftable[ri] & REFT_OFFSET_MASK;
+        let i = self
+            .caches
+            .get(&*self.storage, &self.name, Kind::Refblock, rbo, false)?;
+        let idx = (cluster % self.rb_entries) as usize;
+        refcount::set(
+            self.caches.data_mut(Kind::Refblock, i),
+            idx,
+            self.h.refcount_order,
+            value,
+        );
+        Ok(())
+    }
+
+    /// Add `delta` to a cluster's refcount. Increases create refcount blocks as needed.
+    /// Decreases are ordered after the pointer removal (refcount cache depends on L2 cache).
+    pub(crate) fn change_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
+        if delta > 0 {
+            while self.ensure_refblock(cluster)? {}
+        }
+        let old = self.refcount(cluster)?;
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= refcount::max(self.h.refcount_order))
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        &self.name,
+                        format!(
+                            "refcount of cluster {cluster} would overflow {} bits",
+                            self.h.refcount_bits()
+                        ),
+                        cluster * self.cs,
+                    )
+                })?
+        } else {
+            old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                Error::corrupt(
+                    &self.name,
+                    format!("refcount of cluster {cluster} would drop below zero"),
+                    cluster * self.cs,
+                )
+            })?
+        };
+        if delta < 0 && !self.lazy {
+            self.caches
+                .set_dependency(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        self.store_refcount(cluster, new)?;
+        if new == 0 && cluster < self.free_cluster_index {
+            self.free_cluster_index = cluster;
+        }
+        Ok(new)
+    }
+
+    /// Drop one reference to each of `n` clusters at `host`; clusters that become free are
+    /// discarded in the host file when `discard` is set.
+    pub(crate) fn free_clusters(&mut self, host: u64, n: u64, discard: bool) -> Result<()> {
+        for c in host / self.cs..host / self.cs + n {
+            let left = self.change_refcount(c, -1)?;
+            if left == 0 {
+                // Not reused before the pointer removal is stable (cleared at flush).
+                self.reserved.insert(c);
+                self.caches.forget(Kind::L2, c * self.cs);
+                self.caches.forget(Kind::Refblock, c * self.cs);
+                if discard {
+                    self.pending_discards.push(c * self.cs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Punch out freed clusters once the refcount decreases that freed them are stable.
+    pub(crate) fn drain_discards(&mut self) -> Result<()> {
+        let list = std::mem::take(&mut self.pending_discards);
+        for off in list {
+            // Only if still free: it may have been reused meanwhile.
+            if self.refcount(off / self.cs)? == 0 {
+                self.storage
+                    .discard(off, self.cs)
+                    .map_err(|e| Error::io(&self.name, "discard", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocate `n` contiguous clusters, each with refcount 1. Returns the host offset.
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        'restart: loop {
+            // First fit from free_cluster_index.
+            let mut start = self.free_cluster_index.max(1);
+            let mut run = 0;
+            let mut c = start;
+            while run < n {
+                if self.refcount(c)? == 0 && !self.reserved.contains(&c) {
+                    if run == 0 {
+                        start = c;
+                    }
+                    run += 1;
+                } else {
+                    run = 0;
+                }
+                c += 1;
+            }
+            if (start + n) * self.cs > MAX_HOST_OFFSET {
+                return Err(Error::NoSpace {
+                    file: self.name.clone(),
+                    context: "cluster allocation past the largest host offset".into(),
+                });
+            }
+            for c in start..start + n {
+                if self.ensure_refblock(c)? {
+                    continue 'restart;
+                }
+            }
+            for c in start..start + n {
+                self.store_refcount(c, 1)?;
+            }
+            if start == self.free_cluster_index || self.free_cluster_index == 0 {
+                self.free_cluster_index = start + n;
+            }
+            self.alloc_end = self.alloc_end.max(start + n);
+            return Ok(start * self.cs);
+        }
+    }
+
+    /// Make sure the refcount block covering `cluster` exists. Returns true if anything was
+    /// allocated (callers that picked free clusters must pick again).
+    pub(crate) fn ensure_refblock(&mut self, cluster: u64) -> Result<bool> {
+        let ri = cluster / self.rb_entries;
+        if ri >= self.reftable.len() as u64 {
+            self.grow_reftable(ri + 1)?;
+            return Ok(true);
+        }
+        if self.reftable[ri as usize] & REFT_OFFSET_MASK != 0 {
+            return Ok(false);
+        }
+        // Place the new block at the first free cluster.
+        let mut c = self.free_cluster_index.max(1);
+        while self.refcount(c)? != 0 || self.reserved.contains(&c) {
+            c += 1;
+        }
+        if c / self.rb_entries != ri {
+            // The block lands in another range: that range needs its own block first.
+            if self.ensure_refblock(c)? {
+                return Ok(true);
+            }
+            self.store_refcount(c, 1)?;
+            // The refcount of the block's own cluster must be stable before the table names it.
+            self.caches
+                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        let mut block = vec![0u8; self.cs as usize];
+        if c / self.rb_entries == ri {
+            // Self-describing block.
+            refcount::set(
+                &mut block,
+                (c % self.rb_entries) as usize,
+                self.h.refcount_order,
+                1,
+            );
+        }
+        let off = c * self.cs;
+        self.write_meta(&block, off, "new refcount block")?;
+        self.barrier()?;
+        self.reftable[ri as usize] = off;
+        let entry = fmt::u64_bytes(off);
+        self.write_meta(
+            &entry,
+            self.h.refcount_table_offset + ri * 8,
+            "refcount table entry",
+        )?;
+        self.alloc_end = self.alloc_end.max(c + 1);
+        Ok(true)
+    }
+
+    /// Grow the refcount table to at least `min_entries`, placing the new table and the refcount
+    /// blocks that describe it in a fresh area past every allocation.
+    fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
+        let cs = self.cs;
+        let per = self.rb_entries;
+        let area = self.alloc_end.max(self.file_len()?.div_ceil(cs));
+        let old_entries = self.reftable.len() as u64;
+        let mut table_entries = min_entries.max(old_entries);
+        let (mut nb, mut nt);
+        loop {
+            nt = (table_entries * 8).div_ceil(cs);
+            // Ranges covering [area, area+nb+nt) that lack a block.
+            let mut guess = 0;
+            loop {
+                let end = area + guess + nt;
+                let first = area / per;
+                let last = (end - 1) / per;
+                let missing = (first..=last)
+                    .filter(|&r| {
+                        r >= old_entries || self.reftable[r as usize] & REFT_OFFSET_MASK == 0
+                    })
+                    .count() as u64;
+                if missing == guess {
+                    nb = missing;
+                    break;
+                }
+                guess = missing;
+            }
+            let last_range = (area + nb + nt - 1) / per;
+            let need = table_entries.max(last_range + 1);
+            if need == table_entries && (need * 8).div_ceil(cs) == nt {
+                break;
+            }
+            table_entries = need;
+        }
+        if nt > header::MAX_REFTABLE_BYTES / cs {
+            return Err(Error::NoSpace {
+                file: self.name.clone(),
+                context: "refcount table would exceed its 8 MiB limit".into(),
+            });
+        }
+        let table_entries = nt * cs / 8;
+        let mut new_table = self.reftable.clone();
+        new_table.resize(table_entries as usize, 0);
+        // Assign blocks to the missing ranges, in order, at the start of the area.
+        let first = area / per;
+        let last = (area + nb + nt - 1) / per;
+        let mut next = area;
+        let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for r in first..=last {
+            if new_table[r as usize] & REFT_OFFSET_MASK == 0 {
+                new_table[r as usize] = next * cs;
+                new_blocks.push((r, vec![0u8; cs as usize]));
+                next += 1;
+            }
+        }
+        let table_off = next * cs;
+        // Refcounts of the area: in new blocks directly, in existing blocks through the cache.
+        for c in area..area + nb + nt {
+            let r = c / per;
+            if let Some((_, b)) = new_blocks.iter_mut().find(|(br, _)| *br == r) {
+                refcount::set(b, (c % per) as usize, self.h.refcount_order, 1);
+            } else {
+                self.store_refcount(c, 1)?;
+            }
+        }
+        for (r, b) in &new_blocks {
+            self.write_meta(b, new_table[*r as usize], "new refcount block")?;
+        }
+        self.write_meta(
+            &fmt::encode_table(&new_table),
+            table_off,
+            "new refcount table",
+        )?;
+        self.caches
+            .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        // Switch: one write inside sector 0.
+        let old_off = self.h.refcount_table_offset;
+        let old_clusters = self.h.refcount_table_clusters as u64;
+        self.h.refcount_table_offset = table_off;
+        self.h.refcount_table_clusters = nt as u32;
+        self.reftable = new_table;
+        self.alloc_end = self.alloc_end.max(area + nb + nt);
+        let bytes = self.h.field_bytes(header::REFTABLE_FIELDS);
+        self.write_meta(
+            &bytes,
+            header::REFTABLE_FIELDS.start as u64,
+            "header (refcount table switch)",
+        )?;
+        self.barrier()?;
+        self.free_clusters(old_off, old_clusters, true)?;
+        Ok(())
+    }
+}

@@ -1,4 +1,18 @@
 //! Consistency check and repair, classified the way `qemu-img check` classifies problems.
+//!
+//! The check rebuilds every cluster's reference count in memory from every reference (header,
+//! L1/L2 trees of the active image and of each snapshot, data and compressed clusters, refcount
+//! structures, snapshot table, encryption header, bitmaps) and compares with the stored counts:
+//! stored > computed is a leak (harmless), stored < computed a corruption (the cluster could be
+//! handed out twice).
+
+use crate::cache::Kind;
+use crate::error::{Error, Result};
+use crate::format::header;
+use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED};
+use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::format::{self as fmt};
+use crate::image::State;
 
 /// What `check` may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +37,7 @@ pub struct CheckReport {
     pub corruptions_fixed: u64,
     /// Leaks repaired.
     pub leaks_fixed: u64,
-    /// Clusters in the image file (file length / cluster size, rounded up).
+    /// Guest clusters (virtual size / cluster size, rounded up), as qemu-img counts them.
     pub total_clusters: u64,
     /// Guest clusters that are allocated in this image (data, compressed or preallocated zero).
     pub allocated_clusters: u64,
@@ -36,8 +50,8 @@ pub struct CheckReport {
     /// One line per problem, worded as qemu-img words them
     /// (`Leaked cluster 5 refcount=1 reference=0`, `ERROR cluster 7 refcount=0 reference=1`, ...).
     pub messages: Vec<String>,
-    /// Total guest clusters (virtual size / cluster size), for the "A/B = x% allocated" line.
-    pub guest_clusters: u64,
+    /// Whether the refcount structures were rebuilt by the repair.
+    pub rebuilt: bool,
 }
 
 impl CheckReport {
@@ -57,4 +71,526 @@ impl CheckReport {
             0
         }
     }
+}
+
+/// Largest number of host clusters the check accounts for in memory.
+const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+
+struct Walk {
+    cs: u64,
+    refs: Vec<u32>,
+    report: CheckReport,
+    /// (L1 index, L2 offset) of the active tree, for the COPIED pass.
+    active_l2: Vec<(usize, u64)>,
+    /// Whether a repair can only be done by rebuilding the refcount structures.
+    need_rebuild: bool,
+}
+
+impl Walk {
+    fn add(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off / self.cs;
+        let last = (off + len - 1) / self.cs;
+        for c in first..=last {
+            match self.refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    self.report.messages.push(format!(
+                        "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+                    ));
+                    self.report.corruptions += 1;
+                    return;
+                }
+            }
+        }
+    }
+    fn error(&mut self, msg: String) {
+        self.report.messages.push(msg);
+        self.report.corruptions += 1;
+    }
+}
+
+fn read_bytes(s: &State, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; len as usize];
+    s.storage
+        .read_at(&mut b, off)
+        .map_err(|e| Error::io(&s.name, format!("read {what}"), e))?;
+    Ok(b)
+}
+
+/// Walk one L1 tree (active or snapshot) and count its references.
+fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
+    let cs = s.cs;
+    let mut prev_host = 0u64;
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & L1E_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(cs) {
+            w.error(format!(
+                "ERROR l2_offset={off:#x}: Table is not cluster aligned; L1 entry corrupted"
+            ));
+            continue;
+        }
+        w.add(off, cs);
+        if off / cs >= w.refs.len() as u64 {
+            continue;
+        }
+        if active {
+            w.active_l2.push((i, off));
+        }
+        let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
+        let table = s.caches.data(Kind::L2, idx).to_vec();
+        let n = s.l2_entries as usize;
+        for j in 0..n {
+            let (e2, bm) = if s.extended {
+                (
+                    fmt::table_get(&table, 2 * j),
+                    fmt::table_get(&table, 2 * j + 1),
+                )
+            } else {
+                (fmt::table_get(&table, j), 0)
+            };
+            if e2 == 0 && bm == 0 {
+                continue;
+            }
+            let d = l2::decode(e2, s.cluster_bits, s.extended);
+            match d {
+                Desc::Normal { host } | Desc::ZeroAlloc { host } => {
+                    if host % cs != 0 {
+                        w.error(format!(
+                            "ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted."
+                        ));
+                        continue;
+                    }
+                    if s.extended && l2::sub::invalid(bm) {
+                        w.error(format!(
+                            "ERROR: Invalid subcluster allocation bitmap {bm:#x} in L2 table at {off:#x}"
+                        ));
+                    }
+                    w.add(host, cs);
+                    if active {
+                        w.report.allocated_clusters += 1;
+                        if prev_host != 0 && host != prev_host + cs {
+                            w.report.fragmented_clusters += 1;
+                        }
+                        prev_host = host;
+                    }
+                }
+                Desc::Compressed { offset, len } => {
+                    w.add(offset & !511, len + (offset & 511));
+                    if active {
+                        w.report.allocated_clusters += 1;
+                        w.report.compressed_clusters += 1;
+                        w.report.fragmented_clusters += 1;
+                        prev_host = 0;
+                    }
+                }
+                Desc::Unallocated => {
+                    if s.extended && bm & 0xffff_ffff != 0 {
+                        w.error(format!(
+                            "ERROR: subclusters allocated without a host cluster in L2 table at {off:#x}"
+                        ));
+                    }
+                }
+                Desc::ZeroPlain => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
+    let Some(ext) = s.h.extension(header::EXT_BITMAPS) else {
+        return Ok(());
+    };
+    if ext.len() < 24 {
+        w.error("ERROR: bitmaps extension is too short".into());
+        return Ok(());
+    }
+    let nb = fmt::be32(ext, 0) as usize;
+    let dir_size = fmt::be64(ext, 8);
+    let dir_off = fmt::be64(ext, 16);
+    if dir_size > 64 << 20 || dir_off.checked_add(dir_size).is_none() {
+        w.error("ERROR: bitmap directory is too large".into());
+        return Ok(());
+    }
+    w.add(dir_off, dir_size);
+    let dir = read_bytes(s, dir_off, dir_size, "bitmap directory")?;
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        if pos + 24 > dir.len() {
+            break;
+        }
+        let table_off = fmt::be64(&dir, pos);
+        let table_size = fmt::be32(&dir, pos + 8) as u64;
+        let name_size = fmt::be16(&dir, pos + 18) as usize;
+        let extra = fmt::be32(&dir, pos + 20) as usize;
+        pos += (24 + extra + name_size).div_ceil(8) * 8;
+        if table_size > (64 << 20) / 8 {
+            continue;
+        }
+        w.add(table_off, table_size * 8);
+        let t = read_bytes(s, table_off, table_size * 8, "bitmap table")?;
+        for e in fmt::decode_table(&t) {
+            let off = e & 0x00ff_ffff_ffff_fe00;
+            if off != 0 {
+                w.add(off, s.cs);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Count every reference. With `count_refcount_structures` false, the refcount table and blocks
+/// themselves are left out (for a rebuild, which replaces them).
+fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Result<Walk> {
+    let mut w = Walk {
+        cs: s.cs,
+        refs: vec![0u32; nb_clusters as usize],
+        report: CheckReport::default(),
+        active_l2: Vec::new(),
+        need_rebuild: false,
+    };
+    w.add(0, s.cs);
+    w.add(s.h.l1_table_offset, s.h.l1_size as u64 * 8);
+    let l1 = s.l1.clone();
+    walk_l1(s, &mut w, &l1, true)?;
+    for snap in s.snapshots.clone() {
+        w.add(snap.l1_table_offset, snap.l1_size as u64 * 8);
+        let t = read_bytes(
+            s,
+            snap.l1_table_offset,
+            snap.l1_size as u64 * 8,
+            "snapshot L1 table",
+        )?;
+        walk_l1(s, &mut w, &fmt::decode_table(&t), false)?;
+    }
+    if s.h.nb_snapshots > 0 {
+        let size = crate::format::snapshot::table_size(&s.snapshots);
+        w.add(s.h.snapshots_offset, size);
+    }
+    if count_refcount_structures {
+        w.add(
+            s.h.refcount_table_offset,
+            s.h.refcount_table_clusters as u64 * s.cs,
+        );
+    }
+    for (i, &e) in s.reftable.clone().iter().enumerate() {
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        if !off.is_multiple_of(s.cs) {
+            w.error(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            w.need_rebuild = true;
+            continue;
+        }
+        if off / s.cs >= nb_clusters {
+            w.error(format!("ERROR refcount block {i} is outside image"));
+            w.need_rebuild = true;
+            continue;
+        }
+        if count_refcount_structures {
+            w.add(off, s.cs);
+        }
+    }
+    if let Some(ext) = s.h.extension(header::EXT_CRYPTO) {
+        if ext.len() >= 16 {
+            let (off, len) = (fmt::be64(ext, 0), fmt::be64(ext, 8));
+            w.add(off, len);
+        }
+    }
+    walk_bitmaps(s, &mut w)?;
+    w.report.total_clusters = s.h.size.div_ceil(s.cs);
+    Ok(w)
+}
+
+/// Whether the refcount block covering `c` is usable for an in-place fix.
+fn block_ok(s: &State, c: u64, nb_clusters: u64) -> bool {
+    let ri = (c / s.rb_entries) as usize;
+    match s.reftable.get(ri) {
+        Some(&e) => {
+            let off = e & REFT_OFFSET_MASK;
+            off != 0 && off.is_multiple_of(s.cs) && off / s.cs < nb_clusters
+        }
+        None => false,
+    }
+}
+
+fn stored_refcount(s: &mut State, c: u64, nb_clusters: u64) -> Result<u64> {
+    if !block_ok(s, c, nb_clusters) {
+        return Ok(0);
+    }
+    s.refcount(c)
+}
+
+fn set_refcount(s: &mut State, c: u64, v: u64) -> Result<()> {
+    let ri = (c / s.rb_entries) as usize;
+    let rbo = s.reftable[ri] & REFT_OFFSET_MASK;
+    let i = s
+        .caches
+        .get(&*s.storage, &s.name, Kind::Refblock, rbo, false)?;
+    refcount::set(
+        s.caches.data_mut(Kind::Refblock, i),
+        (c % s.rb_entries) as usize,
+        s.h.refcount_order,
+        v,
+    );
+    Ok(())
+}
+
+/// Run the check, repairing as `repair` allows.
+pub(crate) fn run(s: &mut State, repair: Option<RepairMode>) -> Result<CheckReport> {
+    let (first, fixed) = check_once(s, repair)?;
+    if repair.is_none() || !fixed {
+        return Ok(first);
+    }
+    // Double check the fixed image.
+    let (mut second, _) = check_once(s, None)?;
+    second.leaks_fixed = first.leaks_fixed;
+    second.corruptions_fixed = first.corruptions_fixed;
+    second.rebuilt = first.rebuilt;
+    let mut msgs = first.messages;
+    msgs.extend(second.messages);
+    second.messages = msgs;
+    Ok(second)
+}
+
+fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport, bool)> {
+    let file_len = s
+        .storage
+        .len()
+        .map_err(|e| Error::io(&s.name, "stat", e))?
+        .max(s.known_len);
+    let nb_clusters = file_len.div_ceil(s.cs);
+    if nb_clusters > MAX_CHECK_CLUSTERS {
+        return Err(Error::unsupported(
+            &s.name,
+            format!("checking an image file of {nb_clusters} clusters"),
+        ));
+    }
+    let mut w = walk(s, nb_clusters, true)?;
+    let mut fixed = false;
+    let all = repair == Some(RepairMode::All);
+    let max = refcount::max(s.h.refcount_order);
+    for c in 0..nb_clusters {
+        let computed = w.refs[c as usize] as u64;
+        let stored = stored_refcount(s, c, nb_clusters)?;
+        if stored == computed {
+            continue;
+        }
+        if computed > max {
+            w.error(format!(
+                "ERROR overflow cluster offset={:#x} (refcount {computed} does not fit in {} bits); use qemu-img amend to increase the refcount entry width",
+                c * s.cs,
+                s.h.refcount_bits()
+            ));
+            continue;
+        }
+        let leak = stored > computed;
+        let can_fix = match repair {
+            Some(RepairMode::Leaks) => leak,
+            Some(RepairMode::All) => true,
+            None => false,
+        };
+        if can_fix && block_ok(s, c, nb_clusters) && !w.need_rebuild {
+            w.report.messages.push(format!(
+                "Repairing cluster {c} refcount={stored} reference={computed}"
+            ));
+            set_refcount(s, c, computed)?;
+            if leak {
+                w.report.leaks_fixed += 1;
+            } else {
+                w.report.corruptions_fixed += 1;
+            }
+            fixed = true;
+            continue;
+        }
+        if leak {
+            w.report.messages.push(format!(
+                "Leaked cluster {c} refcount={stored} reference={computed}"
+            ));
+            w.report.leaks += 1;
+        } else {
+            w.report.messages.push(format!(
+                "ERROR cluster {c} refcount={stored} reference={computed}"
+            ));
+            w.report.corruptions += 1;
+            if all {
+                w.need_rebuild = true;
+            }
+        }
+    }
+    // Clusters past the end of the file must not be counted as in use either.
+    if all && w.need_rebuild {
+        rebuild(s, nb_clusters)?;
+        w.report
+            .messages
+            .push("Rebuilding refcount structure".into());
+        w.report.corruptions_fixed += w.report.corruptions;
+        w.report.leaks_fixed += w.report.leaks;
+        w.report.corruptions = 0;
+        w.report.leaks = 0;
+        w.report.rebuilt = true;
+        fixed = true;
+    }
+    // COPIED flags of the active tree.
+    for (l1i, off) in std::mem::take(&mut w.active_l2) {
+        let rc = stored_refcount(s, off / s.cs, nb_clusters)?;
+        let e = s.l1[l1i];
+        let want = rc == 1;
+        if (e & OFLAG_COPIED != 0) != want {
+            if all {
+                s.l1[l1i] = if want {
+                    e | OFLAG_COPIED
+                } else {
+                    e & !OFLAG_COPIED
+                };
+                let b = fmt::u64_bytes(s.l1[l1i]);
+                s.write_meta(&b, s.h.l1_table_offset + l1i as u64 * 8, "L1 entry")?;
+                w.report.corruptions_fixed += 1;
+                fixed = true;
+            } else {
+                w.error(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+        }
+        for j in 0..s.l2_entries as usize {
+            let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
+            let pos = if s.extended { 2 * j } else { j };
+            let e2 = fmt::table_get(s.caches.data(Kind::L2, idx), pos);
+            let host = match l2::decode(e2, s.cluster_bits, s.extended) {
+                Desc::Normal { host } | Desc::ZeroAlloc { host } if host % s.cs == 0 => host,
+                _ => continue,
+            };
+            let rc = stored_refcount(s, host / s.cs, nb_clusters)?;
+            let want = rc == 1;
+            if (e2 & OFLAG_COPIED != 0) != want {
+                if all {
+                    let ne = if want {
+                        e2 | OFLAG_COPIED
+                    } else {
+                        e2 & !OFLAG_COPIED
+                    };
+                    let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
+                    fmt::table_set(s.caches.data_mut(Kind::L2, idx), pos, ne);
+                    w.report.corruptions_fixed += 1;
+                    fixed = true;
+                } else {
+                    w.error(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={e2:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+    }
+    w.report.image_end_offset = w
+        .refs
+        .iter()
+        .rposition(|&r| r > 0)
+        .map_or(0, |c| (c as u64 + 1) * s.cs);
+    if repair.is_some() && s.writable_storage {
+        if fixed {
+            s.caches.flush(&*s.storage, &s.name, Kind::L2)?;
+            s.caches.flush(&*s.storage, &s.name, Kind::Refblock)?;
+        }
+        if all {
+            let bits = header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT;
+            if s.h.incompatible_features & bits != 0 {
+                s.h.incompatible_features &= !bits;
+                let b = s.h.field_bytes(header::INCOMPAT_FIELD);
+                s.write_meta(
+                    &b,
+                    header::INCOMPAT_FIELD.start as u64,
+                    "header (clear dirty/corrupt)",
+                )?;
+                s.barrier()?;
+                if s.read_only && s.writable_storage {
+                    s.read_only = false;
+                    s.ro_reason.clear();
+                }
+            }
+        }
+    }
+    Ok((w.report, fixed))
+}
+
+/// Write new refcount structures past the end of the file, describing every reference found,
+/// and switch the header to them.
+///
+/// Crash analysis: the new blocks and table are written and made stable before the header
+/// switch (one write inside sector 0); until then the old structures stay in force.
+fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
+    let w = walk(s, nb_clusters, false)?;
+    let mut refs: Vec<u64> = w.refs.iter().map(|&r| r as u64).collect();
+    let cs = s.cs;
+    let per = s.rb_entries;
+    let area = nb_clusters.max(s.alloc_end);
+    let (mut nb, mut nt) = (0u64, 1u64);
+    loop {
+        let total = area + nb + nt;
+        let nb2 = total.div_ceil(per);
+        let nt2 = (nb2 * 8).div_ceil(cs).max(1);
+        if nb2 == nb && nt2 == nt {
+            break;
+        }
+        nb = nb2;
+        nt = nt2;
+    }
+    if nt > header::MAX_REFTABLE_BYTES / cs {
+        return Err(Error::unsupported(
+            &s.name,
+            "rebuilding a refcount table larger than 8 MiB",
+        ));
+    }
+    refs.resize((area + nb + nt) as usize, 0);
+    for c in area..area + nb + nt {
+        refs[c as usize] = 1;
+    }
+    let max = refcount::max(s.h.refcount_order);
+    let mut table = vec![0u64; (nt * cs / 8) as usize];
+    for r in 0..nb {
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..per {
+            let c = r * per + i;
+            if let Some(&v) = refs.get(c as usize) {
+                if v > max {
+                    return Err(Error::corrupt(
+                        &s.name,
+                        format!("refcount of cluster {c} overflows"),
+                        c * cs,
+                    ));
+                }
+                refcount::set(&mut block, i as usize, s.h.refcount_order, v);
+            }
+        }
+        let off = (area + r) * cs;
+        s.write_meta(&block, off, "rebuilt refcount block")?;
+        table[r as usize] = off;
+    }
+    let toff = (area + nb) * cs;
+    s.write_meta(&fmt::encode_table(&table), toff, "rebuilt refcount table")?;
+    s.caches.flush(&*s.storage, &s.name, Kind::L2)?;
+    s.barrier()?;
+    s.caches.clear(Kind::Refblock);
+    s.h.refcount_table_offset = toff;
+    s.h.refcount_table_clusters = nt as u32;
+    let b = s.h.field_bytes(header::REFTABLE_FIELDS);
+    s.write_meta(
+        &b,
+        header::REFTABLE_FIELDS.start as u64,
+        "header (refcount table switch)",
+    )?;
+    s.barrier()?;
+    s.reftable = table;
+    s.alloc_end = area + nb + nt;
+    s.free_cluster_index = 0;
+    Ok(())
 }

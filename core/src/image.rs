@@ -1,12 +1,23 @@
 //! The image: open/create, read/write/zeroes/discard/flush/resize, info and map.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::backing::{self, Backing};
+use crate::cache::{Caches, Kind};
 use crate::check::{CheckReport, RepairMode};
-use crate::error::Result;
-use crate::options::{Compat, CompressionType, CreateOptions, OpenOptions};
-use crate::storage::Storage;
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::format::header::{self, Header, HeaderError};
+use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use crate::format::refcount;
+use crate::format::snapshot::{self, SnapshotEntry};
+use crate::format::{self as fmt};
+use crate::options::{
+    CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation,
+};
+use crate::storage::{FileStorage, Storage};
 
 /// Facts about an image, as `qemu-img info` shows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,116 +79,1625 @@ pub struct MapEntry {
     pub offset: Option<u64>,
 }
 
+/// The mutable state of an open image, behind the image's lock.
+pub(crate) struct State {
+    pub name: String,
+    pub storage: Arc<dyn Storage>,
+    pub h: Header,
+    pub cs: u64,
+    pub cluster_bits: u32,
+    pub l2_entries: u64,
+    pub extended: bool,
+    pub rb_entries: u64,
+    pub l1: Vec<u64>,
+    pub reftable: Vec<u64>,
+    pub caches: Caches,
+    pub free_cluster_index: u64,
+    pub alloc_end: u64,
+    pub file_clusters_at_open: u64,
+    pub known_len: u64,
+    pub read_only: bool,
+    pub ro_reason: String,
+    pub writable_storage: bool,
+    pub backing: Option<Backing>,
+    pub cache_mode: CacheMode,
+    pub lazy: bool,
+    pub pending_discards: Vec<u64>,
+    pub reserved: HashSet<u64>,
+    pub snapshots: Vec<SnapshotEntry>,
+    pub comp_pos: u64,
+    pub comp_cache: Option<(u64, Vec<u8>)>,
+    pub data_written: bool,
+    pub compression: CompressionType,
+    pub closed: bool,
+}
+
 /// An open qcow2 image. `Send + Sync`: share it between threads with `Arc`.
 pub struct Image {
-    _p: (),
+    state: Mutex<State>,
+    name: String,
+    cluster_size: u32,
+    compression: CompressionType,
 }
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Image").finish_non_exhaustive()
+        f.debug_struct("Image")
+            .field("file", &self.name)
+            .field("cluster_size", &self.cluster_size)
+            .finish_non_exhaustive()
     }
 }
 
+fn map_header_err(name: &str, e: HeaderError) -> Error {
+    match e {
+        HeaderError::Corrupt(what, off) => Error::corrupt(name, what, off),
+        HeaderError::Unsupported(f) => Error::unsupported(name, f),
+    }
+}
+
+impl State {
+    pub(crate) fn file_len(&self) -> Result<u64> {
+        Ok(self.known_len)
+    }
+
+    pub(crate) fn write_meta(&mut self, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        self.storage
+            .write_at(buf, off)
+            .map_err(|e| Error::io(&self.name, format!("write {what} at {off:#x}"), e))?;
+        self.known_len = self.known_len.max(off + buf.len() as u64);
+        Ok(())
+    }
+
+    fn write_data(&mut self, buf: &[u8], off: u64) -> Result<()> {
+        self.storage
+            .write_at(buf, off)
+            .map_err(|e| Error::io(&self.name, format!("write data at {off:#x}"), e))?;
+        self.known_len = self.known_len.max(off + buf.len() as u64);
+        Ok(())
+    }
+
+    pub(crate) fn barrier(&mut self) -> Result<()> {
+        if self.caches.no_barriers {
+            return Ok(());
+        }
+        self.storage
+            .flush()
+            .map_err(|e| Error::io(&self.name, "flush", e))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: self.name.clone(),
+                reason: self.ro_reason.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.h.size => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "{}: range {off}+{len} is past the end of the disk ({} bytes)",
+                self.name, self.h.size
+            ))),
+        }
+    }
+
+    /// Set the dirty bit before the first metadata change in lazy-refcount mode.
+    fn mark_dirty(&mut self) -> Result<()> {
+        if !self.lazy || self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            return Ok(());
+        }
+        self.h.incompatible_features |= header::INCOMPAT_DIRTY;
+        let b = self.h.field_bytes(header::INCOMPAT_FIELD);
+        self.write_meta(
+            &b,
+            header::INCOMPAT_FIELD.start as u64,
+            "header (dirty bit)",
+        )?;
+        self.barrier()
+    }
+
+    /// Validate a host data cluster offset from an L2 entry.
+    fn check_data_offset(&self, host: u64, gc: u64) -> Result<()> {
+        if !host.is_multiple_of(self.cs) {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "cluster allocation offset {host:#x} unaligned (guest offset {:#x})",
+                    gc * self.cs
+                ),
+                host,
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_data_in_file(&self, host: u64, gc: u64) -> Result<()> {
+        self.check_data_offset(host, gc)?;
+        if host >= self.known_len && host / self.cs < self.file_clusters_at_open {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "data cluster at {host:#x} (guest offset {:#x}) lies past the end of the file",
+                    gc * self.cs
+                ),
+                host,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The L2 table offset for guest cluster `gc`, or 0.
+    fn l2_offset(&self, gc: u64) -> Result<u64> {
+        let l1i = gc / self.l2_entries;
+        let Some(&e) = self.l1.get(l1i as usize) else {
+            return Ok(0);
+        };
+        let off = e & L1E_OFFSET_MASK;
+        if off != 0 {
+            self.check_meta_offset(off, "L2 table", self.h.l1_table_offset + l1i * 8)?;
+        }
+        Ok(off)
+    }
+
+    /// The (entry, bitmap) for guest cluster `gc`.
+    pub(crate) fn lookup(&mut self, gc: u64) -> Result<(u64, u64)> {
+        let l2off = self.l2_offset(gc)?;
+        if l2off == 0 {
+            return Ok((0, 0));
+        }
+        let i = self
+            .caches
+            .get(&*self.storage, &self.name, Kind::L2, l2off, false)?;
+        let idx = (gc % self.l2_entries) as usize;
+        let d = self.caches.data(Kind::L2, i);
+        if self.extended {
+            Ok((fmt::table_get(d, idx * 2), fmt::table_get(d, idx * 2 + 1)))
+        } else {
+            Ok((fmt::table_get(d, idx), 0))
+        }
+    }
+
+    fn decode(&self, e: u64) -> Desc {
+        l2::decode(e, self.cluster_bits, self.extended)
+    }
+
+    /// Write an entry into the (writable) L2 table of `gc`.
+    fn set_entry(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<()> {
+        let l2off = self.l1[(gc / self.l2_entries) as usize] & L1E_OFFSET_MASK;
+        let i = self
+            .caches
+            .get(&*self.storage, &self.name, Kind::L2, l2off, false)?;
+        let idx = (gc % self.l2_entries) as usize;
+        let d = self.caches.data_mut(Kind::L2, i);
+        if self.extended {
+            fmt::table_set(d, idx * 2, entry);
+            fmt::table_set(d, idx * 2 + 1, bitmap);
+        } else {
+            fmt::table_set(d, idx, entry);
+        }
+        Ok(())
+    }
+
+    /// Make the L2 table of `gc` allocated and exclusively ours (COPIED); returns its offset.
+    ///
+    /// Crash analysis: the new table's refcount is made stable, then the table itself, before
+    /// the L1 entry naming it is written. A crash before the L1 write leaks the new cluster. The
+    /// old (shared) table's refcount is dropped only after the L1 switch is stable.
+    fn prepare_l2(&mut self, gc: u64) -> Result<u64> {
+        let l1i = (gc / self.l2_entries) as usize;
+        if l1i >= self.l1.len() {
+            return Err(Error::corrupt(
+                &self.name,
+                format!("L1 table is too small for guest offset {:#x}", gc * self.cs),
+                self.h.l1_table_offset,
+            ));
+        }
+        let l1e = self.l1[l1i];
+        let old = self.l2_offset(gc)?;
+        if old != 0 && l1e & OFLAG_COPIED != 0 {
+            return Ok(old);
+        }
+        self.mark_dirty()?;
+        let table = if old != 0 {
+            let i = self
+                .caches
+                .get(&*self.storage, &self.name, Kind::L2, old, false)?;
+            self.caches.data(Kind::L2, i).to_vec()
+        } else {
+            vec![0u8; self.cs as usize]
+        };
+        let new = self.alloc_clusters(1)?;
+        if !self.lazy {
+            self.caches
+                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        self.write_meta(&table, new, "new L2 table")?;
+        self.barrier()?;
+        // Put it in the cache as a clean entry.
+        let i = self
+            .caches
+            .get(&*self.storage, &self.name, Kind::L2, new, true)?;
+        let d = self.caches.data_mut(Kind::L2, i);
+        d.copy_from_slice(&table);
+        // Written already: mark clean by writing it back through the cache is wasteful; the
+        // cache entry is dirty but identical, which only costs one extra write at flush.
+        self.l1[l1i] = new | OFLAG_COPIED;
+        let e = fmt::u64_bytes(self.l1[l1i]);
+        self.write_meta(&e, self.h.l1_table_offset + l1i as u64 * 8, "L1 entry")?;
+        if old != 0 {
+            self.barrier()?;
+            self.free_clusters(old, 1, false)?;
+        }
+        Ok(new)
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Read guest bytes without a bounds check against the virtual size.
+    pub(crate) fn read_inner(&mut self, buf: &mut [u8], mut off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let gc = off >> self.cluster_bits;
+            let co = off & (self.cs - 1);
+            let n = ((self.cs - co) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            let (e, bm) = self.lookup(gc)?;
+            if self.extended {
+                self.read_ext(gc, co, out, e, bm)?;
+            } else {
+                let d = self.decode(e);
+                self.read_desc(gc, co, out, d)?;
+            }
+            done += n;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn read_desc(&mut self, gc: u64, co: u64, out: &mut [u8], d: Desc) -> Result<()> {
+        match d {
+            Desc::Unallocated => self.read_backing(out, gc * self.cs + co),
+            Desc::ZeroPlain | Desc::ZeroAlloc { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            Desc::Normal { host } => {
+                self.check_data_in_file(host, gc)?;
+                self.storage
+                    .read_at(out, host + co)
+                    .map_err(|e| Error::io(&self.name, format!("read data at {host:#x}"), e))
+            }
+            Desc::Compressed { offset, len } => {
+                let data = self.decompressed(gc, offset, len)?;
+                out.copy_from_slice(&data[co as usize..co as usize + out.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_ext(&mut self, gc: u64, co: u64, out: &mut [u8], e: u64, bm: u64) -> Result<()> {
+        let d = l2::decode(e, self.cluster_bits, true);
+        if let Desc::Compressed { .. } = d {
+            return self.read_desc(gc, co, out, d);
+        }
+        if l2::sub::invalid(bm) {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "invalid subcluster bitmap {bm:#x} for guest offset {:#x}",
+                    gc * self.cs
+                ),
+                0,
+            ));
+        }
+        let host = e & l2::L2E_OFFSET_MASK;
+        if host == 0 && bm & 0xffff_ffff != 0 {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "subclusters allocated without a host cluster at guest offset {:#x}",
+                    gc * self.cs
+                ),
+                0,
+            ));
+        }
+        let scs = self.cs / l2::sub::COUNT as u64;
+        let mut pos = 0usize;
+        while pos < out.len() {
+            let o = co + pos as u64;
+            let sc = (o / scs) as u32;
+            // Extend over following subclusters of the same kind.
+            let kind = |s: u32| {
+                if l2::sub::allocated(bm, s) {
+                    1
+                } else if l2::sub::zero(bm, s) {
+                    2
+                } else {
+                    0
+                }
+            };
+            let k = kind(sc);
+            let mut end_sc = sc + 1;
+            while end_sc < l2::sub::COUNT && kind(end_sc) == k {
+                end_sc += 1;
+            }
+            let n = ((end_sc as u64 * scs - o) as usize).min(out.len() - pos);
+            let part = &mut out[pos..pos + n];
+            match k {
+                1 => {
+                    self.check_data_in_file(host, gc)?;
+                    self.storage
+                        .read_at(part, host + o)
+                        .map_err(|e| Error::io(&self.name, format!("read data at {host:#x}"), e))?
+                }
+                2 => part.fill(0),
+                _ => self.read_backing(part, gc * self.cs + o)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn read_backing(&mut self, out: &mut [u8], guest: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read(out, guest, &self.name),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn decompressed(&mut self, gc: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if let Some((o, d)) = &self.comp_cache {
+            if *o == offset {
+                return Ok(d.clone());
+            }
+        }
+        if offset >= self.known_len || len > 2 * self.cs {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "compressed cluster for guest offset {:#x} lies past the end of the file",
+                    gc * self.cs
+                ),
+                offset,
+            ));
+        }
+        let mut input = vec![0u8; len as usize];
+        self.storage
+            .read_at(&mut input, offset)
+            .map_err(|e| Error::io(&self.name, "read compressed cluster", e))?;
+        let mut out = vec![0u8; self.cs as usize];
+        compress::decompress(&input, &mut out, self.compression).map_err(|w| {
+            Error::corrupt(
+                &self.name,
+                format!(
+                    "compressed cluster for guest offset {:#x}: {w}",
+                    gc * self.cs
+                ),
+                offset,
+            )
+        })?;
+        self.comp_cache = Some((offset, out.clone()));
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    fn write_inner(&mut self, buf: &[u8], mut off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let gc = off >> self.cluster_bits;
+            let co = off & (self.cs - 1);
+            let n = ((self.cs - co) as usize).min(buf.len() - done);
+            self.write_cluster(gc, co, &buf[done..done + n])?;
+            done += n;
+            off += n as u64;
+        }
+        self.data_written = true;
+        Ok(())
+    }
+
+    /// Drop the reference an old descriptor held (after its L2 entry was replaced).
+    fn release(&mut self, d: Desc, discard: bool) -> Result<()> {
+        match d {
+            Desc::Normal { host } | Desc::ZeroAlloc { host } => {
+                self.free_clusters(host, 1, discard)
+            }
+            Desc::Compressed { offset, len } => {
+                let first = (offset & !511) / self.cs;
+                let last = (offset + len - 1) / self.cs;
+                self.free_clusters(first * self.cs, last - first + 1, discard)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn write_cluster(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<()> {
+        let (e, bm) = self.lookup(gc)?;
+        if self.extended {
+            return self.write_cluster_ext(gc, co, data, e, bm);
+        }
+        let d = self.decode(e);
+        let copied = e & OFLAG_COPIED != 0;
+        match d {
+            Desc::Normal { host } if copied => {
+                self.check_data_offset(host, gc)?;
+                return self.write_data(data, host + co);
+            }
+            Desc::ZeroAlloc { host } if copied => {
+                self.check_data_offset(host, gc)?;
+                let mut full = vec![0u8; self.cs as usize];
+                full[co as usize..co as usize + data.len()].copy_from_slice(data);
+                self.prepare_l2(gc)?;
+                self.write_data(&full, host)?;
+                // The zeroed cluster must be stable before the entry stops saying "zero".
+                self.caches.set_depends_on_flush(Kind::L2);
+                return self.set_entry(gc, host | OFLAG_COPIED, 0);
+            }
+            _ => {}
+        }
+        // Allocating write, with copy-on-write of the parts the guest did not write.
+        let partial = data.len() as u64 != self.cs;
+        let mut full;
+        let payload: &[u8] = if partial {
+            full = vec![0u8; self.cs as usize];
+            self.read_desc(gc, 0, &mut full, d)?;
+            full[co as usize..co as usize + data.len()].copy_from_slice(data);
+            &full
+        } else {
+            data
+        };
+        self.prepare_l2(gc)?;
+        let new = self.alloc_clusters(1)?;
+        self.write_data(payload, new)?;
+        self.link(gc, new | OFLAG_COPIED, 0)?;
+        self.release(d, false)
+    }
+
+    /// Point `gc` at newly written data. The data, and the new cluster's refcount, must be
+    /// stable before the entry is written.
+    fn link(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<()> {
+        if self.lazy {
+            self.caches.set_depends_on_flush(Kind::L2);
+        } else {
+            // Flushing the refcount cache includes a barrier that also covers the data.
+            self.caches
+                .set_dependency(&*self.storage, &self.name, Kind::L2)?;
+            self.caches.set_depends_on_flush(Kind::L2);
+        }
+        self.set_entry(gc, entry, bitmap)
+    }
+
+    fn write_cluster_ext(&mut self, gc: u64, co: u64, data: &[u8], e: u64, bm: u64) -> Result<()> {
+        let d = l2::decode(e, self.cluster_bits, true);
+        let scs = self.cs / l2::sub::COUNT as u64;
+        let s0 = co / scs;
+        let s1 = (co + data.len() as u64).div_ceil(scs);
+        let mut touched = 0u64;
+        for s in s0..s1 {
+            touched |= 1u64 << s;
+        }
+        let copied = e & OFLAG_COPIED != 0;
+        match d {
+            Desc::Normal { host } if copied => {
+                self.check_data_offset(host, gc)?;
+                if bm & touched == touched {
+                    return self.write_data(data, host + co);
+                }
+                let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
+                self.prepare_l2(gc)?;
+                self.write_data(&span, host + s0 * scs)?;
+                self.caches.set_depends_on_flush(Kind::L2);
+                let nbm = (bm | touched) & !(touched << 32);
+                self.set_entry(gc, e, nbm)
+            }
+            Desc::Unallocated => {
+                let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
+                self.prepare_l2(gc)?;
+                let new = self.alloc_clusters(1)?;
+                self.write_data(&span, new + s0 * scs)?;
+                let nbm = (bm | touched) & !(touched << 32);
+                self.link(gc, new | OFLAG_COPIED, nbm)
+            }
+            _ => {
+                // Compressed or shared: copy the whole cluster.
+                let full = self.span_buffer(gc, 0, self.cs, co, data)?;
+                self.prepare_l2(gc)?;
+                let new = self.alloc_clusters(1)?;
+                self.write_data(&full, new)?;
+                let nbm = if matches!(d, Desc::Compressed { .. }) {
+                    0xffff_ffff
+                } else {
+                    (bm | touched) & !(touched << 32)
+                };
+                self.link(gc, new | OFLAG_COPIED, nbm)?;
+                self.release(d, false)
+            }
+        }
+    }
+
+    /// Current guest contents of `[start, end)` within cluster `gc`, with `data` laid over at `co`.
+    fn span_buffer(
+        &mut self,
+        gc: u64,
+        start: u64,
+        end: u64,
+        co: u64,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let mut span = vec![0u8; (end - start) as usize];
+        let rel = (co - start) as usize;
+        if rel > 0 {
+            self.read_inner(&mut span[..rel], gc * self.cs + start)?;
+        }
+        let tail = rel + data.len();
+        if tail < span.len() {
+            self.read_inner(&mut span[tail..], gc * self.cs + start + tail as u64)?;
+        }
+        span[rel..tail].copy_from_slice(data);
+        Ok(span)
+    }
+
+    /// Whether guest cluster range reads as zeros without looking at data.
+    fn known_zero(&mut self, gc: u64) -> Result<bool> {
+        let (e, bm) = self.lookup(gc)?;
+        if self.extended {
+            return Ok(e == 0 && (bm >> 32) == 0xffff_ffff
+                || (e == 0 && bm == 0 && self.backing.is_none()));
+        }
+        Ok(match self.decode(e) {
+            Desc::ZeroPlain | Desc::ZeroAlloc { .. } => true,
+            Desc::Unallocated => self.backing.is_none(),
+            _ => false,
+        })
+    }
+
+    fn zero_inner(&mut self, mut off: u64, len: u64) -> Result<()> {
+        let end = off + len;
+        while off < end {
+            let gc = off >> self.cluster_bits;
+            let co = off & (self.cs - 1);
+            let n = (self.cs - co).min(end - off);
+            let whole = co == 0 && (n == self.cs || off + n >= self.h.size);
+            if self.extended {
+                self.zero_ext(gc, co, n, whole)?;
+            } else if whole && self.h.version >= 3 {
+                self.zero_cluster(gc)?;
+            } else if !self.known_zero(gc)? {
+                let zeros = vec![0u8; n as usize];
+                self.write_cluster(gc, co, &zeros)?;
+            }
+            off += n;
+        }
+        self.data_written = true;
+        Ok(())
+    }
+
+    fn zero_cluster(&mut self, gc: u64) -> Result<()> {
+        let (e, _) = self.lookup(gc)?;
+        let d = self.decode(e);
+        let copied = e & OFLAG_COPIED != 0;
+        let (entry, release) = match d {
+            Desc::ZeroPlain => return Ok(()),
+            Desc::ZeroAlloc { .. } if copied => return Ok(()),
+            Desc::Unallocated if self.backing.is_none() => return Ok(()),
+            Desc::Normal { host } if copied => (host | OFLAG_COPIED | OFLAG_ZERO, false),
+            _ => (OFLAG_ZERO, true),
+        };
+        self.prepare_l2(gc)?;
+        self.set_entry(gc, entry, 0)?;
+        if release {
+            self.release(d, false)?;
+        }
+        Ok(())
+    }
+
+    fn zero_ext(&mut self, gc: u64, co: u64, n: u64, whole: bool) -> Result<()> {
+        let scs = self.cs / l2::sub::COUNT as u64;
+        let (e, bm) = self.lookup(gc)?;
+        let d = l2::decode(e, self.cluster_bits, true);
+        let copied = e & OFLAG_COPIED != 0;
+        if whole {
+            let (entry, release) = match d {
+                Desc::Normal { .. } if copied => (e, false),
+                Desc::Unallocated => (0, false),
+                _ => (0, true),
+            };
+            self.prepare_l2(gc)?;
+            self.set_entry(gc, entry, 0xffff_ffffu64 << 32)?;
+            if release {
+                self.release(d, false)?;
+            }
+            return Ok(());
+        }
+        // Whole subclusters become zero; partial ones get explicit zeros.
+        let first = co.div_ceil(scs);
+        let last = (co + n) / scs;
+        if matches!(d, Desc::Compressed { .. })
+            || (matches!(d, Desc::Normal { .. }) && !copied)
+            || first >= last
+        {
+            let zeros = vec![0u8; n as usize];
+            return self.write_cluster(gc, co, &zeros);
+        }
+        if co < first * scs {
+            let zeros = vec![0u8; (first * scs - co) as usize];
+            self.write_cluster(gc, co, &zeros)?;
+        }
+        if co + n > last * scs {
+            let zeros = vec![0u8; (co + n - last * scs) as usize];
+            self.write_cluster(gc, last * scs, &zeros)?;
+        }
+        let (e, bm2) = self.lookup(gc)?;
+        let _ = bm;
+        let mut mask = 0u64;
+        for s in first..last {
+            mask |= 1u64 << s;
+        }
+        self.prepare_l2(gc)?;
+        self.set_entry(gc, e, (bm2 & !mask) | (mask << 32))
+    }
+
+    fn discard_inner(&mut self, off: u64, len: u64) -> Result<()> {
+        let end = off + len;
+        let first = off.div_ceil(self.cs);
+        let mut last = end / self.cs;
+        if end >= self.h.size {
+            last = self.h.size.div_ceil(self.cs);
+        }
+        for gc in first..last {
+            self.discard_cluster(gc, self.backing.is_some())?;
+        }
+        Ok(())
+    }
+
+    fn discard_cluster(&mut self, gc: u64, keep_zero: bool) -> Result<()> {
+        let (e, bm) = self.lookup(gc)?;
+        let d = if self.extended {
+            l2::decode(e, self.cluster_bits, true)
+        } else {
+            self.decode(e)
+        };
+        let v3 = self.h.version >= 3;
+        let (entry, bitmap) = if keep_zero && v3 {
+            if self.extended {
+                (0, 0xffff_ffffu64 << 32)
+            } else {
+                (OFLAG_ZERO, 0)
+            }
+        } else {
+            (0, 0)
+        };
+        if e == entry && bm == bitmap {
+            return Ok(());
+        }
+        if d == Desc::Unallocated && e == 0 && bm == 0 && !(keep_zero && v3) {
+            return Ok(());
+        }
+        self.prepare_l2(gc)?;
+        self.set_entry(gc, entry, bitmap)?;
+        self.release(d, true)
+    }
+
+    fn write_compressed_inner(
+        &mut self,
+        gc: u64,
+        data: &[u8],
+        comp: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let (e, _) = self.lookup(gc)?;
+        let d = if self.extended {
+            l2::decode(e, self.cluster_bits, true)
+        } else {
+            self.decode(e)
+        };
+        let comp = match comp {
+            Some(c) if matches!(d, Desc::Unallocated | Desc::ZeroPlain) => c,
+            _ => return self.write_inner(data, gc * self.cs),
+        };
+        self.prepare_l2(gc)?;
+        let len = comp.len() as u64;
+        // Pack into the partly used cluster when it fits.
+        let off = if !self.comp_pos.is_multiple_of(self.cs)
+            && self.comp_pos % self.cs + len <= self.cs
+            && l2::compressed_fits(self.comp_pos, len, self.cluster_bits)
+        {
+            self.change_refcount(self.comp_pos / self.cs, 1)?;
+            self.comp_pos
+        } else {
+            self.alloc_clusters(1)?
+        };
+        self.write_data(&comp, off)?;
+        self.comp_pos = off + len;
+        let entry = l2::encode_compressed(off, len, self.cluster_bits);
+        self.link(gc, entry, 0)?;
+        self.data_written = true;
+        self.release(d, false)
+    }
+
+    // ---------------------------------------------------------------- flush, resize
+
+    /// Make everything durable. Costs at most two barriers when metadata changed, one for data
+    /// only, none when nothing changed.
+    pub(crate) fn flush_inner(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let meta = self.caches.has_dirty(Kind::L2)
+            || (!self.lazy && self.caches.has_dirty(Kind::Refblock));
+        if !meta && !self.data_written {
+            return Ok(());
+        }
+        self.caches
+            .write_all(&*self.storage, &self.name, Kind::L2)?;
+        if !self.lazy {
+            self.caches
+                .write_all(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        self.barrier()?;
+        self.data_written = false;
+        self.reserved.clear();
+        self.drain_discards()
+    }
+
+    fn after_write(&mut self) -> Result<()> {
+        if self.cache_mode.write_through() {
+            self.flush_inner()?;
+        }
+        Ok(())
+    }
+
+    fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(self.cs);
+        let new = self.alloc_clusters(clusters)?;
+        if !self.lazy {
+            self.caches
+                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        let mut table = self.l1.clone();
+        table.resize(entries as usize, 0);
+        let mut enc = fmt::encode_table(&table);
+        enc.resize((clusters * self.cs) as usize, 0);
+        self.write_meta(&enc, new, "new L1 table")?;
+        self.barrier()?;
+        let old_off = self.h.l1_table_offset;
+        let old_clusters = (self.h.l1_size as u64 * 8).div_ceil(self.cs);
+        self.h.l1_table_offset = new;
+        self.h.l1_size = entries as u32;
+        let b = self.h.field_bytes(header::L1_FIELDS);
+        self.write_meta(&b, header::L1_FIELDS.start as u64, "header (L1 switch)")?;
+        self.barrier()?;
+        self.l1 = table;
+        if old_off != 0 && old_clusters > 0 {
+            self.free_clusters(old_off, old_clusters, true)?;
+        }
+        Ok(())
+    }
+
+    fn resize_inner(&mut self, new_size: u64) -> Result<()> {
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::invalid(format!(
+                "{}: new size {new_size} is not a multiple of 512",
+                self.name
+            )));
+        }
+        let old = self.h.size;
+        if new_size > old {
+            let need = self
+                .h
+                .l1_entries_for(new_size)
+                .filter(|&n| n <= header::MAX_L1_ENTRIES)
+                .ok_or_else(|| {
+                    Error::invalid(format!("{}: size {new_size} is too large", self.name))
+                })?;
+            if need > self.l1.len() as u64 {
+                self.mark_dirty()?;
+                self.grow_l1(need)?;
+            }
+        } else if new_size < old {
+            // Free whatever lies in the cut-off tail.
+            let first = new_size.div_ceil(self.cs);
+            let last = old.div_ceil(self.cs);
+            for gc in first..last {
+                let (e, bm) = self.lookup(gc)?;
+                if e != 0 || bm != 0 {
+                    self.discard_cluster(gc, false)?;
+                }
+            }
+            // A partial last cluster keeps data past the new end: zero it so a later grow
+            // reads zeros there.
+            if !new_size.is_multiple_of(self.cs) {
+                let gc = new_size / self.cs;
+                let co = new_size % self.cs;
+                let (e, _) = self.lookup(gc)?;
+                if e != 0 {
+                    let n = self.cs - co;
+                    let zeros = vec![0u8; n as usize];
+                    self.write_cluster(gc, co, &zeros)?;
+                }
+            }
+        }
+        self.flush_inner()?;
+        self.h.size = new_size;
+        let b = self.h.field_bytes(header::SIZE_FIELD);
+        self.write_meta(&b, header::SIZE_FIELD.start as u64, "header (size)")?;
+        self.barrier()?;
+        // Growing over a larger backing file: the new area must read as zeros.
+        if new_size > old {
+            if let Some(bsize) = self.backing.as_ref().map(|b| b.virtual_size()) {
+                if bsize > old {
+                    let end = bsize.min(new_size);
+                    self.zero_inner(old, end - old)?;
+                    self.flush_inner()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn preallocate_metadata(&mut self) -> Result<()> {
+        let clusters = self.h.size.div_ceil(self.cs);
+        let mut gc = 0;
+        while gc < clusters {
+            let n = (self.l2_entries - gc % self.l2_entries).min(clusters - gc);
+            self.prepare_l2(gc)?;
+            let host = self.alloc_clusters(n)?;
+            for i in 0..n {
+                let h = host + i * self.cs;
+                if self.extended {
+                    self.set_entry(gc + i, h | OFLAG_COPIED, 0xffff_ffffu64 << 32)?;
+                } else if self.h.version >= 3 {
+                    self.set_entry(gc + i, h | OFLAG_COPIED | OFLAG_ZERO, 0)?;
+                } else {
+                    self.set_entry(gc + i, h | OFLAG_COPIED, 0)?;
+                }
+            }
+            gc += n;
+        }
+        let end = self.alloc_end * self.cs;
+        if end > self.known_len {
+            self.storage
+                .set_len(end)
+                .map_err(|e| Error::io(&self.name, "extend file", e))?;
+            self.known_len = end;
+        }
+        self.flush_inner()
+    }
+
+    fn close_inner(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if self.read_only {
+            return Ok(());
+        }
+        self.caches.no_barriers = false;
+        self.flush_inner()?;
+        if self.lazy && self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            self.caches
+                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+            self.h.incompatible_features &= !header::INCOMPAT_DIRTY;
+            let b = self.h.field_bytes(header::INCOMPAT_FIELD);
+            self.write_meta(
+                &b,
+                header::INCOMPAT_FIELD.start as u64,
+                "header (clear dirty bit)",
+            )?;
+            self.barrier()?;
+        } else if self.cache_mode == CacheMode::Unsafe {
+            self.barrier()?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- map
+
+    fn map_inner(&mut self, offset: u64, len: u64, out: &mut Vec<MapEntry>) -> Result<()> {
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let gc = off >> self.cluster_bits;
+            let co = off & (self.cs - 1);
+            let mut n = (self.cs - co).min(end - off);
+            if self.l2_offset(gc)? == 0 {
+                // The whole L2 range is unallocated here.
+                let range_end = (gc / self.l2_entries + 1) * self.l2_entries * self.cs;
+                n = range_end.min(end) - off;
+                self.map_unallocated(off, n, out)?;
+                off += n;
+                continue;
+            }
+            let (e, bm) = self.lookup(gc)?;
+            if self.extended
+                && !matches!(
+                    l2::decode(e, self.cluster_bits, true),
+                    Desc::Compressed { .. }
+                )
+            {
+                let scs = self.cs / l2::sub::COUNT as u64;
+                let host = e & l2::L2E_OFFSET_MASK;
+                let mut o = co;
+                while o < co + n {
+                    let s = (o / scs) as u32;
+                    let m = ((s as u64 + 1) * scs).min(co + n) - o;
+                    let g = gc * self.cs + o;
+                    if l2::sub::allocated(bm, s) {
+                        push_map(out, entry(g, m, true, false, Some(host + o), 0));
+                    } else if l2::sub::zero(bm, s) {
+                        push_map(out, entry(g, m, false, true, None, 0));
+                    } else {
+                        self.map_unallocated(g, m, out)?;
+                    }
+                    o += m;
+                }
+                off += n;
+                continue;
+            }
+            match self.decode(e) {
+                Desc::Unallocated => self.map_unallocated(off, n, out)?,
+                Desc::ZeroPlain => push_map(out, entry(off, n, false, true, None, 0)),
+                Desc::ZeroAlloc { host } => {
+                    push_map(out, entry(off, n, false, true, Some(host + co), 0))
+                }
+                Desc::Normal { host } => {
+                    push_map(out, entry(off, n, true, false, Some(host + co), 0))
+                }
+                Desc::Compressed { .. } => {
+                    let mut me = entry(off, n, true, false, None, 0);
+                    me.compressed = true;
+                    push_map(out, me);
+                }
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    fn map_unallocated(&mut self, off: u64, n: u64, out: &mut Vec<MapEntry>) -> Result<()> {
+        match &self.backing {
+            Some(b) => {
+                for mut me in b.map(off, n)? {
+                    me.depth += 1;
+                    push_map(out, me);
+                }
+            }
+            None => push_map(
+                out,
+                MapEntry {
+                    start: off,
+                    length: n,
+                    depth: 0,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: None,
+                },
+            ),
+        }
+        Ok(())
+    }
+}
+
+fn entry(
+    start: u64,
+    length: u64,
+    data: bool,
+    zero: bool,
+    offset: Option<u64>,
+    depth: u32,
+) -> MapEntry {
+    MapEntry {
+        start,
+        length,
+        depth,
+        present: true,
+        zero,
+        data,
+        compressed: false,
+        offset,
+    }
+}
+
+fn push_map(out: &mut Vec<MapEntry>, me: MapEntry) {
+    if let Some(last) = out.last_mut() {
+        let contiguous = match (last.offset, me.offset) {
+            (Some(a), Some(b)) => a + last.length == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if last.start + last.length == me.start
+            && last.depth == me.depth
+            && last.present == me.present
+            && last.zero == me.zero
+            && last.data == me.data
+            && last.compressed == me.compressed
+            && contiguous
+        {
+            last.length += me.length;
+            return;
+        }
+    }
+    out.push(me);
+}
+
+fn storage_err(name: &str, what: &str) -> impl Fn(std::io::Error) -> Error {
+    let (name, what) = (name.to_string(), what.to_string());
+    move |e| Error::io(&name, what.clone(), e)
+}
+
 impl Image {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Create a new image file at `path` (truncating an existing one).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
-        let _ = (path, opts);
-        todo!()
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let st = FileStorage::create(path).map_err(|e| Error::io(&name, "create", e))?;
+        Image::create_on(Arc::new(st), &name, opts)
     }
+
     /// Create a new image on `storage` (which should be empty). `name` is used in messages and to
     /// resolve a relative backing file name.
     pub fn create_on(storage: Arc<dyn Storage>, name: &str, opts: &CreateOptions) -> Result<()> {
-        let _ = (storage, name, opts);
-        todo!()
+        let cs = opts.cluster_size as u64;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::invalid(format!(
+                "Cluster size must be a power of two between 512 and 2048k (got {cs})"
+            )));
+        }
+        let rb = opts.refcount_bits;
+        if !rb.is_power_of_two() || !(1..=64).contains(&rb) {
+            return Err(Error::invalid(format!(
+                "Refcount width must be a power of two and may not exceed 64 bits (got {rb})"
+            )));
+        }
+        let v2 = opts.compat == Compat::V2;
+        if v2 && rb != 16 {
+            return Err(Error::invalid(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+        }
+        if v2 && opts.lazy_refcounts {
+            return Err(Error::invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if v2 && opts.extended_l2 {
+            return Err(Error::invalid(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if v2 && opts.compression_type != CompressionType::Zlib {
+            return Err(Error::invalid(
+                "Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if opts.extended_l2 && cs < 16384 {
+            return Err(Error::invalid(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            ));
+        }
+        if opts.backing_file.is_none() && opts.backing_format.is_some() {
+            return Err(Error::invalid(
+                "Backing format cannot be used without backing file",
+            ));
+        }
+        let mut size = opts.size;
+        let mut backing_format = opts.backing_format.clone();
+        if let Some(bf) = &opts.backing_file {
+            if bf.len() > header::MAX_BACKING_NAME as usize {
+                return Err(Error::invalid("Backing file name too long"));
+            }
+            let mut chain = Vec::new();
+            let b = backing::open(name, bf, backing_format.as_deref(), &mut chain)?;
+            if size == 0 {
+                size = b.virtual_size();
+            }
+            if backing_format.is_none() {
+                backing_format = Some(
+                    match b {
+                        Backing::Qcow2(_) => "qcow2",
+                        Backing::Raw { .. } => "raw",
+                    }
+                    .to_string(),
+                );
+            }
+        }
+        let size = size.div_ceil(512) * 512;
+        let cluster_bits = cs.trailing_zeros();
+        let refcount_order = rb.trailing_zeros();
+        let mut h = Header {
+            version: if v2 { 2 } else { 3 },
+            backing_file_offset: 0,
+            backing_file_size: opts.backing_file.as_ref().map_or(0, |b| b.len() as u32),
+            cluster_bits,
+            size: 0,
+            crypt_method: 0,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: cs,
+            refcount_table_clusters: 1,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order,
+            header_length: if v2 {
+                header::V2_HEADER_LEN
+            } else {
+                header::V3_HEADER_LEN
+            },
+            compression_type: 0,
+            unknown_fields: Vec::new(),
+            extensions: Vec::new(),
+            backing_file: opts.backing_file.clone(),
+        };
+        if opts.extended_l2 {
+            h.incompatible_features |= header::INCOMPAT_EXTL2;
+        }
+        if opts.compression_type == CompressionType::Zstd {
+            h.incompatible_features |= header::INCOMPAT_COMPRESSION;
+            h.compression_type = 1;
+        }
+        if opts.lazy_refcounts {
+            h.compatible_features |= header::COMPAT_LAZY_REFCOUNTS;
+        }
+        if let Some(f) = &backing_format {
+            h.set_extension(header::EXT_BACKING_FORMAT, Some(f.as_bytes().to_vec()));
+        }
+        h.set_extension(header::EXT_FEATURE_TABLE, Some(Header::feature_table()));
+        let mut hdr = h.serialize().map_err(|e| map_header_err(name, e))?;
+        hdr.resize(cs as usize, 0);
+        // Refcount table (cluster 1) naming one refcount block (cluster 2) that counts
+        // clusters 0..=2.
+        let mut reftable = vec![0u8; cs as usize];
+        fmt::table_set(&mut reftable, 0, 2 * cs);
+        let mut block = vec![0u8; cs as usize];
+        for c in 0..3 {
+            refcount::set(&mut block, c, refcount_order, 1);
+        }
+        let w = storage_err(name, "write new image");
+        storage.set_len(0).map_err(&w)?;
+        storage.write_at(&hdr, 0).map_err(&w)?;
+        storage.write_at(&reftable, cs).map_err(&w)?;
+        storage.write_at(&block, 2 * cs).map_err(&w)?;
+        storage.flush().map_err(&w)?;
+        // Now grow it with the engine: L1 table, size, preallocation.
+        let img = Image::open_storage_chain(
+            storage,
+            name,
+            &OpenOptions {
+                open_backing: false,
+                lazy_refcounts: Some(false),
+                ..OpenOptions::default()
+            },
+            &mut Vec::new(),
+        )?;
+        {
+            let mut s = img.lock();
+            s.resize_inner(size)?;
+            if opts.preallocation == Preallocation::Metadata {
+                s.preallocate_metadata()?;
+            }
+        }
+        img.close()
     }
+
     /// Open an image file.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let _ = (path, opts);
-        todo!()
+        Image::open_chain(path.as_ref(), opts, &mut Vec::new())
     }
+
+    pub(crate) fn open_chain(
+        path: &Path,
+        opts: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Image> {
+        let name = path.display().to_string();
+        let st = FileStorage::open(path, !opts.read_only, opts.cache.direct())
+            .map_err(|e| Error::io(&name, "Could not open", e))?;
+        if chain.is_empty() {
+            if let Ok(c) = std::fs::canonicalize(path) {
+                chain.push(c);
+            }
+        }
+        Image::open_storage_chain(Arc::new(st), &name, opts, chain)
+    }
+
     /// Open an image on `storage`. `name` is used in messages and to resolve backing files.
     pub fn open_storage(
         storage: Arc<dyn Storage>,
         name: &str,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        let _ = (storage, name, opts);
-        todo!()
+        Image::open_storage_chain(storage, name, opts, &mut Vec::new())
     }
+
+    fn open_storage_chain(
+        storage: Arc<dyn Storage>,
+        name: &str,
+        opts: &OpenOptions,
+        chain: &mut Vec<PathBuf>,
+    ) -> Result<Image> {
+        let file_len = storage.len().map_err(|e| Error::io(name, "stat", e))?;
+        if file_len < header::V2_HEADER_LEN as u64 {
+            return Err(Error::corrupt(
+                name,
+                format!("file is too short ({file_len} bytes) to be a qcow2 image"),
+                0,
+            ));
+        }
+        let mut first = vec![0u8; 4096.min(file_len as usize)];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(|e| Error::io(name, "read header", e))?;
+        if first[0..4] != header::MAGIC_BYTES {
+            return Err(Error::corrupt(
+                name,
+                "Image is not in qcow2 format (bad magic)",
+                0,
+            ));
+        }
+        let cb = fmt::be32(&first, 20);
+        if !(9..=21).contains(&cb) {
+            return Err(Error::unsupported(
+                name,
+                format!("cluster size 2^{cb} (Unsupported cluster size)"),
+            ));
+        }
+        let cs = 1u64 << cb;
+        let mut hbuf = vec![0u8; cs as usize];
+        storage
+            .read_at(&mut hbuf, 0)
+            .map_err(|e| Error::io(name, "read header", e))?;
+        let mut h = Header::parse(&hbuf).map_err(|e| map_header_err(name, e))?;
+        if h.crypt_method != 0 {
+            return Err(Error::unsupported(
+                name,
+                format!(
+                    "encrypted images ({}) are not supported yet",
+                    if h.crypt_method == 1 { "AES" } else { "LUKS" }
+                ),
+            ));
+        }
+        let read_table = |off: u64, len: u64, what: &str, field: u64| -> Result<Vec<u8>> {
+            if len == 0 {
+                return Ok(Vec::new());
+            }
+            if off.checked_add(len).is_none_or(|e| e > file_len) {
+                return Err(Error::corrupt(
+                    name,
+                    format!("{what} at {off:#x} ({len} bytes) lies past the end of the file"),
+                    field,
+                ));
+            }
+            let mut b = vec![0u8; len as usize];
+            storage
+                .read_at(&mut b, off)
+                .map_err(|e| Error::io(name, format!("read {what}"), e))?;
+            Ok(b)
+        };
+        let l1 = fmt::decode_table(&read_table(
+            h.l1_table_offset,
+            h.l1_size as u64 * 8,
+            "L1 table",
+            40,
+        )?);
+        let reftable = fmt::decode_table(&read_table(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+            "refcount table",
+            48,
+        )?);
+        let mut snapshots = Vec::new();
+        if h.nb_snapshots > 0 {
+            let avail = file_len
+                .saturating_sub(h.snapshots_offset)
+                .min(snapshot::MAX_TABLE_SIZE);
+            let t = read_table(h.snapshots_offset, avail, "snapshot table", 64)?;
+            snapshots = snapshot::parse(&t, h.nb_snapshots)
+                .map_err(|(w, o)| Error::corrupt(name, w, h.snapshots_offset + o))?;
+            for (i, s) in snapshots.iter().enumerate() {
+                if s.l1_table_offset % cs != 0
+                    || s.l1_size as u64 > header::MAX_L1_ENTRIES
+                    || s.l1_table_offset
+                        .checked_add(s.l1_size as u64 * 8)
+                        .is_none_or(|e| e > file_len)
+                {
+                    return Err(Error::corrupt(
+                        name,
+                        format!("snapshot {} ('{}') has an invalid L1 table", i + 1, s.name),
+                        h.snapshots_offset,
+                    ));
+                }
+            }
+        }
+        let mut read_only = opts.read_only;
+        let mut ro_reason = if read_only {
+            "opened read-only".to_string()
+        } else {
+            String::new()
+        };
+        if !read_only && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+            read_only = true;
+            ro_reason = "the image is marked corrupt; repair it with check -r all".into();
+        }
+        let backing = match (&h.backing_file, opts.open_backing) {
+            (Some(bf), true) => Some(backing::open(
+                name,
+                bf,
+                h.backing_format().as_deref(),
+                chain,
+            )?),
+            _ => None,
+        };
+        let l2_entries = h.l2_entries();
+        let l2_cap = match opts.l2_cache_size {
+            Some(b) => (b / cs) as usize,
+            None => (h.l1_size as usize).clamp(2, ((32u64 << 20) / cs).max(2) as usize),
+        };
+        let rb_cap = match opts.refcount_cache_size {
+            Some(b) => (b / cs) as usize,
+            None => 4,
+        };
+        let mut caches = Caches::new(cs as usize, l2_cap, rb_cap);
+        caches.no_barriers = opts.cache == CacheMode::Unsafe;
+        let lazy = h.version >= 3
+            && opts
+                .lazy_refcounts
+                .unwrap_or(h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0);
+        let compression = if h.compression_type == 1 {
+            CompressionType::Zstd
+        } else {
+            CompressionType::Zlib
+        };
+        let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
+        let clear_autoclear =
+            !read_only && h.autoclear_features & !header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let state = State {
+            name: name.to_string(),
+            storage: storage.clone(),
+            cs,
+            cluster_bits: cb,
+            l2_entries,
+            extended: h.extended_l2(),
+            rb_entries: cs * 8 / (1u64 << h.refcount_order),
+            l1,
+            reftable,
+            caches,
+            free_cluster_index: 0,
+            alloc_end: file_len.div_ceil(cs),
+            file_clusters_at_open: file_len.div_ceil(cs),
+            known_len: file_len,
+            read_only,
+            ro_reason,
+            writable_storage: !opts.read_only,
+            backing,
+            cache_mode: opts.cache,
+            lazy,
+            pending_discards: Vec::new(),
+            reserved: HashSet::new(),
+            snapshots,
+            comp_pos: 0,
+            comp_cache: None,
+            data_written: false,
+            compression,
+            closed: false,
+            h: h.clone(),
+        };
+        let img = Image {
+            state: Mutex::new(state),
+            name: name.to_string(),
+            cluster_size: cs as u32,
+            compression,
+        };
+        if !read_only {
+            let mut s = img.lock();
+            if clear_autoclear {
+                // We do not keep bitmaps up to date: mark them inconsistent, as QEMU's rule asks.
+                s.h.autoclear_features &= header::AUTOCLEAR_DATA_FILE_RAW;
+                let b = s.h.field_bytes(88..96);
+                s.write_meta(&b, 88, "header (autoclear features)")?;
+                s.barrier()?;
+            }
+            if dirty {
+                // Refcounts may be stale after a crash with lazy refcounts: rebuild them.
+                crate::check::run(&mut s, Some(RepairMode::All))?;
+            }
+            h = s.h.clone();
+        }
+        let _ = h;
+        Ok(img)
+    }
+
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        todo!()
+        self.lock().h.size
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u32 {
-        todo!()
+        self.cluster_size
+    }
+    /// The file name the image was opened with.
+    pub fn filename(&self) -> &str {
+        &self.name
     }
     /// Whether the image is open read-only.
     pub fn is_read_only(&self) -> bool {
-        todo!()
+        self.lock().read_only
     }
     /// Read `buf.len()` bytes at guest `offset`. The range must lie within the virtual size.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let _ = (buf, offset);
-        todo!()
+        let mut s = self.lock();
+        s.check_range(offset, buf.len() as u64)?;
+        s.read_inner(buf, offset)
     }
     /// Write `buf` at guest `offset`. The range must lie within the virtual size.
     /// Durable after the next [`Image::flush`] (or at once in write-through modes).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let _ = (buf, offset);
-        todo!()
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.check_range(offset, buf.len() as u64)?;
+        s.write_inner(buf, offset)?;
+        s.after_write()
     }
     /// Make `len` bytes at `offset` read as zeros, as cheaply as the format allows
     /// (zero clusters in v3; explicit zeros where needed).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        todo!()
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.check_range(offset, len)?;
+        s.zero_inner(offset, len)?;
+        s.after_write()
     }
     /// Discard whole clusters inside the range: they are freed (and punched out of the host file)
     /// and read as zeros afterwards, or from the backing file in a v2 image with one.
     /// Partial clusters at the ends are left alone.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        todo!()
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.check_range(offset, len)?;
+        s.discard_inner(offset, len)?;
+        s.after_write()
     }
     /// Write compressed data for whole cluster(s) at a cluster-aligned `offset`. `data` is at most
     /// one cluster (less only for the last cluster of the disk). Clusters that do not compress are
     /// written normally. The target cluster must not be allocated. Compression runs outside the
     /// image lock, so several threads calling this compress in parallel.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let _ = (offset, data);
-        todo!()
+        let cs = self.cluster_size as u64;
+        if !offset.is_multiple_of(cs) || data.len() as u64 > cs {
+            return Err(Error::invalid(format!(
+                "{}: compressed writes must be one cluster at a cluster-aligned offset",
+                self.name
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let padded;
+        let cluster: &[u8] = if (data.len() as u64) < cs {
+            let mut p = vec![0u8; cs as usize];
+            p[..data.len()].copy_from_slice(data);
+            padded = p;
+            &padded
+        } else {
+            data
+        };
+        let comp = compress::compress(cluster, self.compression);
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.check_range(offset, data.len() as u64)?;
+        if s.extended || s.h.crypt_method != 0 {
+            s.write_inner(data, offset)?;
+            return s.after_write();
+        }
+        if comp.is_none() {
+            s.write_inner(data, offset)?;
+            return s.after_write();
+        }
+        s.write_compressed_inner(offset / cs, data, comp)?;
+        s.after_write()
     }
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
-        todo!()
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if s.cache_mode == CacheMode::Unsafe {
+            // Flushes are ignored in unsafe mode, but metadata is written back so that other
+            // readers of the file see it.
+            if s.read_only {
+                return Ok(());
+            }
+            s.caches.write_all(&*s.storage, &s.name, Kind::L2)?;
+            return s.caches.write_all(&*s.storage, &s.name, Kind::Refblock);
+        }
+        s.flush_inner()
     }
-    /// Change the virtual size. Shrinking requires the cut-off tail to be unallocated.
+    /// Change the virtual size. Shrinking frees the cut-off tail.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        let _ = new_size;
-        todo!()
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.resize_inner(new_size)
     }
     /// Facts about the image.
     pub fn info(&self) -> Result<ImageInfo> {
-        todo!()
+        let s = self.lock();
+        let actual = s
+            .storage
+            .allocated_size()
+            .map_err(|e| Error::io(&s.name, "stat", e))?;
+        let bf = s.h.backing_file.clone();
+        Ok(ImageInfo {
+            filename: s.name.clone(),
+            virtual_size: s.h.size,
+            actual_size: actual,
+            cluster_size: s.cs as u32,
+            compat: if s.h.version >= 3 {
+                Compat::V3
+            } else {
+                Compat::V2
+            },
+            refcount_bits: s.h.refcount_bits(),
+            lazy_refcounts: s.h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+            corrupt: s.h.incompatible_features & header::INCOMPAT_CORRUPT != 0,
+            dirty: s.h.incompatible_features & header::INCOMPAT_DIRTY != 0,
+            extended_l2: s.extended,
+            compression_type: s.compression,
+            full_backing_filename: bf
+                .as_ref()
+                .map(|b| backing::resolve(&s.name, b).display().to_string()),
+            backing_file: bf,
+            backing_format: s.h.backing_format(),
+            crypt_method: s.h.crypt_method,
+            snapshot_count: s.h.nb_snapshots,
+            read_only: s.read_only,
+        })
     }
     /// How the guest range `[offset, offset+len)` is stored, as merged extents.
     pub fn map(&self, offset: u64, len: u64) -> Result<Vec<MapEntry>> {
-        let _ = (offset, len);
-        todo!()
+        let mut s = self.lock();
+        s.check_range(offset, len)?;
+        let mut out = Vec::new();
+        s.map_inner(offset, len, &mut out)?;
+        Ok(out)
     }
     /// Check consistency; with `repair`, fix what the mode allows (the image must be writable).
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
-        let _ = repair;
-        todo!()
+        let mut s = self.lock();
+        if repair.is_some() && !s.writable_storage {
+            return Err(Error::ReadOnly {
+                file: s.name.clone(),
+                reason: "repair needs the image opened read-write".into(),
+            });
+        }
+        crate::check::run(&mut s, repair)
     }
     /// Number of fdatasyncs issued on the image file so far.
     pub fn sync_count(&self) -> u64 {
-        todo!()
+        self.lock().storage.sync_count()
     }
     /// Flush and close. Dropping an image also flushes, but cannot report errors.
     pub fn close(self) -> Result<()> {
-        todo!()
+        self.lock().close_inner()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = self.lock().close_inner();
     }
 }

@@ -21,6 +21,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Current length of the file.
     fn len(&self) -> io::Result<u64>;
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncate or extend the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Durability barrier: everything written before is on stable storage when this returns

@@ -1,0 +1,202 @@
+//! Engine tests on real files, checked by our own check and by qemu-img where it is installed.
+
+use qcow2rs::{Compat, CreateOptions, Image, OpenOptions, Preallocation, RepairMode};
+use std::path::Path;
+use std::process::Command;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn qemu_check(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=human"])
+        .arg(path)
+        .output()
+        .expect("qemu-img is installed");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "qemu-img check failed for {}:\n{text}",
+        path.display()
+    );
+}
+
+fn qemu_compare_raw(raw: &Path, img: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(raw)
+        .arg(img)
+        .output()
+        .expect("qemu-img is installed");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qemu-img compare: {text}");
+}
+
+fn workload(img: &Image, reference: &mut [u8], seed: u64, ops: usize) {
+    let size = reference.len() as u64;
+    let mut rng = Rng(seed);
+    for _ in 0..ops {
+        let op = rng.below(10);
+        let off = rng.below(size);
+        let len = (rng.below(200_000) + 1).min(size - off);
+        match op {
+            0..=5 => {
+                let byte = (rng.next() & 0xff) as u8;
+                let buf: Vec<u8> = (0..len).map(|i| byte ^ (i as u8)).collect();
+                img.write_at(&buf, off).unwrap();
+                reference[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            6 | 7 => {
+                img.write_zeroes(off, len).unwrap();
+                reference[off as usize..(off + len) as usize].fill(0);
+            }
+            8 => {
+                // Discard reads back as zeros in v3 without backing (and v2 without backing).
+                img.discard(off, len).unwrap();
+                let cs = img.cluster_size() as u64;
+                let first = off.div_ceil(cs) * cs;
+                let mut last = (off + len) / cs * cs;
+                if off + len == size {
+                    last = size;
+                }
+                if last > first {
+                    reference[first as usize..last as usize].fill(0);
+                }
+            }
+            _ => img.flush().unwrap(),
+        }
+    }
+}
+
+fn run_case(
+    cluster_size: u32,
+    refcount_bits: u32,
+    compat: Compat,
+    extended_l2: bool,
+    lazy: bool,
+    prealloc: bool,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.qcow2");
+    let size = 8u64 << 20;
+    let mut opts = CreateOptions::new(size);
+    opts.cluster_size = cluster_size;
+    opts.refcount_bits = refcount_bits;
+    opts.compat = compat;
+    opts.extended_l2 = extended_l2;
+    opts.lazy_refcounts = lazy;
+    if prealloc {
+        opts.preallocation = Preallocation::Metadata;
+    }
+    Image::create(&path, &opts).unwrap();
+    qemu_check(&path);
+    let mut reference = vec![0u8; size as usize];
+    {
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        workload(
+            &img,
+            &mut reference,
+            cluster_size as u64 * 31 + refcount_bits as u64,
+            60,
+        );
+        let mut back = vec![0u8; size as usize];
+        img.read_at(&mut back, 0).unwrap();
+        assert!(back == reference, "read-back mismatch before close");
+        let rep = img.check(None).unwrap();
+        assert!(rep.is_clean(), "our check: {rep:?}");
+        img.close().unwrap();
+    }
+    qemu_check(&path);
+    let raw = dir.path().join("ref.raw");
+    std::fs::write(&raw, &reference).unwrap();
+    qemu_compare_raw(&raw, &path);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let mut back = vec![0u8; size as usize];
+    img.read_at(&mut back, 0).unwrap();
+    assert!(back == reference, "read-back mismatch after reopen");
+}
+
+#[test]
+fn matrix_default() {
+    run_case(65536, 16, Compat::V3, false, false, false);
+}
+#[test]
+fn matrix_small_clusters() {
+    run_case(512, 16, Compat::V3, false, false, false);
+    run_case(4096, 1, Compat::V3, false, false, false);
+    run_case(512, 64, Compat::V3, false, false, false);
+}
+#[test]
+fn matrix_v2() {
+    run_case(65536, 16, Compat::V2, false, false, false);
+    run_case(4096, 16, Compat::V2, false, false, true);
+}
+#[test]
+fn matrix_extended_l2() {
+    run_case(65536, 16, Compat::V3, true, false, false);
+    run_case(2 << 20, 16, Compat::V3, true, false, false);
+}
+#[test]
+fn matrix_lazy_prealloc() {
+    run_case(65536, 16, Compat::V3, false, true, false);
+    run_case(65536, 16, Compat::V3, false, false, true);
+    run_case(2 << 20, 8, Compat::V3, false, false, false);
+}
+
+#[test]
+fn refcount_table_growth() {
+    // 512-byte clusters with 64-bit refcounts: one refblock covers 64 clusters, one reftable
+    // cluster 64 blocks = 4096 clusters = 2 MiB. Write 6 MiB to grow the table several times.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.qcow2");
+    let mut opts = CreateOptions::new(16 << 20);
+    opts.cluster_size = 512;
+    opts.refcount_bits = 64;
+    Image::create(&path, &opts).unwrap();
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    let data: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8).collect();
+    img.write_at(&data, 1 << 20).unwrap();
+    img.close().unwrap();
+    qemu_check(&path);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let mut back = vec![0u8; data.len()];
+    img.read_at(&mut back, 1 << 20).unwrap();
+    assert!(back == data);
+    assert!(img.check(None).unwrap().is_clean());
+}
+
+#[test]
+fn leak_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.qcow2");
+    Image::create(&path, &CreateOptions::new(4 << 20)).unwrap();
+    {
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        img.write_at(&[1u8; 70000], 0).unwrap();
+        img.close().unwrap();
+    }
+    // Make a leak: discard via qemu-io is fine, but simpler: bump the refcount of cluster 0.
+    // Refcount block is at cluster 2 (16-bit entries): cluster 0 -> offset 2*65536.
+    let mut f = std::fs::read(&path).unwrap();
+    f[2 * 65536 + 1] = 2;
+    std::fs::write(&path, &f).unwrap();
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    let rep = img.check(None).unwrap();
+    assert_eq!((rep.leaks, rep.corruptions), (1, 0), "{rep:?}");
+    let rep = img.check(Some(RepairMode::Leaks)).unwrap();
+    assert_eq!((rep.leaks, rep.leaks_fixed), (0, 1), "{rep:?}");
+    img.close().unwrap();
+    qemu_check(&path);
+}
