@@ -181,6 +181,7 @@ impl State {
                     context: "cluster allocation past the largest host offset".into(),
                 });
             }
+            self.check_overlap(start, n)?;
             for c in start..start + n {
                 if self.ensure_refblock(c)? {
                     continue 'restart;
@@ -195,6 +196,37 @@ impl State {
             self.alloc_end = self.alloc_end.max(start + n);
             return Ok(start * self.cs);
         }
+    }
+
+    /// Refuse to hand out clusters that hold metadata we know about: their refcounts are wrong,
+    /// and writing there would destroy the image.
+    fn check_overlap(&self, start: u64, n: u64) -> Result<()> {
+        let cs = self.cs;
+        let (a, b) = (start * cs, (start + n) * cs);
+        let tables = [
+            (0, cs),
+            (self.h.l1_table_offset, self.h.l1_size as u64 * 8),
+            (
+                self.h.refcount_table_offset,
+                self.h.refcount_table_clusters as u64 * cs,
+            ),
+            (
+                self.h.snapshots_offset,
+                crate::format::snapshot::table_size(&self.snapshots),
+            ),
+        ];
+        for (off, len) in tables {
+            if len > 0 && off < b && a < off + len {
+                return Err(Error::corrupt(
+                    &self.name,
+                    format!(
+                        "Preventing invalid allocation of clusters at {a:#x}: they hold metadata but their refcount is 0 (run check -r all)"
+                    ),
+                    a,
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Make sure the refcount block covering `cluster` exists. Returns true if anything was

@@ -74,7 +74,7 @@ impl CheckReport {
 }
 
 /// Largest number of host clusters the check accounts for in memory.
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
 struct Walk {
     cs: u64,
