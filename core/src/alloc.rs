@@ -114,9 +114,8 @@ impl State {
                 )
             })?
         };
-        if delta < 0 && !self.lazy {
-            self.caches
-                .set_dependency(&*self.storage, &self.name, Kind::Refblock)?;
+        if delta > 0 {
+            self.incr_pending = true;
         }
         self.store_refcount(cluster, new)?;
         if new == 0 && cluster < self.free_cluster_index {
@@ -125,34 +124,57 @@ impl State {
         Ok(new)
     }
 
-    /// Drop one reference to each of `n` clusters at `host`; clusters that become free are
-    /// discarded in the host file when `discard` is set.
+    /// Drop one reference to each of `n` clusters at `host`, once the pointer removal that
+    /// dropped it is stable: the decrease is deferred to the end of the next flush ("free does
+    /// not mean free"), so the cluster is not reused, nor its refcount lowered on disk, while a
+    /// stable pointer may still name it. Clusters that become free are then punched out of the
+    /// host file when `discard` is set, before anything can reuse them.
     pub(crate) fn free_clusters(&mut self, host: u64, n: u64, discard: bool) -> Result<()> {
         for c in host / self.cs..host / self.cs + n {
+            self.deferred_frees.push((c, discard));
+        }
+        Ok(())
+    }
+
+    /// Apply the deferred decreases. Call only right after a barrier that made every pointer
+    /// removal so far stable.
+    pub(crate) fn apply_deferred_frees(&mut self) -> Result<()> {
+        let list = std::mem::take(&mut self.deferred_frees);
+        for (c, discard) in list {
             let left = self.change_refcount(c, -1)?;
             if left == 0 {
-                // Not reused before the pointer removal is stable (cleared at flush).
-                self.reserved.insert(c);
                 self.caches.forget(Kind::L2, c * self.cs);
                 self.caches.forget(Kind::Refblock, c * self.cs);
                 if discard {
-                    self.pending_discards.push(c * self.cs);
+                    self.storage
+                        .discard(c * self.cs, self.cs)
+                        .map_err(|e| Error::io(&self.name, "discard", e))?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Punch out freed clusters once the refcount decreases that freed them are stable.
-    pub(crate) fn drain_discards(&mut self) -> Result<()> {
-        let list = std::mem::take(&mut self.pending_discards);
-        for off in list {
-            // Only if still free: it may have been reused meanwhile.
-            if self.refcount(off / self.cs)? == 0 {
-                self.storage
-                    .discard(off, self.cs)
-                    .map_err(|e| Error::io(&self.name, "discard", e))?;
-            }
+    /// One cluster from the reserved run, reserving a new run when it is used up.
+    ///
+    /// Batched allocation: a run's refcounts are raised together, so one refcount-block write
+    /// and one barrier cover many allocations. A crash leaks at most the unused rest of the run.
+    pub(crate) fn alloc_run_cluster(&mut self) -> Result<u64> {
+        if self.run.is_empty() {
+            let n = ((16u64 << 20) / self.cs).clamp(8, 1024);
+            let start = self.alloc_clusters(n)?;
+            self.run = start / self.cs..start / self.cs + n;
+        }
+        let c = self.run.start;
+        self.run.start += 1;
+        Ok(c * self.cs)
+    }
+
+    /// Give back the unused part of the run (nothing points there: the decrease is immediate).
+    pub(crate) fn return_run(&mut self) -> Result<()> {
+        let run = std::mem::replace(&mut self.run, 0..0);
+        for c in run.rev() {
+            self.change_refcount(c, -1)?;
         }
         Ok(())
     }
@@ -165,7 +187,7 @@ impl State {
             let mut run = 0;
             let mut c = start;
             while run < n {
-                if self.refcount(c)? == 0 && !self.reserved.contains(&c) {
+                if self.refcount(c)? == 0 {
                     if run == 0 {
                         start = c;
                     }
@@ -190,6 +212,7 @@ impl State {
             for c in start..start + n {
                 self.store_refcount(c, 1)?;
             }
+            self.incr_pending = true;
             if start == self.free_cluster_index || self.free_cluster_index == 0 {
                 self.free_cluster_index = start + n;
             }
@@ -242,7 +265,7 @@ impl State {
         }
         // Place the new block at the first free cluster.
         let mut c = self.free_cluster_index.max(1);
-        while self.refcount(c)? != 0 || self.reserved.contains(&c) {
+        while self.refcount(c)? != 0 {
             c += 1;
         }
         if c / self.rb_entries != ri {

@@ -45,6 +45,9 @@ struct Entry {
     offset: u64,
     data: Vec<u8>,
     dirty: bool,
+    /// A new table that nothing on disk points to yet: it may be written at any time, with no
+    /// ordering constraint.
+    unlinked: bool,
     lru: u64,
 }
 
@@ -125,7 +128,9 @@ impl Caches {
         if !self.cache(k).entries[i].dirty {
             return Ok(());
         }
-        if self.cache(k).depends {
+        if self.cache(k).entries[i].unlinked {
+            // Unreachable until linked: no ordering needed.
+        } else if self.cache(k).depends {
             self.flush(st, file, k.other())?;
             self.cache(k).depends = false;
             self.cache(k).depends_on_flush = false;
@@ -143,9 +148,23 @@ impl Caches {
 
     /// Write every dirty entry of `k` (no barrier after).
     pub fn write_all(&mut self, st: &dyn Storage, file: &str, k: Kind) -> Result<()> {
+        self.write_some(st, file, k, false)
+    }
+
+    /// Write the dirty entries of `k`; with `only_unlinked`, just the unlinked new tables.
+    pub fn write_some(
+        &mut self,
+        st: &dyn Storage,
+        file: &str,
+        k: Kind,
+        only_unlinked: bool,
+    ) -> Result<()> {
         // Write in offset order: friendlier to the disk.
         let mut order: Vec<usize> = (0..self.cache(k).entries.len())
-            .filter(|&i| self.cache(k).entries[i].dirty)
+            .filter(|&i| {
+                let e = &self.cache(k).entries[i];
+                e.dirty && (!only_unlinked || e.unlinked)
+            })
             .collect();
         order.sort_by_key(|&i| self.cache(k).entries[i].offset);
         for i in order {
@@ -178,6 +197,42 @@ impl Caches {
         self.cache(c).depends_on_flush = true;
     }
 
+    /// Whether `c` waits for the other cache or for a barrier.
+    pub fn has_dependency(&self, c: Kind) -> bool {
+        let c = match c {
+            Kind::L2 => &self.l2,
+            Kind::Refblock => &self.rb,
+        };
+        c.depends || c.depends_on_flush
+    }
+
+    /// The caller made everything `c` waits for stable (wrote the other cache, then a barrier).
+    pub fn satisfied(&mut self, c: Kind) {
+        self.cache(c).depends = false;
+        self.cache(c).depends_on_flush = false;
+    }
+
+    /// Whether any linked (not new) entry of `k` is dirty.
+    pub fn has_dirty_linked(&self, k: Kind) -> bool {
+        let c = match k {
+            Kind::L2 => &self.l2,
+            Kind::Refblock => &self.rb,
+        };
+        c.entries.iter().any(|e| e.dirty && !e.unlinked)
+    }
+
+    /// Flag entry `i` of `k` as a new, unlinked table.
+    pub fn mark_unlinked(&mut self, k: Kind, i: usize) {
+        self.cache(k).entries[i].unlinked = true;
+    }
+
+    /// Every new table is now linked from stable metadata.
+    pub fn link_all(&mut self, k: Kind) {
+        for e in &mut self.cache(k).entries {
+            e.unlinked = false;
+        }
+    }
+
     /// Find or load the entry for `offset`. With `fresh` the entry starts zeroed (a new table)
     /// instead of being read. Returns its index, valid until the next `get` on the same cache.
     pub fn get(
@@ -195,6 +250,7 @@ impl Caches {
             c.entries[i].lru = tick;
             if fresh {
                 c.entries[i].data.fill(0);
+                c.entries[i].unlinked = false;
             }
             return Ok(i);
         }
@@ -208,6 +264,7 @@ impl Caches {
                 offset,
                 data,
                 dirty: false,
+                unlinked: false,
                 lru: tick,
             });
             self.cache(k).entries.len() - 1
@@ -228,6 +285,7 @@ impl Caches {
                 offset,
                 data,
                 dirty: false,
+                unlinked: false,
                 lru: tick,
             };
             victim

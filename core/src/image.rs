@@ -1,6 +1,6 @@
 //! The image: open/create, read/write/zeroes/discard/flush/resize, info and map.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -102,8 +102,14 @@ pub(crate) struct State {
     pub backing: Option<Backing>,
     pub cache_mode: CacheMode,
     pub lazy: bool,
-    pub pending_discards: Vec<u64>,
-    pub reserved: HashSet<u64>,
+    /// Reference drops waiting for their pointer removal to become stable.
+    pub deferred_frees: Vec<(u64, bool)>,
+    /// Clusters reserved (refcount raised) and not yet handed out.
+    pub run: std::ops::Range<u64>,
+    /// Refcount increases in the cache that are not yet stable.
+    pub incr_pending: bool,
+    /// Active L1 entries changed in memory and not yet written.
+    pub l1_dirty: BTreeSet<usize>,
     pub snapshots: Vec<SnapshotEntry>,
     pub comp_pos: u64,
     pub comp_cache: Option<(u64, Vec<u8>)>,
@@ -285,9 +291,11 @@ impl State {
 
     /// Make the L2 table of `gc` allocated and exclusively ours (COPIED); returns its offset.
     ///
-    /// Crash analysis: the new table's refcount is made stable, then the table itself, before
-    /// the L1 entry naming it is written. A crash before the L1 write leaks the new cluster. The
-    /// old (shared) table's refcount is dropped only after the L1 switch is stable.
+    /// Crash analysis: the new table lives only in the cache, flagged unlinked, and the L1 entry
+    /// naming it only in memory. At the next flush the table and its refcount are written and
+    /// made stable (first barrier) before the L1 entry is written (second barrier). A crash
+    /// before that leaks the new cluster. The old (shared) table's reference is dropped only
+    /// after the L1 switch is stable (deferred free).
     fn prepare_l2(&mut self, gc: u64) -> Result<u64> {
         let l1i = (gc / self.l2_entries) as usize;
         if l1i >= self.l1.len() {
@@ -311,29 +319,39 @@ impl State {
         } else {
             vec![0u8; self.cs as usize]
         };
-        let new = self.alloc_clusters(1)?;
-        if !self.lazy {
-            self.caches
-                .flush(&*self.storage, &self.name, Kind::Refblock)?;
-        }
-        self.write_meta(&table, new, "new L2 table")?;
-        self.barrier()?;
-        // Put it in the cache as a clean entry.
+        let new = self.alloc_run_cluster()?;
         let i = self
             .caches
             .get(&*self.storage, &self.name, Kind::L2, new, true)?;
-        let d = self.caches.data_mut(Kind::L2, i);
-        d.copy_from_slice(&table);
-        // Written already: mark clean by writing it back through the cache is wasteful; the
-        // cache entry is dirty but identical, which only costs one extra write at flush.
+        self.caches.data_mut(Kind::L2, i).copy_from_slice(&table);
+        self.caches.mark_unlinked(Kind::L2, i);
         self.l1[l1i] = new | OFLAG_COPIED;
-        let e = fmt::u64_bytes(self.l1[l1i]);
-        self.write_meta(&e, self.h.l1_table_offset + l1i as u64 * 8, "L1 entry")?;
+        self.l1_dirty.insert(l1i);
         if old != 0 {
-            self.barrier()?;
             self.free_clusters(old, 1, false)?;
         }
         Ok(new)
+    }
+
+    /// Write the changed active L1 entries, merging neighbours into one write.
+    fn write_l1_dirty(&mut self) -> Result<()> {
+        let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        let mut k = 0;
+        while k < dirty.len() {
+            let mut end = k + 1;
+            while end < dirty.len() && dirty[end] == dirty[end - 1] + 1 {
+                end += 1;
+            }
+            let first = dirty[k];
+            let bytes = fmt::encode_table(&self.l1[first..dirty[end - 1] + 1]);
+            self.write_meta(
+                &bytes,
+                self.h.l1_table_offset + first as u64 * 8,
+                "L1 entries",
+            )?;
+            k = end;
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- reads
@@ -544,6 +562,11 @@ impl State {
             _ => {}
         }
         // Allocating write, with copy-on-write of the parts the guest did not write.
+        let old_zero = match d {
+            Desc::Unallocated => self.backing.is_none(),
+            Desc::ZeroPlain => true,
+            _ => false,
+        };
         let partial = data.len() as u64 != self.cs;
         let mut full;
         let payload: &[u8] = if partial {
@@ -555,21 +578,26 @@ impl State {
             data
         };
         self.prepare_l2(gc)?;
-        let new = self.alloc_clusters(1)?;
+        let new = self.alloc_run_cluster()?;
+        let virgin = new >= self.known_len;
         self.write_data(payload, new)?;
-        self.link(gc, new | OFLAG_COPIED, 0)?;
+        self.link(gc, new | OFLAG_COPIED, 0, !(virgin && old_zero))?;
         self.release(d, false)
     }
 
-    /// Point `gc` at newly written data. The data, and the new cluster's refcount, must be
-    /// stable before the entry is written.
-    fn link(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<()> {
-        if self.lazy {
-            self.caches.set_depends_on_flush(Kind::L2);
-        } else {
-            // Flushing the refcount cache includes a barrier that also covers the data.
+    /// Point `gc` at newly written data.
+    ///
+    /// The new cluster's refcount must be stable before the entry is written: if the increase is
+    /// still pending, the L2 cache is made to depend on the refcount cache. The data must be
+    /// stable first too (`data_barrier`), except when a crash could only reveal what the guest
+    /// saw before: a cluster past every byte ever written to the file reads as zeros, and if
+    /// the guest cluster read as zeros before, zeros are its old version.
+    fn link(&mut self, gc: u64, entry: u64, bitmap: u64, data_barrier: bool) -> Result<()> {
+        if !self.lazy && self.incr_pending {
             self.caches
                 .set_dependency(&*self.storage, &self.name, Kind::L2)?;
+        }
+        if data_barrier {
             self.caches.set_depends_on_flush(Kind::L2);
         }
         self.set_entry(gc, entry, bitmap)
@@ -601,23 +629,25 @@ impl State {
             Desc::Unallocated => {
                 let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
                 self.prepare_l2(gc)?;
-                let new = self.alloc_clusters(1)?;
+                let new = self.alloc_run_cluster()?;
+                let virgin = new >= self.known_len;
                 self.write_data(&span, new + s0 * scs)?;
                 let nbm = (bm | touched) & !(touched << 32);
-                self.link(gc, new | OFLAG_COPIED, nbm)
+                let old_zero = self.backing.is_none();
+                self.link(gc, new | OFLAG_COPIED, nbm, !(virgin && old_zero))
             }
             _ => {
                 // Compressed or shared: copy the whole cluster.
                 let full = self.span_buffer(gc, 0, self.cs, co, data)?;
                 self.prepare_l2(gc)?;
-                let new = self.alloc_clusters(1)?;
+                let new = self.alloc_run_cluster()?;
                 self.write_data(&full, new)?;
                 let nbm = if matches!(d, Desc::Compressed { .. }) {
                     0xffff_ffff
                 } else {
                     (bm | touched) & !(touched << 32)
                 };
-                self.link(gc, new | OFLAG_COPIED, nbm)?;
+                self.link(gc, new | OFLAG_COPIED, nbm, true)?;
                 self.release(d, false)
             }
         }
@@ -812,12 +842,13 @@ impl State {
             self.change_refcount(self.comp_pos / self.cs, 1)?;
             self.comp_pos
         } else {
-            self.alloc_clusters(1)?
+            self.alloc_run_cluster()?
         };
         self.write_data(&comp, off)?;
         self.comp_pos = off + len;
         let entry = l2::encode_compressed(off, len, self.cluster_bits);
-        self.link(gc, entry, 0)?;
+        // Compressed data must always be stable first: a torn stream does not decompress.
+        self.link(gc, entry, 0, true)?;
         self.data_written = true;
         self.release(d, false)
     }
@@ -826,25 +857,56 @@ impl State {
 
     /// Make everything durable. Costs at most two barriers when metadata changed, one for data
     /// only, none when nothing changed.
+    ///
+    /// Epoch 1 (only when some L2 entry or L1 entry waits for it): refcount blocks and new,
+    /// unlinked L2 tables are written, then a barrier: every refcount increase, every new table
+    /// and every piece of data that a pointer will name is now stable. Epoch 2: L2 tables and L1
+    /// entries are written, then a barrier. Then the reference drops whose pointer removal just
+    /// became stable are applied in memory (written at a later flush; a crash before that only
+    /// leaks), and freed clusters are punched out of the file before anything can reuse them.
     pub(crate) fn flush_inner(&mut self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let meta = self.caches.has_dirty(Kind::L2)
-            || (!self.lazy && self.caches.has_dirty(Kind::Refblock));
-        if !meta && !self.data_written {
+        let rb_pending = !self.lazy && self.incr_pending && self.caches.has_dirty(Kind::Refblock);
+        if !self.caches.has_dirty(Kind::L2)
+            && self.l1_dirty.is_empty()
+            && !self.data_written
+            && self.deferred_frees.is_empty()
+            && !rb_pending
+        {
             return Ok(());
         }
-        self.caches
-            .write_all(&*self.storage, &self.name, Kind::L2)?;
+        let need_pre = !self.l1_dirty.is_empty()
+            || (self.caches.has_dirty_linked(Kind::L2) && self.caches.has_dependency(Kind::L2));
+        if need_pre {
+            if !self.lazy {
+                self.caches
+                    .write_all(&*self.storage, &self.name, Kind::Refblock)?;
+            }
+            self.caches
+                .write_some(&*self.storage, &self.name, Kind::L2, true)?;
+            self.barrier()?;
+            self.caches.satisfied(Kind::L2);
+            if !self.lazy {
+                self.incr_pending = false;
+            }
+        }
         if !self.lazy {
             self.caches
                 .write_all(&*self.storage, &self.name, Kind::Refblock)?;
         }
+        self.caches
+            .write_all(&*self.storage, &self.name, Kind::L2)?;
+        self.write_l1_dirty()?;
         self.barrier()?;
+        if !self.lazy {
+            self.incr_pending = false;
+        }
+        self.caches.satisfied(Kind::L2);
+        self.caches.link_all(Kind::L2);
         self.data_written = false;
-        self.reserved.clear();
-        self.drain_discards()
+        self.apply_deferred_frees()
     }
 
     fn after_write(&mut self) -> Result<()> {
@@ -855,6 +917,8 @@ impl State {
     }
 
     fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        // The new table is written from memory: everything it names must be stable first.
+        self.flush_inner()?;
         let bytes = entries * 8;
         let clusters = bytes.div_ceil(self.cs);
         let new = self.alloc_clusters(clusters)?;
@@ -982,9 +1046,12 @@ impl State {
         }
         self.caches.no_barriers = false;
         self.flush_inner()?;
-        if self.lazy && self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+        self.return_run()?;
+        if self.caches.has_dirty(Kind::Refblock) {
             self.caches
                 .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        }
+        if self.lazy && self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             self.h.incompatible_features &= !header::INCOMPAT_DIRTY;
             let b = self.h.field_bytes(header::INCOMPAT_FIELD);
             self.write_meta(
@@ -992,8 +1059,6 @@ impl State {
                 header::INCOMPAT_FIELD.start as u64,
                 "header (clear dirty bit)",
             )?;
-            self.barrier()?;
-        } else if self.cache_mode == CacheMode::Unsafe {
             self.barrier()?;
         }
         Ok(())
@@ -1488,8 +1553,10 @@ impl Image {
             backing,
             cache_mode: opts.cache,
             lazy,
-            pending_discards: Vec::new(),
-            reserved: HashSet::new(),
+            deferred_frees: Vec::new(),
+            run: 0..0,
+            incr_pending: false,
+            l1_dirty: BTreeSet::new(),
             snapshots,
             comp_pos: 0,
             comp_cache: None,
@@ -1683,6 +1750,11 @@ impl Image {
                 file: s.name.clone(),
                 reason: "repair needs the image opened read-write".into(),
             });
+        }
+        if !s.read_only {
+            // Settle pending work so the stored refcounts describe the image exactly.
+            s.flush_inner()?;
+            s.return_run()?;
         }
         crate::check::run(&mut s, repair)
     }
