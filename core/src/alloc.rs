@@ -139,6 +139,12 @@ impl State {
     /// Apply the deferred decreases. Call only right after a barrier that made every pointer
     /// removal so far stable.
     pub(crate) fn apply_deferred_frees(&mut self) -> Result<()> {
+        if self.deferred_frees.is_empty() {
+            return Ok(());
+        }
+        // Wait for data I/O running outside the lock: none may reach a cluster freed here.
+        let gate = self.io_gate.clone();
+        let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
         let list = std::mem::take(&mut self.deferred_frees);
         for (c, discard) in list {
             let left = self.change_refcount(c, -1)?;

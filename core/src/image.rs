@@ -2,7 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::backing::{self, Backing};
 use crate::cache::{Caches, Kind};
@@ -113,7 +114,12 @@ pub(crate) struct State {
     pub snapshots: Vec<SnapshotEntry>,
     pub comp_pos: u64,
     pub comp_cache: Option<(u64, Vec<u8>)>,
-    pub data_written: bool,
+    /// Data was written since the last barrier (set after the write completes, by threads
+    /// writing outside the lock too).
+    pub data_written: Arc<AtomicBool>,
+    /// Held shared by data I/O running outside the state lock; held exclusively while freed
+    /// clusters are released, so that no such I/O can reach a cluster that is being reused.
+    pub io_gate: Arc<RwLock<()>>,
     pub compression: CompressionType,
     pub closed: bool,
 }
@@ -518,7 +524,7 @@ impl State {
             done += n;
             off += n as u64;
         }
-        self.data_written = true;
+        self.data_written.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -706,7 +712,7 @@ impl State {
             }
             off += n;
         }
-        self.data_written = true;
+        self.data_written.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -849,7 +855,7 @@ impl State {
         let entry = l2::encode_compressed(off, len, self.cluster_bits);
         // Compressed data must always be stable first: a torn stream does not decompress.
         self.link(gc, entry, 0, true)?;
-        self.data_written = true;
+        self.data_written.store(true, Ordering::SeqCst);
         self.release(d, false)
     }
 
@@ -871,7 +877,7 @@ impl State {
         let rb_pending = !self.lazy && self.incr_pending && self.caches.has_dirty(Kind::Refblock);
         if !self.caches.has_dirty(Kind::L2)
             && self.l1_dirty.is_empty()
-            && !self.data_written
+            && !self.data_written.load(Ordering::SeqCst)
             && self.deferred_frees.is_empty()
             && !rb_pending
         {
@@ -899,13 +905,17 @@ impl State {
         self.caches
             .write_all(&*self.storage, &self.name, Kind::L2)?;
         self.write_l1_dirty()?;
-        self.barrier()?;
+        // Data writes completed before this point are covered by the barrier below.
+        self.data_written.store(false, Ordering::SeqCst);
+        if let Err(e) = self.barrier() {
+            self.data_written.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         if !self.lazy {
             self.incr_pending = false;
         }
         self.caches.satisfied(Kind::L2);
         self.caches.link_all(Kind::L2);
-        self.data_written = false;
         self.apply_deferred_frees()
     }
 
@@ -1560,7 +1570,8 @@ impl Image {
             snapshots,
             comp_pos: 0,
             comp_cache: None,
-            data_written: false,
+            data_written: Arc::new(AtomicBool::new(false)),
+            io_gate: Arc::new(RwLock::new(())),
             compression,
             closed: false,
             h: h.clone(),
@@ -1610,7 +1621,45 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut s = self.lock();
         s.check_range(offset, buf.len() as u64)?;
-        s.read_inner(buf, offset)
+        if s.extended {
+            return s.read_inner(buf, offset);
+        }
+        // Look up under the lock; read allocated data outside it, so readers scale.
+        let mut plan: Vec<(usize, usize, u64)> = Vec::new();
+        let mut done = 0usize;
+        let mut off = offset;
+        while done < buf.len() {
+            let gc = off >> s.cluster_bits;
+            let co = off & (s.cs - 1);
+            let n = ((s.cs - co) as usize).min(buf.len() - done);
+            let (e, _) = s.lookup(gc)?;
+            match s.decode(e) {
+                Desc::Normal { host } => {
+                    s.check_data_in_file(host, gc)?;
+                    match plan.last_mut() {
+                        Some(last)
+                            if last.0 + last.1 == done && last.2 + last.1 as u64 == host + co =>
+                        {
+                            last.1 += n
+                        }
+                        _ => plan.push((done, n, host + co)),
+                    }
+                }
+                d => s.read_desc(gc, co, &mut buf[done..done + n], d)?,
+            }
+            done += n;
+            off += n as u64;
+        }
+        let gate = s.io_gate.clone();
+        let storage = s.storage.clone();
+        let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
+        drop(s);
+        for (start, len, host) in plan {
+            storage
+                .read_at(&mut buf[start..start + len], host)
+                .map_err(|e| Error::io(&self.name, format!("read data at {host:#x}"), e))?;
+        }
+        Ok(())
     }
     /// Write `buf` at guest `offset`. The range must lie within the virtual size.
     /// Durable after the next [`Image::flush`] (or at once in write-through modes).
@@ -1618,6 +1667,57 @@ impl Image {
         let mut s = self.lock();
         s.check_writable()?;
         s.check_range(offset, buf.len() as u64)?;
+        if !s.extended {
+            // Overwrites of clusters we own exclusively run outside the lock.
+            let mut plan: Vec<(usize, usize, u64)> = Vec::new();
+            let mut done = 0usize;
+            let mut off = offset;
+            let mut in_place = true;
+            while done < buf.len() {
+                let gc = off >> s.cluster_bits;
+                let co = off & (s.cs - 1);
+                let n = ((s.cs - co) as usize).min(buf.len() - done);
+                let (e, _) = s.lookup(gc)?;
+                match s.decode(e) {
+                    Desc::Normal { host } if e & OFLAG_COPIED != 0 => {
+                        s.check_data_offset(host, gc)?;
+                        plan.push((done, n, host + co));
+                    }
+                    _ => {
+                        in_place = false;
+                        break;
+                    }
+                }
+                done += n;
+                off += n as u64;
+            }
+            if in_place {
+                let gate = s.io_gate.clone();
+                let storage = s.storage.clone();
+                let flag = s.data_written.clone();
+                let write_through = s.cache_mode.write_through();
+                let end = plan.iter().map(|p| p.2 + p.1 as u64).max().unwrap_or(0);
+                if end > s.known_len {
+                    s.known_len = end;
+                }
+                {
+                    let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
+                    drop(s);
+                    for (start, len, host) in plan {
+                        storage
+                            .write_at(&buf[start..start + len], host)
+                            .map_err(|e| {
+                                Error::io(&self.name, format!("write data at {host:#x}"), e)
+                            })?;
+                    }
+                    flag.store(true, Ordering::SeqCst);
+                }
+                if write_through {
+                    self.lock().flush_inner()?;
+                }
+                return Ok(());
+            }
+        }
         s.write_inner(buf, offset)?;
         s.after_write()
     }

@@ -200,3 +200,57 @@ fn leak_repair() {
     img.close().unwrap();
     qemu_check(&path);
 }
+
+#[test]
+fn concurrent_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mt.qcow2");
+    Image::create(&path, &CreateOptions::new(64 << 20)).unwrap();
+    let img = std::sync::Arc::new(Image::open(&path, &OpenOptions::new()).unwrap());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let base = t * (16 << 20);
+                let mut rng = Rng(t + 1);
+                let mut model = vec![0u8; 16 << 20];
+                for i in 0..400 {
+                    let off = rng.below((16 << 20) - 70000);
+                    let len = rng.below(70000) + 1;
+                    let v = (i % 250) as u8 + 1;
+                    if i % 7 == 3 {
+                        img.discard(base + off, len).unwrap();
+                        let cs = 65536;
+                        let first = (base + off).div_ceil(cs) * cs - base;
+                        let last = (base + off + len) / cs * cs - base;
+                        if last > first {
+                            model[first as usize..last as usize].fill(0);
+                        }
+                    } else {
+                        img.write_at(&vec![v; len as usize], base + off).unwrap();
+                        model[off as usize..(off + len) as usize].fill(v);
+                    }
+                    if i % 50 == 0 {
+                        img.flush().unwrap();
+                    }
+                    let mut back = vec![0u8; len as usize];
+                    img.read_at(&mut back, base + off).unwrap();
+                    assert!(back == model[off as usize..(off + len) as usize]);
+                }
+                model
+            })
+        })
+        .collect();
+    let models: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let img = std::sync::Arc::try_unwrap(img).unwrap();
+    let rep = img.check(None).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    img.close().unwrap();
+    qemu_check(&path);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    for (t, m) in models.iter().enumerate() {
+        let mut back = vec![0u8; m.len()];
+        img.read_at(&mut back, t as u64 * (16 << 20)).unwrap();
+        assert!(&back == m, "thread {t} region differs after reopen");
+    }
+}
