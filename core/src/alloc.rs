@@ -170,6 +170,17 @@ impl State {
             let n = ((16u64 << 20) / self.cs).clamp(8, 1024);
             let start = self.alloc_clusters(n)?;
             self.run = start / self.cs..start / self.cs + n;
+            // Extend the file over the run now: its clusters then read as zeros, and the new
+            // length is stable by the time any pointer to them is (the raised refcounts make
+            // the L2 cache wait for a barrier issued after this).
+            let end = start + n * self.cs;
+            if end > self.known_len {
+                self.storage
+                    .set_len(end)
+                    .map_err(|e| Error::io(&self.name, "extend file", e))?;
+                self.known_len = end;
+                self.len_pending = true;
+            }
         }
         let c = self.run.start;
         self.run.start += 1;

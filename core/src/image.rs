@@ -97,6 +97,9 @@ pub(crate) struct State {
     pub alloc_end: u64,
     pub file_clusters_at_open: u64,
     pub known_len: u64,
+    /// End of everything ever written to the file (the file length at open counts as written).
+    /// Clusters past it read as zeros.
+    pub written_end: u64,
     pub read_only: bool,
     pub ro_reason: String,
     pub writable_storage: bool,
@@ -109,6 +112,8 @@ pub(crate) struct State {
     pub run: std::ops::Range<u64>,
     /// Refcount increases in the cache that are not yet stable.
     pub incr_pending: bool,
+    /// The file was extended and the new length is not yet stable.
+    pub len_pending: bool,
     /// Active L1 entries changed in memory and not yet written.
     pub l1_dirty: BTreeSet<usize>,
     pub snapshots: Vec<SnapshotEntry>,
@@ -158,6 +163,7 @@ impl State {
             .write_at(buf, off)
             .map_err(|e| Error::io(&self.name, format!("write {what} at {off:#x}"), e))?;
         self.known_len = self.known_len.max(off + buf.len() as u64);
+        self.written_end = self.written_end.max(off + buf.len() as u64);
         Ok(())
     }
 
@@ -166,6 +172,7 @@ impl State {
             .write_at(buf, off)
             .map_err(|e| Error::io(&self.name, format!("write data at {off:#x}"), e))?;
         self.known_len = self.known_len.max(off + buf.len() as u64);
+        self.written_end = self.written_end.max(off + buf.len() as u64);
         Ok(())
     }
 
@@ -573,20 +580,21 @@ impl State {
             Desc::ZeroPlain => true,
             _ => false,
         };
-        let partial = data.len() as u64 != self.cs;
-        let mut full;
-        let payload: &[u8] = if partial {
-            full = vec![0u8; self.cs as usize];
-            self.read_desc(gc, 0, &mut full, d)?;
-            full[co as usize..co as usize + data.len()].copy_from_slice(data);
-            &full
-        } else {
-            data
-        };
         self.prepare_l2(gc)?;
         let new = self.alloc_run_cluster()?;
-        let virgin = new >= self.known_len;
-        self.write_data(payload, new)?;
+        let virgin = new >= self.written_end;
+        if virgin && old_zero {
+            // The cluster reads as zeros already (the file was extended over it and nothing
+            // was ever written there): write only the guest's bytes, no zero copy-on-write.
+            self.write_data(data, new + co)?;
+        } else if data.len() as u64 != self.cs {
+            let mut full = vec![0u8; self.cs as usize];
+            self.read_desc(gc, 0, &mut full, d)?;
+            full[co as usize..co as usize + data.len()].copy_from_slice(data);
+            self.write_data(&full, new)?;
+        } else {
+            self.write_data(data, new)?;
+        }
         self.link(gc, new | OFLAG_COPIED, 0, !(virgin && old_zero))?;
         self.release(d, false)
     }
@@ -603,7 +611,7 @@ impl State {
             self.caches
                 .set_dependency(&*self.storage, &self.name, Kind::L2)?;
         }
-        if data_barrier {
+        if data_barrier || self.len_pending {
             self.caches.set_depends_on_flush(Kind::L2);
         }
         self.set_entry(gc, entry, bitmap)
@@ -636,7 +644,7 @@ impl State {
                 let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
                 self.prepare_l2(gc)?;
                 let new = self.alloc_run_cluster()?;
-                let virgin = new >= self.known_len;
+                let virgin = new >= self.written_end;
                 self.write_data(&span, new + s0 * scs)?;
                 let nbm = (bm | touched) & !(touched << 32);
                 let old_zero = self.backing.is_none();
@@ -897,6 +905,7 @@ impl State {
             if !self.lazy {
                 self.incr_pending = false;
             }
+            self.len_pending = false;
         }
         if !self.lazy {
             self.caches
@@ -914,6 +923,7 @@ impl State {
         if !self.lazy {
             self.incr_pending = false;
         }
+        self.len_pending = false;
         self.caches.satisfied(Kind::L2);
         self.caches.link_all(Kind::L2);
         self.apply_deferred_frees()
@@ -1056,6 +1066,16 @@ impl State {
         }
         self.caches.no_barriers = false;
         self.flush_inner()?;
+        // Give back the unused run; if it sits at the end of the file, trim the file too.
+        if self.run.end * self.cs == self.known_len && !self.run.is_empty() {
+            let end = (self.run.start * self.cs).max(self.written_end.div_ceil(self.cs) * self.cs);
+            if end < self.known_len {
+                self.storage
+                    .set_len(end)
+                    .map_err(|e| Error::io(&self.name, "trim file", e))?;
+                self.known_len = end;
+            }
+        }
         self.return_run()?;
         if self.caches.has_dirty(Kind::Refblock) {
             self.caches
@@ -1557,6 +1577,7 @@ impl Image {
             alloc_end: file_len.div_ceil(cs),
             file_clusters_at_open: file_len.div_ceil(cs),
             known_len: file_len,
+            written_end: file_len,
             read_only,
             ro_reason,
             writable_storage: !opts.read_only,
@@ -1566,6 +1587,7 @@ impl Image {
             deferred_frees: Vec::new(),
             run: 0..0,
             incr_pending: false,
+            len_pending: false,
             l1_dirty: BTreeSet::new(),
             snapshots,
             comp_pos: 0,
@@ -1699,6 +1721,9 @@ impl Image {
                 let end = plan.iter().map(|p| p.2 + p.1 as u64).max().unwrap_or(0);
                 if end > s.known_len {
                     s.known_len = end;
+                }
+                if end > s.written_end {
+                    s.written_end = end;
                 }
                 {
                     let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
