@@ -1230,6 +1230,54 @@ fn storage_err(name: &str, what: &str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::io(&name, what.clone(), e)
 }
 
+/// Check creation options before anything touches the disk.
+fn validate_create(opts: &CreateOptions) -> Result<()> {
+    let cs = opts.cluster_size as u64;
+    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+        return Err(Error::invalid(format!(
+            "Cluster size must be a power of two between 512 and 2048k (got {cs})"
+        )));
+    }
+    let rb = opts.refcount_bits;
+    if !rb.is_power_of_two() || !(1..=64).contains(&rb) {
+        return Err(Error::invalid(format!(
+            "Refcount width must be a power of two and may not exceed 64 bits (got {rb})"
+        )));
+    }
+    let v2 = opts.compat == Compat::V2;
+    if v2 && rb != 16 {
+        return Err(Error::invalid(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+            ));
+    }
+    if v2 && opts.lazy_refcounts {
+        return Err(Error::invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+    }
+    if v2 && opts.extended_l2 {
+        return Err(Error::invalid(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+    }
+    if v2 && opts.compression_type != CompressionType::Zlib {
+        return Err(Error::invalid(
+                "Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+    }
+    if opts.extended_l2 && cs < 16384 {
+        return Err(Error::invalid(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+        ));
+    }
+    if opts.backing_file.is_none() && opts.backing_format.is_some() {
+        return Err(Error::invalid(
+            "Backing format cannot be used without backing file",
+        ));
+    }
+    Ok(())
+}
+
 impl Image {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -1239,6 +1287,7 @@ impl Image {
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let name = path.display().to_string();
+        validate_create(opts)?;
         let st = FileStorage::create(path).map_err(|e| Error::io(&name, "create", e))?;
         Image::create_on(Arc::new(st), &name, opts)
     }
@@ -1246,49 +1295,9 @@ impl Image {
     /// Create a new image on `storage` (which should be empty). `name` is used in messages and to
     /// resolve a relative backing file name.
     pub fn create_on(storage: Arc<dyn Storage>, name: &str, opts: &CreateOptions) -> Result<()> {
+        validate_create(opts)?;
         let cs = opts.cluster_size as u64;
-        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-            return Err(Error::invalid(format!(
-                "Cluster size must be a power of two between 512 and 2048k (got {cs})"
-            )));
-        }
-        let rb = opts.refcount_bits;
-        if !rb.is_power_of_two() || !(1..=64).contains(&rb) {
-            return Err(Error::invalid(format!(
-                "Refcount width must be a power of two and may not exceed 64 bits (got {rb})"
-            )));
-        }
         let v2 = opts.compat == Compat::V2;
-        if v2 && rb != 16 {
-            return Err(Error::invalid(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
-            ));
-        }
-        if v2 && opts.lazy_refcounts {
-            return Err(Error::invalid(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            ));
-        }
-        if v2 && opts.extended_l2 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            ));
-        }
-        if v2 && opts.compression_type != CompressionType::Zlib {
-            return Err(Error::invalid(
-                "Compression type selection is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
-            ));
-        }
-        if opts.extended_l2 && cs < 16384 {
-            return Err(Error::invalid(
-                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
-            ));
-        }
-        if opts.backing_file.is_none() && opts.backing_format.is_some() {
-            return Err(Error::invalid(
-                "Backing format cannot be used without backing file",
-            ));
-        }
         let mut size = opts.size;
         let mut backing_format = opts.backing_format.clone();
         if let Some(bf) = &opts.backing_file {
@@ -1312,7 +1321,7 @@ impl Image {
         }
         let size = size.div_ceil(512) * 512;
         let cluster_bits = cs.trailing_zeros();
-        let refcount_order = rb.trailing_zeros();
+        let refcount_order = opts.refcount_bits.trailing_zeros();
         let mut h = Header {
             version: if v2 { 2 } else { 3 },
             backing_file_offset: 0,

@@ -7,9 +7,15 @@ use std::io;
 
 mod file;
 mod mem;
+#[cfg(feature = "testing")]
+mod recording;
 
 pub use file::FileStorage;
 pub use mem::MemStorage;
+#[cfg(feature = "testing")]
+pub use recording::{
+    CrashLog, Fault, LogEntry, Op, OpKind, Persist, RecordingStorage, EIO, ENOSPC, SECTOR,
+};
 
 /// A byte-addressed host file.
 ///

@@ -1,0 +1,264 @@
+//! The image handle: create, open, close, and guest I/O.
+
+use std::ffi::c_char;
+
+use qcow2rs::{CreateOptions, Image};
+
+use crate::error::qcow2_error;
+use crate::ffi::{self, boundary, boundary_value};
+use crate::options::{qcow2_create_options, qcow2_open_options};
+
+/// An open qcow2 image (opaque). Created by `qcow2_open`/`qcow2_open_ex`, freed by `qcow2_close`.
+///
+/// Thread safety: a handle may be used from several threads at once (reads, writes, flush, info,
+/// ...), except `qcow2_close`, which must be the last call on the handle and must not run
+/// concurrently with any other call on it.
+pub struct qcow2_image {
+    pub(crate) image: Image,
+}
+
+/// The library version, e.g. "0.1.0". Static string: do not free it. Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn qcow2_version() -> *const c_char {
+    boundary_value(std::ptr::null(), || {
+        concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    })
+}
+
+/// Create a new qcow2 image file at `path` (truncating an existing file) with a virtual size of
+/// `size` bytes (rounded up to 512). `opts` may be NULL for the defaults of
+/// `qcow2_create_options_init`. The image is not opened: use `qcow2_open` afterwards.
+///
+/// Ownership: `path` and `opts` (and the strings it points to) are borrowed for the call only.
+/// Thread safety: any thread. On failure returns the error code (`QCOW2_ERR_INVALID_ARGUMENT` for a
+/// NULL path or a bad option, `QCOW2_ERR_IO`, ...); a partially written file may be left behind.
+#[no_mangle]
+pub extern "C" fn qcow2_create(
+    path: *const c_char,
+    size: u64,
+    opts: *const qcow2_create_options,
+) -> qcow2_error {
+    boundary("qcow2_create", || {
+        let path = ffi::path(path, "path")?;
+        let opts = match ffi::optional_input(opts, "opts")? {
+            Some(o) => (*o).to_core(size)?,
+            None => CreateOptions::new(size),
+        };
+        Image::create(path, &opts)?;
+        Ok(())
+    })
+}
+
+/// Open the image at `path` with `flags` (`QCOW2_OPEN_*`, or-ed; 0 for read-write) and the other
+/// defaults of `qcow2_open_options_init`. On success stores a new handle in `*out`.
+///
+/// Ownership: `path` is borrowed for the call; the caller owns the handle and must release it with
+/// `qcow2_close`. Thread safety: any thread. On failure returns the error code and leaves `*out`
+/// untouched: `QCOW2_ERR_IO` (errno `ENOENT` for a missing file), `QCOW2_ERR_CORRUPT`,
+/// `QCOW2_ERR_UNSUPPORTED`, `QCOW2_ERR_LOCKED`, or `QCOW2_ERR_INVALID_ARGUMENT` (NULL `path` or
+/// `out`, unknown flags).
+#[no_mangle]
+pub extern "C" fn qcow2_open(
+    path: *const c_char,
+    flags: u32,
+    out: *mut *mut qcow2_image,
+) -> qcow2_error {
+    boundary("qcow2_open", || {
+        let path = ffi::path(path, "path")?;
+        let out = ffi::out(out, "out")?;
+        let mut opts: qcow2_open_options = qcow2_open_options::defaults();
+        opts.flags = flags;
+        let image = Image::open(path, &opts.to_core()?)?;
+        out.write(ffi::new_handle(image));
+        Ok(())
+    })
+}
+
+/// Like `qcow2_open`, with all open options: `opts` may be NULL for the defaults of
+/// `qcow2_open_options_init`.
+///
+/// Ownership: `path` and `opts` are borrowed for the call; the caller owns the handle stored in
+/// `*out` and must release it with `qcow2_close`. Thread safety: any thread. On failure returns the
+/// error code and leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_open_ex(
+    path: *const c_char,
+    opts: *const qcow2_open_options,
+    out: *mut *mut qcow2_image,
+) -> qcow2_error {
+    boundary("qcow2_open_ex", || {
+        let path = ffi::path(path, "path")?;
+        let opts = match ffi::optional_input(opts, "opts")? {
+            Some(o) => (*o).to_core()?,
+            None => qcow2_open_options::defaults().to_core()?,
+        };
+        let out = ffi::out(out, "out")?;
+        let image = Image::open(path, &opts)?;
+        out.write(ffi::new_handle(image));
+        Ok(())
+    })
+}
+
+/// Flush and close the image, and free the handle. `img` may be NULL (then nothing happens and
+/// `QCOW2_OK` is returned).
+///
+/// Ownership: takes the handle; it is freed even when closing fails, so never use it again.
+/// Thread safety: must not run concurrently with any other call on the same handle.
+/// On failure (e.g. the final flush hit `QCOW2_ERR_IO` or `QCOW2_ERR_NO_SPACE`) returns the code;
+/// data written since the last successful `qcow2_flush` may then not be durable.
+#[no_mangle]
+pub extern "C" fn qcow2_close(img: *mut qcow2_image) -> qcow2_error {
+    boundary("qcow2_close", || {
+        if let Some(handle) = ffi::take_handle(img)? {
+            handle.image.close()?;
+        }
+        Ok(())
+    })
+}
+
+/// Read `len` bytes at guest offset `offset` into `buf`. The range must lie within the virtual
+/// size. Unallocated ranges read from the backing chain, or as zeros.
+///
+/// Ownership: `buf` belongs to the caller and must have room for `len` bytes (it may be NULL when
+/// `len` is 0). Thread safety: may run concurrently with any call on the same handle but
+/// `qcow2_close`. On failure returns the code (`QCOW2_ERR_INVALID_ARGUMENT` for a NULL handle or
+/// buffer or a range past the end, `QCOW2_ERR_IO`, `QCOW2_ERR_CORRUPT`, ...); the contents of `buf`
+/// are then unspecified.
+#[no_mangle]
+pub extern "C" fn qcow2_read(
+    img: *const qcow2_image,
+    offset: u64,
+    buf: *mut u8,
+    len: usize,
+) -> qcow2_error {
+    boundary("qcow2_read", || {
+        let image = ffi::image(img)?;
+        let buf = ffi::bytes_mut(buf, len, "buf")?;
+        image.read_at(buf, offset)?;
+        Ok(())
+    })
+}
+
+/// Write the `len` bytes at `buf` at guest offset `offset`. The range must lie within the virtual
+/// size. Durable after the next successful `qcow2_flush` (at once in the write-through cache modes).
+///
+/// Ownership: `buf` is borrowed for the call (it may be NULL when `len` is 0). Thread safety: may
+/// run concurrently with any call on the same handle but `qcow2_close`. On failure returns the code
+/// (`QCOW2_ERR_INVALID_ARGUMENT`, `QCOW2_ERR_READ_ONLY`, `QCOW2_ERR_IO`, `QCOW2_ERR_NO_SPACE`, ...);
+/// the range then holds old or new data, and the image stays consistent.
+#[no_mangle]
+pub extern "C" fn qcow2_write(
+    img: *mut qcow2_image,
+    offset: u64,
+    buf: *const u8,
+    len: usize,
+) -> qcow2_error {
+    boundary("qcow2_write", || {
+        let image = ffi::image(img)?;
+        let buf = ffi::bytes(buf, len, "buf")?;
+        image.write_at(buf, offset)?;
+        Ok(())
+    })
+}
+
+/// Make `len` bytes at guest offset `offset` read as zeros, as cheaply as the format allows (zero
+/// clusters in v3, explicit zeros where needed).
+///
+/// Thread safety: as `qcow2_write`. On failure returns the code; the range then holds old data or
+/// zeros.
+#[no_mangle]
+pub extern "C" fn qcow2_write_zeroes(img: *mut qcow2_image, offset: u64, len: u64) -> qcow2_error {
+    boundary("qcow2_write_zeroes", || {
+        ffi::image(img)?.write_zeroes(offset, len)?;
+        Ok(())
+    })
+}
+
+/// Discard the whole clusters inside `[offset, offset + len)`: they are freed (and punched out of
+/// the host file) and read as zeros afterwards, or from the backing file in a v2 image with one.
+/// Partial clusters at the ends are left alone.
+///
+/// Thread safety: as `qcow2_write`. On failure returns the code.
+#[no_mangle]
+pub extern "C" fn qcow2_discard(img: *mut qcow2_image, offset: u64, len: u64) -> qcow2_error {
+    boundary("qcow2_discard", || {
+        ffi::image(img)?.discard(offset, len)?;
+        Ok(())
+    })
+}
+
+/// Write `len` bytes at `buf` compressed, at a cluster-aligned guest `offset`. `len` is at most one
+/// cluster (less only for the last cluster of the disk); the target cluster must not be allocated.
+/// Data that does not compress is written normally. Several threads calling this compress in
+/// parallel.
+///
+/// Ownership: `buf` is borrowed for the call. Thread safety: as `qcow2_write`. On failure returns
+/// the code (`QCOW2_ERR_INVALID_ARGUMENT` for a misaligned offset, too much data, or an allocated
+/// cluster).
+#[no_mangle]
+pub extern "C" fn qcow2_write_compressed(
+    img: *mut qcow2_image,
+    offset: u64,
+    buf: *const u8,
+    len: usize,
+) -> qcow2_error {
+    boundary("qcow2_write_compressed", || {
+        let image = ffi::image(img)?;
+        let buf = ffi::bytes(buf, len, "buf")?;
+        image.write_compressed(offset, buf)?;
+        Ok(())
+    })
+}
+
+/// Make everything written so far durable (at most 2 fdatasyncs; none when nothing changed).
+///
+/// Thread safety: may run concurrently with any call on the same handle but `qcow2_close`; writes
+/// that completed before the call started are covered. On failure returns the code; the image stays
+/// consistent, but recent writes may not be durable.
+#[no_mangle]
+pub extern "C" fn qcow2_flush(img: *mut qcow2_image) -> qcow2_error {
+    boundary("qcow2_flush", || {
+        ffi::image(img)?.flush()?;
+        Ok(())
+    })
+}
+
+/// Change the virtual size to `new_size` bytes. Shrinking requires the cut-off tail to be
+/// unallocated.
+///
+/// Thread safety: may run concurrently with any call on the same handle but `qcow2_close` (I/O
+/// beyond the new end then fails). On failure returns the code; the size is unchanged.
+#[no_mangle]
+pub extern "C" fn qcow2_resize(img: *mut qcow2_image, new_size: u64) -> qcow2_error {
+    boundary("qcow2_resize", || {
+        ffi::image(img)?.resize(new_size)?;
+        Ok(())
+    })
+}
+
+/// Store the virtual disk size in bytes in `*out`.
+///
+/// Ownership: `out` belongs to the caller. Thread safety: any thread, concurrently with other calls
+/// but `qcow2_close`. On failure (`QCOW2_ERR_INVALID_ARGUMENT` for NULL arguments) leaves `*out`
+/// untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_virtual_size(img: *const qcow2_image, out: *mut u64) -> qcow2_error {
+    boundary("qcow2_virtual_size", || {
+        let image = ffi::image(img)?;
+        ffi::out(out, "out")?.write(image.virtual_size());
+        Ok(())
+    })
+}
+
+/// Store the number of fdatasyncs issued on the image file so far in `*out` (for tests and
+/// benchmarks).
+///
+/// Ownership and thread safety: as `qcow2_virtual_size`. On failure leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_sync_count(img: *const qcow2_image, out: *mut u64) -> qcow2_error {
+    boundary("qcow2_sync_count", || {
+        let image = ffi::image(img)?;
+        ffi::out(out, "out")?.write(image.sync_count());
+        Ok(())
+    })
+}

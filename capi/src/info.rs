@@ -1,0 +1,317 @@
+//! Facts about an image: info, its strings, the allocation map, and the consistency check.
+
+use std::ffi::c_char;
+
+use qcow2rs::{ImageInfo, RepairMode};
+
+use crate::error::{qcow2_error, FfiError};
+use crate::ffi::{self, boundary};
+use crate::image::qcow2_image;
+use crate::options::{compat_to_c, compression_to_c, qcow2_compat, qcow2_compression_type};
+
+/// Encryption method (`QCOW2_CRYPT_*`).
+pub type qcow2_crypt_method = u32;
+/// Not encrypted.
+pub const QCOW2_CRYPT_NONE: qcow2_crypt_method = 0;
+/// Legacy AES-CBC encryption.
+pub const QCOW2_CRYPT_AES: qcow2_crypt_method = 1;
+/// LUKS encryption.
+pub const QCOW2_CRYPT_LUKS: qcow2_crypt_method = 2;
+
+/// Facts about an open image, as `qemu-img info` shows them. Strings (file name, backing file) are
+/// read with `qcow2_filename`, `qcow2_backing_file`, `qcow2_backing_format` and
+/// `qcow2_full_backing_filename`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_image_info {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the host file occupies on disk.
+    pub actual_size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Version (`QCOW2_COMPAT_*`).
+    pub compat: qcow2_compat,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Compression type (`QCOW2_COMPRESSION_*`).
+    pub compression_type: qcow2_compression_type,
+    /// Encryption method (`QCOW2_CRYPT_*`).
+    pub crypt_method: qcow2_crypt_method,
+    /// Number of internal snapshots.
+    pub snapshot_count: u32,
+    /// Lazy refcounts bit.
+    pub lazy_refcounts: bool,
+    /// Corrupt bit.
+    pub corrupt: bool,
+    /// Dirty bit (lazy refcounts in use and not cleanly closed).
+    pub dirty: bool,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// The image is open read-only.
+    pub read_only: bool,
+    /// The image has a backing file.
+    pub has_backing_file: bool,
+}
+
+impl From<&ImageInfo> for qcow2_image_info {
+    fn from(i: &ImageInfo) -> qcow2_image_info {
+        qcow2_image_info {
+            virtual_size: i.virtual_size,
+            actual_size: i.actual_size,
+            cluster_size: i.cluster_size,
+            compat: compat_to_c(i.compat),
+            refcount_bits: i.refcount_bits,
+            compression_type: compression_to_c(i.compression_type),
+            crypt_method: i.crypt_method,
+            snapshot_count: i.snapshot_count,
+            lazy_refcounts: i.lazy_refcounts,
+            corrupt: i.corrupt,
+            dirty: i.dirty,
+            extended_l2: i.extended_l2,
+            read_only: i.read_only,
+            has_backing_file: i.backing_file.is_some(),
+        }
+    }
+}
+
+/// Store facts about the image in `*out`.
+///
+/// Ownership: `out` belongs to the caller. Thread safety: may run concurrently with any call on the
+/// same handle but `qcow2_close`. On failure returns the code and leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_info(img: *const qcow2_image, out: *mut qcow2_image_info) -> qcow2_error {
+    boundary("qcow2_info", || {
+        let image = ffi::image(img)?;
+        let out = ffi::out(out, "out")?;
+        out.write(qcow2_image_info::from(&image.info()?));
+        Ok(())
+    })
+}
+
+/// The body shared by the string getters: copy one string of the image's info out.
+fn info_string(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+    field: fn(&ImageInfo) -> Option<&str>,
+) -> Result<(), FfiError> {
+    let image = ffi::image(img)?;
+    let dst = ffi::str_out(buf, len, "buf")?;
+    let out_len = ffi::out(out_len, "out_len")?;
+    let info = image.info()?;
+    out_len.write(dst.write(field(&info).unwrap_or(""))?);
+    Ok(())
+}
+
+/// Copy the file name the image was opened with into `buf` (NUL-terminated) and store its length
+/// (without the NUL) in `*out_len`. With `buf == NULL && len == 0`, only stores the length.
+///
+/// Ownership: `buf` and `out_len` belong to the caller. Thread safety: may run concurrently with any
+/// call on the same handle but `qcow2_close`. Fails with `QCOW2_ERR_BUFFER_TOO_SMALL` when `len` is
+/// not more than the length; on any failure writes neither `buf` nor `*out_len`.
+#[no_mangle]
+pub extern "C" fn qcow2_filename(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_filename", || {
+        info_string(img, buf, len, out_len, |i| Some(&i.filename))
+    })
+}
+
+/// Copy the backing file name as stored in the image into `buf`; the empty string when there is
+/// none. Otherwise as `qcow2_filename`.
+#[no_mangle]
+pub extern "C" fn qcow2_backing_file(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_backing_file", || {
+        info_string(img, buf, len, out_len, |i| i.backing_file.as_deref())
+    })
+}
+
+/// Copy the backing file format as stored in the image ("qcow2", "raw") into `buf`; the empty
+/// string when none is stored. Otherwise as `qcow2_filename`.
+#[no_mangle]
+pub extern "C" fn qcow2_backing_format(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_backing_format", || {
+        info_string(img, buf, len, out_len, |i| i.backing_format.as_deref())
+    })
+}
+
+/// Copy the backing file name resolved against the image's directory into `buf`; the empty string
+/// when there is no backing file. Otherwise as `qcow2_filename`.
+#[no_mangle]
+pub extern "C" fn qcow2_full_backing_filename(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_full_backing_filename", || {
+        info_string(img, buf, len, out_len, |i| {
+            i.full_backing_filename.as_deref()
+        })
+    })
+}
+
+/// One extent of the guest address space, as `qemu-img map --output=json` shows it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_map_entry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Host offset in the file at `depth`, for uncompressed data (valid when `has_offset`).
+    pub offset: u64,
+    /// Backing-chain depth the data comes from (0 = this image; the chain length when unallocated).
+    pub depth: u32,
+    /// Some image in the chain holds it.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Holds data (allocated).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// `offset` is valid.
+    pub has_offset: bool,
+}
+
+/// Describe how the guest range `[offset, offset + len)` is stored: fill `entries` (room for
+/// `max_entries`) with the first merged extents, in order, and store how many were written in
+/// `*out_count`. When the range needs more extents than fit, the result is cut short: continue
+/// from `entries[n - 1].start + entries[n - 1].length`.
+///
+/// Ownership: `entries` and `out_count` belong to the caller. Thread safety: may run concurrently
+/// with any call on the same handle but `qcow2_close`. On failure (`QCOW2_ERR_INVALID_ARGUMENT` for
+/// `max_entries == 0` with a non-empty range, NULL pointers or a range past the end, ...) returns the
+/// code and writes neither `entries` nor `*out_count`.
+#[no_mangle]
+pub extern "C" fn qcow2_map(
+    img: *const qcow2_image,
+    offset: u64,
+    len: u64,
+    entries: *mut qcow2_map_entry,
+    max_entries: usize,
+    out_count: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_map", || {
+        let image = ffi::image(img)?;
+        let entries = ffi::out_array(entries, max_entries, "entries")?;
+        let out_count = ffi::out(out_count, "out_count")?;
+        if entries.is_empty() && len != 0 {
+            return Err(FfiError::Arg("max_entries is 0".to_string()));
+        }
+        let map = image.map(offset, len)?;
+        let n = map.len().min(entries.len());
+        for (dst, e) in entries.iter_mut().zip(&map) {
+            dst.write(qcow2_map_entry {
+                start: e.start,
+                length: e.length,
+                offset: e.offset.unwrap_or(0),
+                depth: e.depth,
+                present: e.present,
+                zero: e.zero,
+                data: e.data,
+                compressed: e.compressed,
+                has_offset: e.offset.is_some(),
+            });
+        }
+        out_count.write(n);
+        Ok(())
+    })
+}
+
+/// What `qcow2_check` may repair (`QCOW2_REPAIR_*`).
+pub type qcow2_repair_mode = u32;
+/// Check only.
+pub const QCOW2_REPAIR_NONE: qcow2_repair_mode = 0;
+/// Lower refcounts that are too high (leaked clusters).
+pub const QCOW2_REPAIR_LEAKS: qcow2_repair_mode = 1;
+/// Repair leaks and corruptions.
+pub const QCOW2_REPAIR_ALL: qcow2_repair_mode = 2;
+
+/// The result of `qcow2_check`, classified as `qemu-img check` classifies problems.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_check_report {
+    /// Problems classified as corruptions (left after repair).
+    pub corruptions: u64,
+    /// Leaked clusters (left after repair).
+    pub leaks: u64,
+    /// Errors that prevented the check itself (I/O errors while reading metadata).
+    pub check_errors: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// Guest clusters (virtual size / cluster size, rounded up), as qemu-img counts them.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// Allocated guest clusters not physically following their predecessor.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// Highest host offset in use, rounded to a cluster.
+    pub image_end_offset: u64,
+    /// qemu-img's exit code for this result: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
+    pub exit_code: i32,
+    /// The repair rebuilt the refcount structures.
+    pub rebuilt: bool,
+}
+
+/// Check the image's consistency and, with `repair` other than `QCOW2_REPAIR_NONE`, fix what the mode
+/// allows (the image must be open read-write). Stores the result in `*out`. Finding problems is
+/// not a failure: look at `out->exit_code`.
+///
+/// Ownership: `out` belongs to the caller. Thread safety: may run concurrently with any call on the
+/// same handle but `qcow2_close`. On failure (`QCOW2_ERR_READ_ONLY` for repair on a read-only
+/// image, `QCOW2_ERR_IO`, ...) returns the code and leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_check(
+    img: *mut qcow2_image,
+    repair: qcow2_repair_mode,
+    out: *mut qcow2_check_report,
+) -> qcow2_error {
+    boundary("qcow2_check", || {
+        let image = ffi::image(img)?;
+        let repair = match repair {
+            QCOW2_REPAIR_NONE => None,
+            QCOW2_REPAIR_LEAKS => Some(RepairMode::Leaks),
+            QCOW2_REPAIR_ALL => Some(RepairMode::All),
+            v => return Err(FfiError::Arg(format!("invalid value {v} for repair"))),
+        };
+        let out = ffi::out(out, "out")?;
+        let r = image.check(repair)?;
+        out.write(qcow2_check_report {
+            corruptions: r.corruptions,
+            leaks: r.leaks,
+            check_errors: r.check_errors,
+            corruptions_fixed: r.corruptions_fixed,
+            leaks_fixed: r.leaks_fixed,
+            total_clusters: r.total_clusters,
+            allocated_clusters: r.allocated_clusters,
+            fragmented_clusters: r.fragmented_clusters,
+            compressed_clusters: r.compressed_clusters,
+            image_end_offset: r.image_end_offset,
+            exit_code: r.exit_code(),
+            rebuilt: r.rebuilt,
+        });
+        Ok(())
+    })
+}

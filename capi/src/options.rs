@@ -1,0 +1,262 @@
+//! Options for creating and opening images, and their conversion to the core's options.
+//!
+//! Enumerated option values are plain `uint32_t` typedefs with `#define`d constants rather than C
+//! enums, so that any value a C caller stores is checked (and rejected with
+//! `QCOW2_ERR_INVALID_ARGUMENT`) instead of being undefined behaviour on the Rust side.
+
+use std::ffi::c_char;
+
+use qcow2rs::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
+
+use crate::error::{qcow2_error, FfiError};
+use crate::ffi::{self, boundary};
+
+/// qcow2 version (`QCOW2_COMPAT_*`).
+pub type qcow2_compat = u32;
+/// qcow2 version 2 (`compat=0.10`).
+pub const QCOW2_COMPAT_V2: qcow2_compat = 2;
+/// qcow2 version 3 (`compat=1.1`), the default.
+pub const QCOW2_COMPAT_V3: qcow2_compat = 3;
+
+/// Compression algorithm for compressed clusters (`QCOW2_COMPRESSION_*`).
+pub type qcow2_compression_type = u32;
+/// Raw deflate (qemu's `zlib`), the default.
+pub const QCOW2_COMPRESSION_ZLIB: qcow2_compression_type = 0;
+/// Zstandard (v3 only).
+pub const QCOW2_COMPRESSION_ZSTD: qcow2_compression_type = 1;
+
+/// Preallocation mode at creation (`QCOW2_PREALLOC_*`).
+pub type qcow2_preallocation = u32;
+/// Nothing is preallocated (the default).
+pub const QCOW2_PREALLOC_OFF: qcow2_preallocation = 0;
+/// All L2 tables and data clusters are allocated (data clusters as preallocated zero clusters).
+pub const QCOW2_PREALLOC_METADATA: qcow2_preallocation = 1;
+
+/// Cache mode, named as QEMU names them (`QCOW2_CACHE_*`).
+pub type qcow2_cache_mode = u32;
+/// Durable at `qcow2_flush` (the default).
+pub const QCOW2_CACHE_WRITEBACK: qcow2_cache_mode = 0;
+/// Durable when each write returns.
+pub const QCOW2_CACHE_WRITETHROUGH: qcow2_cache_mode = 1;
+/// O_DIRECT (buffers, offsets and lengths should be aligned), durable at `qcow2_flush`.
+pub const QCOW2_CACHE_NONE: qcow2_cache_mode = 2;
+/// O_DIRECT, durable when each write returns.
+pub const QCOW2_CACHE_DIRECTSYNC: qcow2_cache_mode = 3;
+/// Flushes are ignored; one sync at close. For conversions only.
+pub const QCOW2_CACHE_UNSAFE: qcow2_cache_mode = 4;
+
+/// Open flag: open read-only (writes fail with `QCOW2_ERR_READ_ONLY`).
+pub const QCOW2_OPEN_RDONLY: u32 = 1 << 0;
+/// Open flag: do not open the backing chain; unallocated clusters read as zeros.
+pub const QCOW2_OPEN_NO_BACKING: u32 = 1 << 1;
+/// Open flag: use lazy refcounts whatever the image header says.
+pub const QCOW2_OPEN_LAZY_REFCOUNTS: u32 = 1 << 2;
+/// Open flag: do not use lazy refcounts whatever the image header says.
+pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
+
+const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_RDONLY
+    | QCOW2_OPEN_NO_BACKING
+    | QCOW2_OPEN_LAZY_REFCOUNTS
+    | QCOW2_OPEN_NO_LAZY_REFCOUNTS;
+
+/// Options for `qcow2_create`. Initialise it with `qcow2_create_options_init`, then change
+/// the fields you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_create_options {
+    /// Cluster size: a power of two from 512 to 2 MiB. Default 65536.
+    pub cluster_size: u32,
+    /// Refcount width: 1, 2, 4, 8, 16, 32 or 64 bits. Default 16; version 2 requires 16.
+    pub refcount_bits: u32,
+    /// Version (`QCOW2_COMPAT_*`). Default `QCOW2_COMPAT_V3`.
+    pub compat: qcow2_compat,
+    /// Backing file name (NUL-terminated UTF-8), stored as given: a relative name is relative to the
+    /// image's directory. NULL (the default) for none. Borrowed for the duration of the call only.
+    pub backing_file: *const c_char,
+    /// Backing file format, "qcow2" or "raw"; required with a backing file. NULL by default.
+    pub backing_format: *const c_char,
+    /// Lazy refcounts (v3 only). Default false.
+    pub lazy_refcounts: bool,
+    /// Extended L2 entries (v3 only, cluster size at least 16 KiB). Default false.
+    pub extended_l2: bool,
+    /// Preallocation mode (`QCOW2_PREALLOC_*`). Default `QCOW2_PREALLOC_OFF`.
+    pub preallocation: qcow2_preallocation,
+    /// Compression type (`QCOW2_COMPRESSION_*`). Default `QCOW2_COMPRESSION_ZLIB`.
+    pub compression_type: qcow2_compression_type,
+}
+
+impl qcow2_create_options {
+    pub(crate) fn defaults() -> qcow2_create_options {
+        let d = CreateOptions::default();
+        qcow2_create_options {
+            cluster_size: d.cluster_size,
+            refcount_bits: d.refcount_bits,
+            compat: compat_to_c(d.compat),
+            backing_file: std::ptr::null(),
+            backing_format: std::ptr::null(),
+            lazy_refcounts: d.lazy_refcounts,
+            extended_l2: d.extended_l2,
+            preallocation: match d.preallocation {
+                Preallocation::Off => QCOW2_PREALLOC_OFF,
+                Preallocation::Metadata => QCOW2_PREALLOC_METADATA,
+            },
+            compression_type: compression_to_c(d.compression_type),
+        }
+    }
+
+    /// The core's options for an image of `size` bytes.
+    pub(crate) fn to_core(self, size: u64) -> Result<CreateOptions, FfiError> {
+        let owned =
+            |s: *const c_char, what| ffi::optional_str(s, what).map(|s| s.map(str::to_string));
+        Ok(CreateOptions {
+            size,
+            cluster_size: self.cluster_size,
+            refcount_bits: self.refcount_bits,
+            compat: match self.compat {
+                QCOW2_COMPAT_V2 => Compat::V2,
+                QCOW2_COMPAT_V3 => Compat::V3,
+                v => return Err(bad_value("compat", v)),
+            },
+            backing_file: owned(self.backing_file, "opts->backing_file")?,
+            backing_format: owned(self.backing_format, "opts->backing_format")?,
+            lazy_refcounts: self.lazy_refcounts,
+            preallocation: match self.preallocation {
+                QCOW2_PREALLOC_OFF => Preallocation::Off,
+                QCOW2_PREALLOC_METADATA => Preallocation::Metadata,
+                v => return Err(bad_value("preallocation", v)),
+            },
+            extended_l2: self.extended_l2,
+            compression_type: match self.compression_type {
+                QCOW2_COMPRESSION_ZLIB => CompressionType::Zlib,
+                QCOW2_COMPRESSION_ZSTD => CompressionType::Zstd,
+                v => return Err(bad_value("compression_type", v)),
+            },
+        })
+    }
+}
+
+/// Options for `qcow2_open_ex`. Initialise it with `qcow2_open_options_init`, then change
+/// the fields you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_open_options {
+    /// `QCOW2_OPEN_*` flags, or-ed. Default 0 (read-write, backing chain opened).
+    pub flags: u32,
+    /// Cache mode (`QCOW2_CACHE_*`). Default `QCOW2_CACHE_WRITEBACK`.
+    pub cache_mode: qcow2_cache_mode,
+    /// L2 cache size in bytes; 0 (the default) for enough to cover the whole disk, at most 32 MiB.
+    pub l2_cache_size: u64,
+    /// Refcount cache size in bytes; 0 (the default) for 4 clusters.
+    pub refcount_cache_size: u64,
+}
+
+impl qcow2_open_options {
+    pub(crate) fn defaults() -> qcow2_open_options {
+        let d = OpenOptions::default();
+        let mut flags = 0;
+        if d.read_only {
+            flags |= QCOW2_OPEN_RDONLY;
+        }
+        if !d.open_backing {
+            flags |= QCOW2_OPEN_NO_BACKING;
+        }
+        qcow2_open_options {
+            flags,
+            cache_mode: match d.cache {
+                CacheMode::Writeback => QCOW2_CACHE_WRITEBACK,
+                CacheMode::Writethrough => QCOW2_CACHE_WRITETHROUGH,
+                CacheMode::None => QCOW2_CACHE_NONE,
+                CacheMode::Directsync => QCOW2_CACHE_DIRECTSYNC,
+                CacheMode::Unsafe => QCOW2_CACHE_UNSAFE,
+            },
+            l2_cache_size: d.l2_cache_size.unwrap_or(0),
+            refcount_cache_size: d.refcount_cache_size.unwrap_or(0),
+        }
+    }
+
+    /// The core's options.
+    pub(crate) fn to_core(self) -> Result<OpenOptions, FfiError> {
+        let flags = self.flags;
+        if flags & !OPEN_FLAGS_ALL != 0 {
+            return Err(FfiError::Arg(format!(
+                "unknown open flags {:#x}",
+                flags & !OPEN_FLAGS_ALL
+            )));
+        }
+        let has = |f: u32| flags & f != 0;
+        let lazy_refcounts = match (
+            has(QCOW2_OPEN_LAZY_REFCOUNTS),
+            has(QCOW2_OPEN_NO_LAZY_REFCOUNTS),
+        ) {
+            (false, false) => None,
+            (true, false) => Some(true),
+            (false, true) => Some(false),
+            (true, true) => {
+                return Err(FfiError::Arg(
+                    "QCOW2_OPEN_LAZY_REFCOUNTS and QCOW2_OPEN_NO_LAZY_REFCOUNTS are exclusive"
+                        .to_string(),
+                ))
+            }
+        };
+        let nonzero = |n: u64| (n != 0).then_some(n);
+        Ok(OpenOptions {
+            read_only: has(QCOW2_OPEN_RDONLY),
+            cache: match self.cache_mode {
+                QCOW2_CACHE_WRITEBACK => CacheMode::Writeback,
+                QCOW2_CACHE_WRITETHROUGH => CacheMode::Writethrough,
+                QCOW2_CACHE_NONE => CacheMode::None,
+                QCOW2_CACHE_DIRECTSYNC => CacheMode::Directsync,
+                QCOW2_CACHE_UNSAFE => CacheMode::Unsafe,
+                v => return Err(bad_value("cache_mode", v)),
+            },
+            l2_cache_size: nonzero(self.l2_cache_size),
+            refcount_cache_size: nonzero(self.refcount_cache_size),
+            open_backing: !has(QCOW2_OPEN_NO_BACKING),
+            lazy_refcounts,
+        })
+    }
+}
+
+fn bad_value(field: &str, v: u32) -> FfiError {
+    FfiError::Arg(format!("invalid value {v} for {field}"))
+}
+
+pub(crate) fn compat_to_c(c: Compat) -> qcow2_compat {
+    match c {
+        Compat::V2 => QCOW2_COMPAT_V2,
+        Compat::V3 => QCOW2_COMPAT_V3,
+    }
+}
+
+pub(crate) fn compression_to_c(c: CompressionType) -> qcow2_compression_type {
+    match c {
+        CompressionType::Zlib => QCOW2_COMPRESSION_ZLIB,
+        CompressionType::Zstd => QCOW2_COMPRESSION_ZSTD,
+    }
+}
+
+/// Fill `*out` with the defaults of `qemu-img create -f qcow2` (64 KiB clusters, 16-bit refcounts,
+/// v3, no backing file, zlib).
+///
+/// Ownership: `out` belongs to the caller. Thread safety: any thread.
+/// Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.
+#[no_mangle]
+pub extern "C" fn qcow2_create_options_init(out: *mut qcow2_create_options) -> qcow2_error {
+    boundary("qcow2_create_options_init", || {
+        ffi::out(out, "out")?.write(qcow2_create_options::defaults());
+        Ok(())
+    })
+}
+
+/// Fill `*out` with the default open options: read-write, writeback cache, default cache sizes,
+/// backing chain opened, lazy refcounts as the image header says.
+///
+/// Ownership: `out` belongs to the caller. Thread safety: any thread.
+/// Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.
+#[no_mangle]
+pub extern "C" fn qcow2_open_options_init(out: *mut qcow2_open_options) -> qcow2_error {
+    boundary("qcow2_open_options_init", || {
+        ffi::out(out, "out")?.write(qcow2_open_options::defaults());
+        Ok(())
+    })
+}

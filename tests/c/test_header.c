@@ -1,0 +1,34 @@
+/*
+ * The header is self-contained, idempotent (included twice), and valid C11 and C++17. Compiled
+ * with -fsyntax-only as C and as C++ by tests/tests/c_api.rs.
+ */
+#include "qcow2rs.h"
+#include "qcow2rs.h"
+
+#ifdef __cplusplus
+static_assert(sizeof(qcow2_error) == sizeof(int), "qcow2_error is an int-sized enum");
+#else
+_Static_assert(sizeof(qcow2_error) == sizeof(int), "qcow2_error is an int-sized enum");
+#endif
+
+/* Every public name is usable; the function pointer types match the declarations. */
+qcow2_error (*const open_fn)(const char *, uint32_t, qcow2_image **) = qcow2_open;
+qcow2_error (*const read_fn)(const qcow2_image *, uint64_t, uint8_t *, size_t) = qcow2_read;
+qcow2_error (*const write_fn)(qcow2_image *, uint64_t, const uint8_t *, size_t) = qcow2_write;
+size_t (*const message_fn)(char *, size_t) = qcow2_last_error_message;
+
+int header_uses(void);
+int header_uses(void) {
+    qcow2_create_options c;
+    qcow2_open_options o;
+    qcow2_image_info i;
+    qcow2_map_entry m;
+    qcow2_check_report r;
+    (void)c;
+    (void)o;
+    (void)i;
+    (void)m;
+    (void)r;
+    return QCOW2_OK + QCOW2_ERR_BUFFER_TOO_SMALL + QCOW2_OPEN_RDONLY + QCOW2_CACHE_UNSAFE +
+           QCOW2_COMPAT_V2 + QCOW2_REPAIR_ALL + QCOW2_CRYPT_LUKS;
+}
