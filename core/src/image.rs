@@ -348,7 +348,8 @@ impl State {
 
     /// Write the changed active L1 entries, merging neighbours into one write.
     fn write_l1_dirty(&mut self) -> Result<()> {
-        let dirty: Vec<usize> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        // Cleared only once written: a failed write leaves them dirty for the next flush.
+        let dirty: Vec<usize> = self.l1_dirty.iter().copied().collect();
         let mut k = 0;
         while k < dirty.len() {
             let mut end = k + 1;
@@ -364,6 +365,7 @@ impl State {
             )?;
             k = end;
         }
+        self.l1_dirty.clear();
         Ok(())
     }
 
