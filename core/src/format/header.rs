@@ -359,6 +359,39 @@ impl Header {
                 32,
             );
         }
+        if let Some(b) = h.extension(EXT_BITMAPS) {
+            if b.len() < 24 {
+                return corrupt(
+                    "Bitmaps header extension is too short",
+                    h.header_length as u64,
+                );
+            }
+            let nb = be32(b, 0);
+            let dir_size = be64(b, 8);
+            let dir_off = be64(b, 16);
+            if nb == 0 || nb > 65535 {
+                return corrupt(
+                    format!("Bitmaps extension: {nb} bitmaps (must be 1..65535)"),
+                    0,
+                );
+            }
+            if dir_size > 64 << 20 {
+                return corrupt(
+                    "Bitmaps extension: bitmap directory is larger than 64 MiB",
+                    0,
+                );
+            }
+            if !dir_off.is_multiple_of(1u64 << h.cluster_bits)
+                || dir_off.checked_add(dir_size).is_none()
+            {
+                return corrupt("Bitmaps extension: invalid bitmap directory offset", 0);
+            }
+        }
+        if let Some(c) = h.extension(EXT_CRYPTO) {
+            if c.len() < 16 {
+                return corrupt("Crypto header extension is too short", 0);
+            }
+        }
         h.validate_tables()?;
         Ok(h)
     }
