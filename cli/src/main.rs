@@ -1,1 +1,315 @@
-fn main() {}
+//! `qcow2rs`: a disk image utility shaped like `qemu-img`.
+//!
+//! Same subcommands, flags, output wording and exit codes as qemu-img 10 where they apply, so
+//! scripts and habits carry over. Everything here is a thin user of the `qcow2rs` core API.
+
+mod check;
+mod compare;
+mod convert;
+mod create;
+mod disk;
+mod info;
+mod map;
+mod opts;
+mod progress;
+mod qjson;
+mod resize;
+mod util;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use util::{CliError, CliResult};
+
+#[derive(Parser)]
+#[command(
+    name = "qcow2rs",
+    version,
+    about = "qcow2rs disk image utility (qcow2 and raw), shaped like qemu-img",
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new disk image: create [-f FMT] [-o OPTIONS] [-b BACKING -F FMT] FILE [SIZE]
+    Create(CreateArgs),
+    /// Show information about an image
+    Info(InfoArgs),
+    /// Check an image for consistency, optionally repairing it
+    Check(CheckArgs),
+    /// Convert an image to another format (raw, qcow2), optionally compressed
+    Convert(ConvertArgs),
+    /// Show how the guest address space of an image is stored
+    Map(MapArgs),
+    /// Compare the guest-visible contents of two images
+    Compare(CompareArgs),
+    /// Change the virtual size of an image: resize [--shrink] FILE [+|-]SIZE
+    Resize(ResizeArgs),
+}
+
+/// Arguments of `create`.
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Image format (qcow2 or raw)
+    #[arg(short = 'f', default_value = "raw")]
+    pub fmt: String,
+    /// Format options, comma separated (cluster_size, refcount_bits, compat, backing_file, ...)
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Backing file
+    #[arg(short = 'b')]
+    pub backing: Option<String>,
+    /// Backing file format
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// Do not open the backing file (a size must then be given)
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Image file
+    pub file: String,
+    /// Virtual size (k, M, G, T suffixes)
+    pub size: Option<String>,
+}
+
+/// Arguments of `info`.
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Output format: human or json
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// Open the image without taking locks (read-only sharing)
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Show the whole backing chain
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
+    /// Image file
+    pub file: String,
+}
+
+/// Arguments of `check`.
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Repair: leaks or all
+    #[arg(short = 'r', long = "repair")]
+    pub repair: Option<String>,
+    /// Output format: human or json
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Open the image without taking locks (read-only sharing)
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Cache mode for the image
+    #[arg(short = 'T')]
+    pub cache: Option<String>,
+    /// Image file
+    pub file: String,
+}
+
+/// Arguments of `convert`.
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Output format: raw or qcow2
+    #[arg(short = 'O', default_value = "raw")]
+    pub out_fmt: String,
+    /// Write compressed clusters (qcow2 output)
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Output format options, as for create
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Show progress
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Cache mode for the output (default unsafe: one sync at the end)
+    #[arg(short = 't')]
+    pub cache: Option<String>,
+    /// Cache mode for the source
+    #[arg(short = 'T')]
+    pub src_cache: Option<String>,
+    /// Backing file of the output: only data above it is copied
+    #[arg(short = 'B')]
+    pub backing: Option<String>,
+    /// Format of the output's backing file
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// Do not create the output: it must exist
+    #[arg(short = 'n')]
+    pub no_create: bool,
+    /// Allow out-of-order writes
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Number of parallel workers
+    #[arg(short = 'm')]
+    pub workers: Option<String>,
+    /// Minimum run of zero bytes to leave sparse (default 4k; 0 writes everything)
+    #[arg(short = 'S')]
+    pub sparse: Option<String>,
+    /// Open the source without taking locks
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Source image
+    pub src: String,
+    /// Output image
+    pub dst: String,
+}
+
+/// Arguments of `map`.
+#[derive(Args)]
+pub struct MapArgs {
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Output format: human or json
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// First guest byte to map
+    #[arg(short = 's', long = "start-offset")]
+    pub start: Option<String>,
+    /// Number of bytes to map
+    #[arg(short = 'l', long = "max-length")]
+    pub max_length: Option<String>,
+    /// Open the image without taking locks
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Image file
+    pub file: String,
+}
+
+/// Arguments of `compare`.
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Format of the first image (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt1: Option<String>,
+    /// Format of the second image (probed when omitted)
+    #[arg(short = 'F')]
+    pub fmt2: Option<String>,
+    /// Strict: also fail on size or allocation differences
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Show progress
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Cache mode for both images
+    #[arg(short = 'T')]
+    pub cache: Option<String>,
+    /// Open the images without taking locks
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// First image
+    pub file1: String,
+    /// Second image
+    pub file2: String,
+}
+
+/// Arguments of `resize` (the size, the last argument, is taken off before parsing so that
+/// `-5M` is not read as an option).
+#[derive(Args)]
+pub struct ResizeArgs {
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Allow shrinking
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Preallocation for the new part (only off)
+    #[arg(long = "preallocation")]
+    pub preallocation: Option<String>,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Image file
+    pub file: String,
+}
+
+fn run(args: Vec<String>) -> CliResult {
+    let mut args = args;
+    // resize: the size is always the last argument (it may look like an option: -5M).
+    let mut resize_size = None;
+    if args.get(1).map(String::as_str) == Some("resize") {
+        let wants_help = args.iter().skip(2).any(|a| a == "-h" || a == "--help");
+        if !wants_help {
+            if args.len() < 4 {
+                return Err(CliError::new(
+                    "Expecting image file name and size\nTry 'qcow2rs resize --help' for more info",
+                ));
+            }
+            resize_size = args.pop();
+        }
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    match cli.cmd {
+        Cmd::Create(a) => create::run(&a),
+        Cmd::Info(a) => info::run(&a),
+        Cmd::Check(a) => check::run(&a),
+        Cmd::Convert(a) => convert::run(&a),
+        Cmd::Map(a) => map::run(&a),
+        Cmd::Compare(a) => compare::run(&a),
+        Cmd::Resize(a) => resize::run(&a, resize_size.as_deref().unwrap_or("")),
+    }
+}
+
+/// `--output` value, with qemu-img's message when it is neither `human` nor `json`.
+pub fn parse_output(cmd: &str, s: &str) -> CliResult<bool> {
+    match s {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        _ => Err(CliError::new(format!(
+            "--output expects 'human' or 'json' not '{s}'\nTry 'qcow2rs {cmd} --help' for more info"
+        ))),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match run(args) {
+        Ok(code) => code,
+        Err(e) if e.code == 0 => {
+            // Requested help text (`-o help`).
+            println!("{}", e.msg);
+            0
+        }
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("qcow2rs: {}", e.msg);
+            e.code
+        }
+    };
+    let _ = std::io::stdout().flush();
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

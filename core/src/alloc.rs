@@ -31,7 +31,7 @@ impl State {
             ));
         }
         let len = self.file_len()?;
-        if off.checked_add(self.cs).is_none_or(|end| end > len) && !self.is_pending(off) {
+        if off.checked_add(self.cs).is_none_or(|end| end > len) {
             return Err(Error::corrupt(
                 &self.name,
                 format!("{what} at {off:#x} lies past the end of the file ({len} bytes)"),
@@ -39,11 +39,6 @@ impl State {
             ));
         }
         Ok(())
-    }
-
-    /// A cluster this session allocated that may not be written yet.
-    fn is_pending(&self, off: u64) -> bool {
-        off / self.cs >= self.file_clusters_at_open
     }
 
     /// Refcount of a host cluster (0 where no refcount block exists).

@@ -95,7 +95,6 @@ pub(crate) struct State {
     pub caches: Caches,
     pub free_cluster_index: u64,
     pub alloc_end: u64,
-    pub file_clusters_at_open: u64,
     pub known_len: u64,
     /// End of everything ever written to the file (the file length at open counts as written).
     /// Clusters past it read as zeros.
@@ -237,7 +236,7 @@ impl State {
 
     fn check_data_in_file(&self, host: u64, gc: u64) -> Result<()> {
         self.check_data_offset(host, gc)?;
-        if host >= self.known_len && host / self.cs < self.file_clusters_at_open {
+        if host >= self.known_len {
             return Err(Error::corrupt(
                 &self.name,
                 format!(
@@ -1586,7 +1585,6 @@ impl Image {
             caches,
             free_cluster_index: 0,
             alloc_end: file_len.div_ceil(cs),
-            file_clusters_at_open: file_len.div_ceil(cs),
             known_len: file_len,
             written_end: file_len,
             read_only,

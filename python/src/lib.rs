@@ -1,1 +1,427 @@
-//! Python bindings.
+//! Python bindings: the private native module `qcow2rs._qcow2rs`.
+//!
+//! The public API is the pure-Python package `qcow2rs` (`python/qcow2rs/__init__.py`), which wraps
+//! [`NativeImage`] in an `io.RawIOBase`. This crate only converts: Python arguments to core options,
+//! core results to Python objects, and core errors to exceptions (in `errors.rs`, the one place).
+//! Every call that touches the disk runs with the GIL released.
+
+use std::path::PathBuf;
+use std::sync::{PoisonError, RwLock};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use qcow2rs::{
+    CacheMode, CheckReport, Compat, CompressionType, CreateOptions, Error, Image, ImageInfo,
+    MapEntry, OpenOptions, Preallocation, RepairMode,
+};
+
+mod errors;
+
+use errors::{to_pyerr, Failure};
+
+/// `r`, with a core error raised as its exception.
+fn raise<T>(py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
+    r.map_err(|e| to_pyerr(py, e))
+}
+
+/// Convert a Python integer argument to `u64`: negative or too large is an invalid argument.
+fn to_u64(what: &str, v: i128) -> Result<u64, Error> {
+    u64::try_from(v).map_err(|_| {
+        Error::InvalidArgument(format!("{what} must be between 0 and 2**64-1, not {v}"))
+    })
+}
+
+/// Convert a Python integer argument to `u32`.
+fn to_u32(what: &str, v: i128) -> Result<u32, Error> {
+    u32::try_from(v).map_err(|_| {
+        Error::InvalidArgument(format!("{what} must be between 0 and 2**32-1, not {v}"))
+    })
+}
+
+/// A path argument as the string the core stores in the image (a backing file name).
+fn path_to_string(what: &str, p: PathBuf) -> Result<String, Error> {
+    p.into_os_string().into_string().map_err(|p| {
+        let shown = p.to_string_lossy();
+        Error::InvalidArgument(format!("{what} is not valid UTF-8: {shown}"))
+    })
+}
+
+/// Create a new qcow2 image file (an existing file is overwritten).
+#[pyfunction]
+#[pyo3(signature = (
+    path,
+    size,
+    *,
+    cluster_size = 65536,
+    refcount_bits = 16,
+    compat = "1.1",
+    backing_file = None,
+    backing_format = None,
+    lazy_refcounts = false,
+    preallocation = "off",
+    extended_l2 = false,
+    compression_type = "zlib",
+))]
+#[allow(clippy::too_many_arguments)]
+fn create(
+    py: Python<'_>,
+    path: PathBuf,
+    size: i128,
+    cluster_size: i128,
+    refcount_bits: i128,
+    compat: &str,
+    backing_file: Option<PathBuf>,
+    backing_format: Option<String>,
+    lazy_refcounts: bool,
+    preallocation: &str,
+    extended_l2: bool,
+    compression_type: &str,
+) -> PyResult<()> {
+    let opts = raise(
+        py,
+        (|| {
+            Ok(CreateOptions {
+                size: to_u64("size", size)?,
+                cluster_size: to_u32("cluster_size", cluster_size)?,
+                refcount_bits: to_u32("refcount_bits", refcount_bits)?,
+                compat: Compat::parse(compat)?,
+                backing_file: backing_file
+                    .map(|p| path_to_string("backing_file", p))
+                    .transpose()?,
+                backing_format,
+                lazy_refcounts,
+                preallocation: Preallocation::parse(preallocation)?,
+                extended_l2,
+                compression_type: CompressionType::parse(compression_type)?,
+            })
+        })(),
+    )?;
+    raise(py, py.detach(|| Image::create(&path, &opts)))
+}
+
+/// Open an image file. `mode` is `"r"` (read-only) or `"rw"`/`"r+"` (read-write).
+#[pyfunction]
+#[pyo3(signature = (
+    path,
+    mode = "r",
+    *,
+    cache = "writeback",
+    l2_cache_size = None,
+    refcount_cache_size = None,
+))]
+fn open(
+    py: Python<'_>,
+    path: PathBuf,
+    mode: &str,
+    cache: &str,
+    l2_cache_size: Option<i128>,
+    refcount_cache_size: Option<i128>,
+) -> PyResult<NativeImage> {
+    let read_only = match mode {
+        "r" => true,
+        "rw" | "r+" => false,
+        _ => {
+            return raise(
+                py,
+                Err(Error::InvalidArgument(format!(
+                    "invalid mode: '{mode}' (use 'r', 'rw' or 'r+')"
+                ))),
+            )
+        }
+    };
+    let opts = raise(
+        py,
+        (|| {
+            Ok(OpenOptions {
+                read_only,
+                cache: CacheMode::parse(cache)?,
+                l2_cache_size: l2_cache_size
+                    .map(|v| to_u64("l2_cache_size", v))
+                    .transpose()?,
+                refcount_cache_size: refcount_cache_size
+                    .map(|v| to_u64("refcount_cache_size", v))
+                    .transpose()?,
+                ..OpenOptions::default()
+            })
+        })(),
+    )?;
+    let image = raise(py, py.detach(|| Image::open(&path, &opts)))?;
+    Ok(NativeImage {
+        image: RwLock::new(Some(image)),
+    })
+}
+
+/// An open image. Operations share the image (it is `Sync`); `close` waits for them to finish.
+#[pyclass(module = "qcow2rs._qcow2rs", name = "NativeImage", frozen)]
+pub struct NativeImage {
+    image: RwLock<Option<Image>>,
+}
+
+impl NativeImage {
+    /// Run `f` on the open image with the GIL released.
+    fn with<R, F>(&self, py: Python<'_>, f: F) -> PyResult<R>
+    where
+        R: Send,
+        F: Send + FnOnce(&Image) -> Result<R, Error>,
+    {
+        py.detach(|| {
+            let guard = self.image.read().unwrap_or_else(PoisonError::into_inner);
+            let image = guard.as_ref().ok_or(Failure::Closed)?;
+            f(image).map_err(Failure::Core)
+        })
+        .map_err(|f| f.into_pyerr(py))
+    }
+}
+
+#[pymethods]
+impl NativeImage {
+    /// Read up to `length` bytes at `offset`; short (or empty) at the end of the disk.
+    fn read_at<'py>(
+        &self,
+        py: Python<'py>,
+        offset: i128,
+        length: i128,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        let length = raise(py, to_u64("length", length))?;
+        let n = self.with(py, |img| {
+            Ok(img.virtual_size().saturating_sub(offset).min(length))
+        })?;
+        let n = raise(
+            py,
+            usize::try_from(n)
+                .map_err(|_| Error::InvalidArgument(format!("length {n} does not fit in memory"))),
+        )?;
+        if n == 0 {
+            return Ok(PyBytes::new(py, b""));
+        }
+        // The new bytes object is ours alone until this returns, so it is filled without the GIL.
+        PyBytes::new_with(py, n, |buf| self.with(py, |img| img.read_at(buf, offset)))
+    }
+
+    /// Write all of `data` at `offset`. The disk does not grow: writing past its end fails.
+    /// An empty write does nothing, wherever it is (like writing nothing to a file).
+    fn write_at(&self, py: Python<'_>, offset: i128, data: &[u8]) -> PyResult<()> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.with(py, |img| {
+            let size = img.virtual_size();
+            let len = data.len() as u64;
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: cannot write {len} bytes at offset {offset}: the virtual disk ends at \
+                     {size} bytes and does not grow by writing (use resize() to enlarge it)",
+                    img.filename()
+                )));
+            }
+            img.write_at(data, offset)
+        })
+    }
+
+    /// Write one cluster of `data`, compressed, at the cluster-aligned `offset`.
+    fn write_compressed(&self, py: Python<'_>, offset: i128, data: &[u8]) -> PyResult<()> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        self.with(py, |img| img.write_compressed(offset, data))
+    }
+
+    /// Make `length` bytes at `offset` read as zeros.
+    fn write_zeroes(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        let length = raise(py, to_u64("length", length))?;
+        self.with(py, |img| img.write_zeroes(offset, length))
+    }
+
+    /// Discard the whole clusters inside the range.
+    fn discard(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        let length = raise(py, to_u64("length", length))?;
+        self.with(py, |img| img.discard(offset, length))
+    }
+
+    /// Make everything written so far durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |img| img.flush())
+    }
+
+    /// Change the virtual size.
+    fn resize(&self, py: Python<'_>, size: i128) -> PyResult<()> {
+        let size = raise(py, to_u64("size", size))?;
+        self.with(py, |img| img.resize(size))
+    }
+
+    /// Facts about the image, as a dict with the fields of the core's `ImageInfo`.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.with(py, |img| img.info())?;
+        info_dict(py, &info)
+    }
+
+    /// How `[offset, offset+length)` is stored (default: to the end of the disk), as dicts.
+    #[pyo3(signature = (offset = 0, length = None))]
+    fn map<'py>(
+        &self,
+        py: Python<'py>,
+        offset: i128,
+        length: Option<i128>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        let length = raise(py, length.map(|l| to_u64("length", l)).transpose())?;
+        let entries = self.with(py, |img| {
+            let length = length.unwrap_or_else(|| img.virtual_size().saturating_sub(offset));
+            img.map(offset, length)
+        })?;
+        let list = PyList::empty(py);
+        for e in &entries {
+            list.append(map_entry_dict(py, e)?)?;
+        }
+        Ok(list)
+    }
+
+    /// Check consistency; `repair` is None, `"leaks"` or `"all"`.
+    #[pyo3(signature = (repair = None))]
+    fn check<'py>(&self, py: Python<'py>, repair: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+        let repair = match repair {
+            None => None,
+            Some("leaks") => Some(RepairMode::Leaks),
+            Some("all") => Some(RepairMode::All),
+            Some(other) => {
+                return raise(
+                    py,
+                    Err(Error::InvalidArgument(format!(
+                        "invalid repair mode: '{other}' (use None, 'leaks' or 'all')"
+                    ))),
+                )
+            }
+        };
+        let report = self.with(py, |img| img.check(repair))?;
+        check_dict(py, &report)
+    }
+
+    /// Flush and close. Closing a closed image does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let image = py.detach(|| {
+            self.image
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        });
+        match image {
+            Some(img) => raise(py, py.detach(|| img.close())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the image is closed.
+    #[getter]
+    fn closed(&self, py: Python<'_>) -> bool {
+        py.detach(|| {
+            self.image
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_none()
+        })
+    }
+
+    /// Virtual disk size in bytes.
+    #[getter]
+    fn virtual_size(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |img| Ok(img.virtual_size()))
+    }
+
+    /// Cluster size in bytes.
+    #[getter]
+    fn cluster_size(&self, py: Python<'_>) -> PyResult<u32> {
+        self.with(py, |img| Ok(img.cluster_size()))
+    }
+
+    /// Whether the image is open read-only.
+    #[getter]
+    fn read_only(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |img| Ok(img.is_read_only()))
+    }
+
+    /// Number of fdatasyncs issued on the image file so far.
+    #[getter]
+    fn sync_count(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |img| Ok(img.sync_count()))
+    }
+}
+
+impl Drop for NativeImage {
+    fn drop(&mut self) {
+        // Dropping the core image flushes it: do that without holding the GIL too.
+        let image = self
+            .image
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(img) = image {
+            Python::attach(|py| py.detach(|| drop(img)));
+        }
+    }
+}
+
+fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("filename", &i.filename)?;
+    d.set_item("virtual_size", i.virtual_size)?;
+    d.set_item("actual_size", i.actual_size)?;
+    d.set_item("cluster_size", i.cluster_size)?;
+    d.set_item("compat", i.compat.as_str())?;
+    d.set_item("refcount_bits", i.refcount_bits)?;
+    d.set_item("lazy_refcounts", i.lazy_refcounts)?;
+    d.set_item("corrupt", i.corrupt)?;
+    d.set_item("dirty", i.dirty)?;
+    d.set_item("extended_l2", i.extended_l2)?;
+    d.set_item("compression_type", i.compression_type.as_str())?;
+    d.set_item("backing_file", &i.backing_file)?;
+    d.set_item("backing_format", &i.backing_format)?;
+    d.set_item("full_backing_filename", &i.full_backing_filename)?;
+    d.set_item("crypt_method", i.crypt_method)?;
+    d.set_item("snapshot_count", i.snapshot_count)?;
+    d.set_item("read_only", i.read_only)?;
+    Ok(d)
+}
+
+fn map_entry_dict<'py>(py: Python<'py>, e: &MapEntry) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("start", e.start)?;
+    d.set_item("length", e.length)?;
+    d.set_item("depth", e.depth)?;
+    d.set_item("present", e.present)?;
+    d.set_item("zero", e.zero)?;
+    d.set_item("data", e.data)?;
+    d.set_item("compressed", e.compressed)?;
+    d.set_item("offset", e.offset)?;
+    Ok(d)
+}
+
+fn check_dict<'py>(py: Python<'py>, r: &CheckReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("corruptions", r.corruptions)?;
+    d.set_item("leaks", r.leaks)?;
+    d.set_item("check_errors", r.check_errors)?;
+    d.set_item("corruptions_fixed", r.corruptions_fixed)?;
+    d.set_item("leaks_fixed", r.leaks_fixed)?;
+    d.set_item("total_clusters", r.total_clusters)?;
+    d.set_item("allocated_clusters", r.allocated_clusters)?;
+    d.set_item("fragmented_clusters", r.fragmented_clusters)?;
+    d.set_item("compressed_clusters", r.compressed_clusters)?;
+    d.set_item("image_end_offset", r.image_end_offset)?;
+    d.set_item("messages", PyTuple::new(py, &r.messages)?)?;
+    d.set_item("rebuilt", r.rebuilt)?;
+    d.set_item("is_clean", r.is_clean())?;
+    d.set_item("exit_code", r.exit_code())?;
+    Ok(d)
+}
+
+/// The native half of the `qcow2rs` package. Import `qcow2rs`, not this.
+#[pymodule]
+fn _qcow2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(create, m)?)?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_class::<NativeImage>()?;
+    Ok(())
+}

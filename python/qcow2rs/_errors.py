@@ -1,0 +1,88 @@
+"""The exceptions of qcow2rs.
+
+The native module raises them; which one is decided in one place, ``python/src/errors.rs``.
+Each is an ``OSError`` built as ``cls(errno, message, filename)``: ``errno`` is the core's errno,
+``strerror`` and ``str(err)`` are the core's message (which already names the file), ``filename``
+is the file the core names, or None.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Error",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "CorruptImageError",
+    "UnsupportedError",
+    "InvalidArgumentError",
+    "BadKeyError",
+    "ReadOnlyError",
+    "LockedError",
+    "NoSpaceError",
+]
+
+
+class Error(OSError):
+    """Root of every qcow2rs error: an ``OSError`` with ``errno``, ``strerror`` and ``filename``."""
+
+    __module__ = "qcow2rs"
+
+    def __str__(self) -> str:
+        # The core's message names the file already; OSError's default would repeat it.
+        if isinstance(self.strerror, str):
+            return self.strerror
+        return super().__str__()
+
+
+class NotFoundError(Error, FileNotFoundError):
+    """A file (the image or one in its backing chain) does not exist (ENOENT)."""
+
+    __module__ = "qcow2rs"
+
+
+class PermissionDeniedError(Error, PermissionError):
+    """The host refused access to a file (EACCES, EPERM)."""
+
+    __module__ = "qcow2rs"
+
+
+class CorruptImageError(Error):
+    """The image is malformed: a structure is out of range, misaligned or inconsistent (EIO)."""
+
+    __module__ = "qcow2rs"
+
+
+class UnsupportedError(Error):
+    """The image uses a feature qcow2rs does not implement (EOPNOTSUPP)."""
+
+    __module__ = "qcow2rs"
+
+
+class InvalidArgumentError(Error, ValueError):
+    """A bad argument: an option value, an offset past the end, ... (EINVAL)."""
+
+    __module__ = "qcow2rs"
+
+
+class BadKeyError(Error):
+    """The key or password does not unlock the image (EPERM)."""
+
+    __module__ = "qcow2rs"
+
+
+class ReadOnlyError(Error):
+    """A change was attempted on an image open read-only (EROFS)."""
+
+    __module__ = "qcow2rs"
+
+
+class LockedError(Error):
+    """Another process holds the image's lock (EAGAIN)."""
+
+    __module__ = "qcow2rs"
+
+
+class NoSpaceError(Error):
+    """The host file system is full (ENOSPC)."""
+
+    __module__ = "qcow2rs"

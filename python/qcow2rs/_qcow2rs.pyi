@@ -1,0 +1,59 @@
+"""The native half of qcow2rs (private: import ``qcow2rs``)."""
+
+import os
+from typing import Any, Dict, List, Optional, Union, final
+
+__version__: str
+
+def create(
+    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
+    size: int,
+    *,
+    cluster_size: int = 65536,
+    refcount_bits: int = 16,
+    compat: str = "1.1",
+    backing_file: Optional[Union[str, os.PathLike[str]]] = None,
+    backing_format: Optional[str] = None,
+    lazy_refcounts: bool = False,
+    preallocation: str = "off",
+    extended_l2: bool = False,
+    compression_type: str = "zlib",
+) -> None:
+    """Create a new qcow2 image file (an existing file is overwritten).
+
+    The keyword arguments are qemu-img's ``-o`` options: `compat` is ``"1.1"`` (v3) or ``"0.10"``
+    (v2); `preallocation` is ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or
+    ``"zstd"``; `backing_format` (``"qcow2"`` or ``"raw"``) is required with `backing_file`.
+    """
+
+def open(
+    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
+    mode: str = "r",
+    *,
+    cache: str = "writeback",
+    l2_cache_size: Optional[int] = None,
+    refcount_cache_size: Optional[int] = None,
+) -> NativeImage: ...
+@final
+class NativeImage:
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def write_at(self, offset: int, data: bytes) -> None: ...
+    def write_compressed(self, offset: int, data: bytes) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None: ...
+    def resize(self, size: int) -> None: ...
+    def info(self) -> Dict[str, Any]: ...
+    def map(self, offset: int = 0, length: Optional[int] = None) -> List[Dict[str, Any]]: ...
+    def check(self, repair: Optional[str] = None) -> Dict[str, Any]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def cluster_size(self) -> int: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def sync_count(self) -> int: ...
