@@ -131,6 +131,7 @@ impl qcow2_create_options {
                 QCOW2_COMPRESSION_ZSTD => CompressionType::Zstd,
                 v => return Err(bad_value("compression_type", v)),
             },
+            open_backing: true,
         })
     }
 }

@@ -123,8 +123,9 @@ fn read_bytes(s: &State, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
 /// Walk one L1 tree (active or snapshot) and count its references.
 fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
     let cs = s.cs;
-    let mut prev_host = 0u64;
     for (i, &e) in l1.iter().enumerate() {
+        // Contiguity is tracked per L2 table, as qemu-img does.
+        let mut prev_host = 0u64;
         let off = e & L1E_OFFSET_MASK;
         if off == 0 {
             continue;
@@ -186,7 +187,6 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
                         w.report.allocated_clusters += 1;
                         w.report.compressed_clusters += 1;
                         w.report.fragmented_clusters += 1;
-                        prev_host = 0;
                     }
                 }
                 Desc::Unallocated => {
@@ -377,11 +377,15 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     }
     let mut w = walk(s, nb_clusters, true)?;
     let mut fixed = false;
+    let mut highest_stored = 0u64;
     let all = repair == Some(RepairMode::All);
     let max = refcount::max(s.h.refcount_order);
     for c in 0..nb_clusters {
         let computed = w.refs[c as usize] as u64;
         let stored = stored_refcount(s, c, nb_clusters)?;
+        if stored > 0 {
+            highest_stored = c + 1;
+        }
         if stored == computed {
             continue;
         }
@@ -495,7 +499,9 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         .refs
         .iter()
         .rposition(|&r| r > 0)
-        .map_or(0, |c| (c as u64 + 1) * s.cs);
+        .map_or(0, |c| c as u64 + 1)
+        .max(highest_stored)
+        * s.cs;
     if repair.is_some() && s.writable_storage {
         if fixed {
             s.caches.flush(&*s.storage, &s.name, Kind::L2)?;

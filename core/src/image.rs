@@ -524,15 +524,41 @@ impl State {
 
     fn write_inner(&mut self, buf: &[u8], mut off: u64) -> Result<()> {
         let mut done = 0usize;
+        // Guest bytes whose write was left to us, merged while their host clusters are
+        // contiguous: one pwrite for a long sequential write instead of one per cluster.
+        let mut pend: Option<(usize, usize, u64)> = None;
         while done < buf.len() {
             let gc = off >> self.cluster_bits;
             let co = off & (self.cs - 1);
             let n = ((self.cs - co) as usize).min(buf.len() - done);
-            self.write_cluster(gc, co, &buf[done..done + n])?;
+            if let Some(host) = self.write_cluster(gc, co, &buf[done..done + n])? {
+                match &mut pend {
+                    Some((start, len, h)) if *start + *len == done && *h + *len as u64 == host => {
+                        *len += n
+                    }
+                    _ => {
+                        if let Some((start, len, h)) = pend.take() {
+                            self.write_data(&buf[start..start + len], h)?;
+                        }
+                        pend = Some((done, n, host));
+                    }
+                }
+            }
             done += n;
             off += n as u64;
         }
+        if let Some((start, len, h)) = pend {
+            self.write_data(&buf[start..start + len], h)?;
+        }
         self.data_written.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// `write_cluster`, doing the data write itself.
+    fn write_cluster_now(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<()> {
+        if let Some(host) = self.write_cluster(gc, co, data)? {
+            self.write_data(data, host)?;
+        }
         Ok(())
     }
 
@@ -551,17 +577,21 @@ impl State {
         }
     }
 
-    fn write_cluster(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<()> {
+    /// Write `data` into guest cluster `gc` at `co`. Returns `Some(host)` when the caller is to
+    /// write `data` at `host` itself, which is only done where the data write has no ordering
+    /// constraint (an in-place overwrite, or a never-written cluster of a zero guest cluster).
+    fn write_cluster(&mut self, gc: u64, co: u64, data: &[u8]) -> Result<Option<u64>> {
         let (e, bm) = self.lookup(gc)?;
         if self.extended {
-            return self.write_cluster_ext(gc, co, data, e, bm);
+            self.write_cluster_ext(gc, co, data, e, bm)?;
+            return Ok(None);
         }
         let d = self.decode(e);
         let copied = e & OFLAG_COPIED != 0;
         match d {
             Desc::Normal { host } if copied => {
                 self.check_data_offset(host, gc)?;
-                return self.write_data(data, host + co);
+                return Ok(Some(host + co));
             }
             Desc::ZeroAlloc { host } if copied => {
                 self.check_data_offset(host, gc)?;
@@ -571,7 +601,8 @@ impl State {
                 self.write_data(&full, host)?;
                 // The zeroed cluster must be stable before the entry stops saying "zero".
                 self.caches.set_depends_on_flush(Kind::L2);
-                return self.set_entry(gc, host | OFLAG_COPIED, 0);
+                self.set_entry(gc, host | OFLAG_COPIED, 0)?;
+                return Ok(None);
             }
             _ => {}
         }
@@ -584,10 +615,13 @@ impl State {
         self.prepare_l2(gc)?;
         let new = self.alloc_run_cluster()?;
         let virgin = new >= self.written_end;
+        let mut deferred = None;
         if virgin && old_zero {
             // The cluster reads as zeros already (the file was extended over it and nothing
             // was ever written there): write only the guest's bytes, no zero copy-on-write.
-            self.write_data(data, new + co)?;
+            // The caller may merge the write with its neighbours: if the entry reached the
+            // disk before the data, the guest would read zeros, its old contents.
+            deferred = Some(new + co);
         } else if data.len() as u64 != self.cs {
             let mut full = vec![0u8; self.cs as usize];
             self.read_desc(gc, 0, &mut full, d)?;
@@ -597,7 +631,8 @@ impl State {
             self.write_data(data, new)?;
         }
         self.link(gc, new | OFLAG_COPIED, 0, !(virgin && old_zero))?;
-        self.release(d, false)
+        self.release(d, false)?;
+        Ok(deferred)
     }
 
     /// Point `gc` at newly written data.
@@ -717,7 +752,7 @@ impl State {
                 self.zero_cluster(gc)?;
             } else if !self.known_zero(gc)? {
                 let zeros = vec![0u8; n as usize];
-                self.write_cluster(gc, co, &zeros)?;
+                self.write_cluster_now(gc, co, &zeros)?;
             }
             off += n;
         }
@@ -770,15 +805,15 @@ impl State {
             || first >= last
         {
             let zeros = vec![0u8; n as usize];
-            return self.write_cluster(gc, co, &zeros);
+            return self.write_cluster_now(gc, co, &zeros);
         }
         if co < first * scs {
             let zeros = vec![0u8; (first * scs - co) as usize];
-            self.write_cluster(gc, co, &zeros)?;
+            self.write_cluster_now(gc, co, &zeros)?;
         }
         if co + n > last * scs {
             let zeros = vec![0u8; (co + n - last * scs) as usize];
-            self.write_cluster(gc, last * scs, &zeros)?;
+            self.write_cluster_now(gc, last * scs, &zeros)?;
         }
         let (e, bm2) = self.lookup(gc)?;
         let _ = bm;
@@ -1006,7 +1041,7 @@ impl State {
                 if e != 0 {
                     let n = self.cs - co;
                     let zeros = vec![0u8; n as usize];
-                    self.write_cluster(gc, co, &zeros)?;
+                    self.write_cluster_now(gc, co, &zeros)?;
                 }
             }
         }
@@ -1065,9 +1100,8 @@ impl State {
         if self.read_only {
             return Ok(());
         }
-        self.caches.no_barriers = false;
-        self.flush_inner()?;
-        // Give back the unused run; if it sits at the end of the file, trim the file too.
+        // Give back the unused run first (nothing points into it), so its refcounts go out
+        // with the rest; if it sits at the end of the file, trim the file too.
         if self.run.end * self.cs == self.known_len && !self.run.is_empty() {
             let end = (self.run.start * self.cs).max(self.written_end.div_ceil(self.cs) * self.cs);
             if end < self.known_len {
@@ -1078,11 +1112,18 @@ impl State {
             }
         }
         self.return_run()?;
+        // In unsafe mode nothing was promised before close: write everything, sync once.
+        let unsafe_mode = self.caches.no_barriers;
+        self.flush_inner()?;
         if self.caches.has_dirty(Kind::Refblock) {
             self.caches
-                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+                .write_all(&*self.storage, &self.name, Kind::Refblock)?;
+            if !unsafe_mode {
+                self.barrier()?;
+            }
         }
         if self.lazy && self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            // Refcounts are stable now (in unsafe mode: with the final sync).
             self.h.incompatible_features &= !header::INCOMPAT_DIRTY;
             let b = self.h.field_bytes(header::INCOMPAT_FIELD);
             self.write_meta(
@@ -1090,6 +1131,12 @@ impl State {
                 header::INCOMPAT_FIELD.start as u64,
                 "header (clear dirty bit)",
             )?;
+            if !unsafe_mode {
+                self.barrier()?;
+            }
+        }
+        if unsafe_mode {
+            self.caches.no_barriers = false;
             self.barrier()?;
         }
         Ok(())
@@ -1126,10 +1173,17 @@ impl State {
                     let s = (o / scs) as u32;
                     let m = ((s as u64 + 1) * scs).min(co + n) - o;
                     let g = gc * self.cs + o;
+                    let at = (host != 0).then_some(host + o);
                     if l2::sub::allocated(bm, s) {
-                        push_map(out, entry(g, m, true, false, Some(host + o), 0));
+                        push_map(out, entry(g, m, true, false, at, 0));
                     } else if l2::sub::zero(bm, s) {
-                        push_map(out, entry(g, m, false, true, None, 0));
+                        push_map(out, entry(g, m, false, true, at, 0));
+                    } else if host != 0 && self.backing.is_none() {
+                        // Unallocated subcluster of an allocated cluster: qemu reports it
+                        // as zero with the host offset.
+                        let mut me = entry(g, m, false, true, at, 0);
+                        me.present = false;
+                        push_map(out, me);
                     } else {
                         self.map_unallocated(g, m, out)?;
                     }
@@ -1305,19 +1359,25 @@ impl Image {
             if bf.len() > header::MAX_BACKING_NAME as usize {
                 return Err(Error::invalid("Backing file name too long"));
             }
-            let mut chain = Vec::new();
-            let b = backing::open(name, bf, backing_format.as_deref(), &mut chain)?;
-            if size == 0 {
-                size = b.virtual_size();
-            }
-            if backing_format.is_none() {
-                backing_format = Some(
-                    match b {
-                        Backing::Qcow2(_) => "qcow2",
-                        Backing::Raw { .. } => "raw",
-                    }
-                    .to_string(),
-                );
+            if opts.open_backing {
+                let mut chain = Vec::new();
+                let b = backing::open(name, bf, backing_format.as_deref(), &mut chain)?;
+                if size == 0 {
+                    size = b.virtual_size();
+                }
+                if backing_format.is_none() {
+                    backing_format = Some(
+                        match b {
+                            Backing::Qcow2(_) => "qcow2",
+                            Backing::Raw { .. } => "raw",
+                        }
+                        .to_string(),
+                    );
+                }
+            } else if size == 0 {
+                return Err(Error::invalid(
+                    "Image size must be given when the backing file is not opened",
+                ));
             }
         }
         let size = size.div_ceil(512) * 512;
@@ -1379,14 +1439,16 @@ impl Image {
         storage.write_at(&hdr, 0).map_err(&w)?;
         storage.write_at(&reftable, cs).map_err(&w)?;
         storage.write_at(&block, 2 * cs).map_err(&w)?;
-        storage.flush().map_err(&w)?;
-        // Now grow it with the engine: L1 table, size, preallocation.
+        // Now grow it with the engine: L1 table, size, preallocation. Creation is not atomic
+        // anyway (a crash leaves a half-made file), so it runs without ordering barriers and
+        // syncs once, at close.
         let img = Image::open_storage_chain(
             storage,
             name,
             &OpenOptions {
                 open_backing: false,
                 lazy_refcounts: Some(false),
+                cache: CacheMode::Unsafe,
                 ..OpenOptions::default()
             },
             &mut Vec::new(),

@@ -108,6 +108,9 @@ pub struct CreateOptions {
     pub extended_l2: bool,
     /// Compression type for compressed clusters (zstd needs v3).
     pub compression_type: CompressionType,
+    /// Open the backing file to check it and take its size and format (default true, like
+    /// qemu-img without `-u`). When false, `size` and `backing_format` must be given.
+    pub open_backing: bool,
 }
 
 impl CreateOptions {
@@ -124,6 +127,7 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             extended_l2: false,
             compression_type: CompressionType::Zlib,
+            open_backing: true,
         }
     }
 }

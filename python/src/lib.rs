@@ -93,6 +93,7 @@ fn create(
                 preallocation: Preallocation::parse(preallocation)?,
                 extended_l2,
                 compression_type: CompressionType::parse(compression_type)?,
+                open_backing: true,
             })
         })(),
     )?;
