@@ -115,6 +115,7 @@ pub fn run(a: &CreateArgs) -> CliResult {
     match create {
         Some(mut c) => {
             c.size = size;
+            c.open_backing = !a.unsafe_backing;
             Image::create(file, &c).map_err(|e| create_error(file, &e))?;
         }
         None => create_raw(file, size, opts.get("preallocation"))?,
