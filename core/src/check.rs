@@ -368,7 +368,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         .len()
         .map_err(|e| Error::io(&s.name, "stat", e))?
         .max(s.known_len);
-    let nb_clusters = file_len.div_ceil(s.cs);
+    let mut nb_clusters = file_len.div_ceil(s.cs);
     if nb_clusters > MAX_CHECK_CLUSTERS {
         return Err(Error::unsupported(
             &s.name,
@@ -434,6 +434,8 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     // Clusters past the end of the file must not be counted as in use either.
     if all && w.need_rebuild {
         rebuild(s, nb_clusters)?;
+        // The new structures lie past the old end of the file.
+        nb_clusters = s.known_len.div_ceil(s.cs);
         w.report
             .messages
             .push("Rebuilding refcount structure".into());

@@ -254,3 +254,100 @@ fn concurrent_threads() {
         assert!(&back == m, "thread {t} region differs after reopen");
     }
 }
+
+fn poke_u64(path: &Path, off: usize, v: u64) {
+    let mut f = std::fs::read(path).unwrap();
+    f[off..off + 8].copy_from_slice(&v.to_be_bytes());
+    std::fs::write(path, &f).unwrap();
+}
+
+#[test]
+fn repair_all_rebuilds_missing_refcount_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rb.qcow2");
+    Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
+    {
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        img.write_at(&vec![9u8; 3 << 20], 1 << 20).unwrap();
+        img.close().unwrap();
+    }
+    // Drop the only refcount block from the refcount table (at cluster 1).
+    poke_u64(&path, 65536, 0);
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    let rep = img.check(None).unwrap();
+    assert!(rep.corruptions > 0, "{rep:?}");
+    let rep = img.check(Some(RepairMode::All)).unwrap();
+    assert!(rep.is_clean() && rep.rebuilt, "{rep:?}");
+    img.write_at(&[1u8; 100_000], 8 << 20).unwrap();
+    img.close().unwrap();
+    qemu_check(&path);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    let mut b = vec![0u8; 3 << 20];
+    img.read_at(&mut b, 1 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 9));
+}
+
+#[test]
+fn corrupt_bit_forces_read_only_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cb.qcow2");
+    Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
+    poke_u64(&path, 72, 2); // incompatible feature bit 1: corrupt
+    let img = Image::open(&path, &OpenOptions::new()).unwrap();
+    assert!(img.is_read_only());
+    let err = img.write_at(&[1], 0).unwrap_err();
+    assert!(matches!(err, qcow2rs::Error::ReadOnly { .. }), "{err}");
+    assert!(err.to_string().contains("cb.qcow2"), "{err}");
+    let rep = img.check(Some(RepairMode::All)).unwrap();
+    assert!(rep.is_clean());
+    assert!(!img.is_read_only());
+    img.write_at(&[1], 0).unwrap();
+    img.close().unwrap();
+    assert!(
+        !Image::open(&path, &OpenOptions::read_only())
+            .unwrap()
+            .info()
+            .unwrap()
+            .corrupt
+    );
+    qemu_check(&path);
+}
+
+#[test]
+fn unknown_incompatible_feature_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("uf.qcow2");
+    Image::create(&path, &CreateOptions::new(16 << 20)).unwrap();
+    poke_u64(&path, 72, 1 << 20);
+    let err = Image::open(&path, &OpenOptions::read_only()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("bit 20") && msg.contains("uf.qcow2"), "{msg}");
+}
+
+#[test]
+fn lazy_refcounts_crash_then_repair_on_open() {
+    use qcow2rs::{MemStorage, Storage};
+    use std::sync::Arc;
+    let st = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(16 << 20);
+    o.lazy_refcounts = true;
+    Image::create_on(st.clone(), "lazy.qcow2", &o).unwrap();
+    let img = Image::open_storage(st.clone(), "lazy.qcow2", &OpenOptions::new()).unwrap();
+    img.write_at(&[3u8; 300_000], 12345).unwrap();
+    img.flush().unwrap();
+    // "Crash": copy the bytes as they are now, without closing.
+    let crashed = Arc::new(MemStorage::from_vec(st.to_vec()));
+    std::mem::forget(img);
+    let ro = Image::open_storage(crashed.clone(), "lazy.qcow2", &OpenOptions::read_only()).unwrap();
+    assert!(ro.info().unwrap().dirty);
+    let rep = ro.check(None).unwrap();
+    assert!(!rep.is_clean(), "stale refcounts should show: {rep:?}");
+    drop(ro);
+    let rw = Image::open_storage(crashed.clone(), "lazy.qcow2", &OpenOptions::new()).unwrap();
+    assert!(!rw.info().unwrap().dirty);
+    assert!(rw.check(None).unwrap().is_clean());
+    let mut b = vec![0u8; 300_000];
+    rw.read_at(&mut b, 12345).unwrap();
+    assert!(b.iter().all(|&x| x == 3));
+    assert!(crashed.len().unwrap() > 0);
+}
