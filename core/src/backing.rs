@@ -101,7 +101,30 @@ pub(crate) fn open(
     format: Option<&str>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
+    let top = chain.len() <= 1;
+    open_inner(overlay, backing, format, chain).map_err(|e| {
+        // Errors deep in a chain are reported once, against the image the user opened.
+        if top {
+            e.in_backing_of(overlay, backing)
+        } else {
+            e
+        }
+    })
+}
+
+fn open_inner(
+    overlay: &str,
+    backing: &str,
+    format: Option<&str>,
+    chain: &mut Vec<PathBuf>,
+) -> Result<Backing> {
     let path = resolve(overlay, backing);
+    if path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{overlay}: backing file '{}' is a directory",
+            path.display()
+        )));
+    }
     let shown = path.display().to_string();
     if chain.len() >= MAX_CHAIN_DEPTH {
         return Err(Error::corrupt(

@@ -127,6 +127,11 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
         // Contiguity is tracked per L2 table, as qemu-img does.
         let mut prev_host = 0u64;
         let off = e & L1E_OFFSET_MASK;
+        if e & l2::L1E_RESERVED_MASK != 0 {
+            w.error(format!(
+                "ERROR found L1 entry with reserved bits set: {e:x}"
+            ));
+        }
         if off == 0 {
             continue;
         }
@@ -157,6 +162,16 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             };
             if e2 == 0 && bm == 0 {
                 continue;
+            }
+            let reserved = if s.extended {
+                l2::L2E_RESERVED_MASK | l2::OFLAG_ZERO
+            } else {
+                l2::L2E_RESERVED_MASK
+            };
+            if e2 & l2::OFLAG_COMPRESSED == 0 && e2 & reserved != 0 {
+                w.error(format!(
+                    "ERROR found l2 entry with reserved bits set: {e2:x}"
+                ));
             }
             let d = l2::decode(e2, s.cluster_bits, s.extended);
             match d {

@@ -99,6 +99,43 @@ impl Error {
         Error::InvalidArgument(msg.into())
     }
 
+    /// The same error, reported against the overlay whose backing file failed to open: the
+    /// message names the image the user opened, then the backing file and what is wrong.
+    pub(crate) fn in_backing_of(self, overlay: &str, backing: &str) -> Error {
+        let prefix = format!("Could not open backing file '{backing}'");
+        match self {
+            Error::Io {
+                file,
+                context,
+                source,
+            } => Error::Io {
+                file: overlay.to_string(),
+                context: format!("{prefix}: {file}: {context}"),
+                source,
+            },
+            Error::NoSpace { file, context } => Error::NoSpace {
+                file: overlay.to_string(),
+                context: format!("{prefix}: {file}: {context}"),
+            },
+            e @ Error::Corrupt { .. } => {
+                let offset = match &e {
+                    Error::Corrupt { offset, .. } => *offset,
+                    _ => 0,
+                };
+                Error::Corrupt {
+                    file: overlay.to_string(),
+                    what: format!("{prefix}: {e}"),
+                    offset,
+                }
+            }
+            e @ Error::Unsupported { .. } => Error::Unsupported {
+                file: overlay.to_string(),
+                feature: format!("{prefix}: {e}"),
+            },
+            other => other,
+        }
+    }
+
     /// The OS errno that best describes this error (EIO, EINVAL, ENOSPC, ...).
     pub fn errno(&self) -> i32 {
         match self {

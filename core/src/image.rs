@@ -256,6 +256,13 @@ impl State {
             return Ok(0);
         };
         let off = e & L1E_OFFSET_MASK;
+        if e & l2::L1E_RESERVED_MASK != 0 {
+            return Err(Error::corrupt(
+                &self.name,
+                format!("L1 entry {l1i} ({e:#x}) has reserved bits set"),
+                self.h.l1_table_offset + l1i * 8,
+            ));
+        }
         if off != 0 {
             self.check_meta_offset(off, "L2 table", self.h.l1_table_offset + l1i * 8)?;
         }
@@ -273,11 +280,27 @@ impl State {
             .get(&*self.storage, &self.name, Kind::L2, l2off, false)?;
         let idx = (gc % self.l2_entries) as usize;
         let d = self.caches.data(Kind::L2, i);
-        if self.extended {
-            Ok((fmt::table_get(d, idx * 2), fmt::table_get(d, idx * 2 + 1)))
+        let (e, bm) = if self.extended {
+            (fmt::table_get(d, idx * 2), fmt::table_get(d, idx * 2 + 1))
         } else {
-            Ok((fmt::table_get(d, idx), 0))
+            (fmt::table_get(d, idx), 0)
+        };
+        let reserved = if self.extended {
+            l2::L2E_RESERVED_MASK | OFLAG_ZERO
+        } else {
+            l2::L2E_RESERVED_MASK
+        };
+        if e & l2::OFLAG_COMPRESSED == 0 && e & reserved != 0 {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "L2 entry {e:#x} for guest offset {:#x} has reserved bits set",
+                    gc * self.cs
+                ),
+                l2off + idx as u64 * if self.extended { 16 } else { 8 },
+            ));
         }
+        Ok((e, bm))
     }
 
     fn decode(&self, e: u64) -> Desc {
@@ -1073,7 +1096,9 @@ impl State {
             for i in 0..n {
                 let h = host + i * self.cs;
                 if self.extended {
-                    self.set_entry(gc + i, h | OFLAG_COPIED, 0xffff_ffffu64 << 32)?;
+                    // Allocated host cluster, no subcluster allocated: reads as zeros, or
+                    // from the backing file.
+                    self.set_entry(gc + i, h | OFLAG_COPIED, 0)?;
                 } else if self.h.version >= 3 {
                     self.set_entry(gc + i, h | OFLAG_COPIED | OFLAG_ZERO, 0)?;
                 } else {
@@ -1325,6 +1350,12 @@ fn validate_create(opts: &CreateOptions) -> Result<()> {
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
         ));
     }
+    if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off && !opts.extended_l2
+    {
+        return Err(Error::invalid(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+        ));
+    }
     if opts.backing_file.is_none() && opts.backing_format.is_some() {
         return Err(Error::invalid(
             "Backing format cannot be used without backing file",
@@ -1424,7 +1455,14 @@ impl Image {
             h.set_extension(header::EXT_BACKING_FORMAT, Some(f.as_bytes().to_vec()));
         }
         h.set_extension(header::EXT_FEATURE_TABLE, Some(Header::feature_table()));
-        let mut hdr = h.serialize().map_err(|e| map_header_err(name, e))?;
+        let mut hdr = match h.serialize() {
+            Ok(b) => b,
+            Err(_) => {
+                // Small clusters: like QEMU, leave out the (optional) feature name table.
+                h.set_extension(header::EXT_FEATURE_TABLE, None);
+                h.serialize().map_err(|e| map_header_err(name, e))?
+            }
+        };
         hdr.resize(cs as usize, 0);
         // Refcount table (cluster 1) naming one refcount block (cluster 2) that counts
         // clusters 0..=2.

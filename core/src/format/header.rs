@@ -306,6 +306,10 @@ impl Header {
             pos = pos + 8 + len.div_ceil(8) * 8;
         }
         // Backing file name.
+        if h.backing_file_offset != 0 && h.backing_file_size == 0 {
+            // QEMU: an empty name means no backing file.
+            h.backing_file_offset = 0;
+        }
         if h.backing_file_offset != 0 {
             let off = h.backing_file_offset;
             let len = h.backing_file_size as u64;

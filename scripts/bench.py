@@ -1,0 +1,457 @@
+#!/usr/bin/env python3
+"""qcow2rs against qemu-img, side by side, on the same workloads in the same run.
+
+Builds the release `qcow2rs`, then for each workload and cache mode runs `qemu-img bench` and
+`qcow2rs bench` with the same flags on freshly created identical images (both made by
+`qemu-img create -f qcow2`) in one temporary directory, R times each with the order alternating,
+and prints medians: throughput, the ratio ours/QEMU, our unsafe-mode throughput and the
+writeback/unsafe ratio for allocating writes, and fdatasyncs per flush (ours from its own
+count; QEMU's from `strace -c` in one extra untimed run, which counts the syncs at close too).
+
+Workloads (full size; QCOW2RS_BENCH_SCALE or --scale or --quick shrinks sizes and counts):
+  seq64k    sequential 64 KiB allocating writes filling a 1 GiB image (-s 64k -c 16384)
+  rand4k    20,000 "random" 4 KiB allocating writes, flush every 64 (-d 64 --flush-interval 64)
+  rand4k-f1 the same with a flush after every write (-d 1 --flush-interval 1)
+  read4k    "random" 4 KiB reads of a fully allocated 1 GiB image (-c 262144 -d 64)
+  convert   convert -O qcow2 of a 1 GiB raw file with mixed data, zeros and holes
+qemu-img bench has no random mode: the random workloads use a large step (an odd multiple of
+4 KiB near 0.38 of the image) so that offsets wrap around the image and scatter; for writes the
+step is chosen so that every request lands in a distinct, unallocated 64 KiB cluster.
+
+Only the Python standard library is used. Run from anywhere:
+  python3 scripts/bench.py            # full size, R=3 (about half an hour on a 2-core machine)
+  python3 scripts/bench.py --quick    # 1/32 scale, R=1: a smoke run
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = os.path.join(ROOT, "target", "release", "qcow2rs")
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Workloads that allocate clusters: the writeback/unsafe target applies to them.
+ALLOCATING = ("seq64k", "rand4k", "rand4k-f1")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(
+            f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}"
+        )
+    return r
+
+
+def scatter_step(image_size, count, block=4 * KiB, cluster=64 * KiB):
+    """An odd multiple of `block` near 0.382 of the image (at most qemu's INT_MAX step) such
+    that the first `count` requests land in distinct clusters."""
+    blocks = image_size // block
+    per = cluster // block
+    limit = min(blocks, (2**31 - 1) // block)
+    base = int(blocks * (3 - math.sqrt(5)) / 2) % limit
+    distinct_possible = count <= blocks // per
+    for d in range(0, limit):
+        for k in (base + d, base - d):
+            if k <= 0 or k >= limit or k % 2 == 0:
+                continue
+            if not distinct_possible:
+                return k * block
+            seen = set()
+            for i in range(count):
+                c = (i * k % blocks) // per
+                if c in seen:
+                    break
+                seen.add(c)
+            else:
+                return k * block
+    raise SystemExit(f"no scattering step for {count} requests on {image_size} bytes")
+
+
+def flush_count(count, depth, interval):
+    """Flushes qemu-img bench issues (its schedule; the last one at the end)."""
+    if not interval:
+        return 0
+    burst = min(depth, count)
+    first = burst + (count - burst) % interval
+    return (count - first) // interval + 1
+
+
+def qemu_time(out):
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if not m:
+        raise SystemExit(f"unexpected qemu-img bench output:\n{out}")
+    return float(m.group(1))
+
+
+def strace_syncs(path):
+    n = 0
+    with open(path) as f:
+        for line in f:
+            t = line.split()
+            if t and t[-1] in ("fdatasync", "fsync") and len(t) >= 5:
+                n += int(t[3])
+    return n
+
+
+class Bench:
+    def __init__(self, args):
+        self.a = args
+        self.dir = tempfile.mkdtemp(prefix="qcow2rs-bench-", dir=args.dir)
+        self.strace = shutil.which("strace") if not args.no_strace else None
+        self.results = []
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def create(self, name, size):
+        p = self.path(name)
+        if os.path.exists(p):
+            os.unlink(p)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", p, str(size)])
+        return p
+
+    # ------------------------------------------------------------------ one run of a tool
+
+    def bench_qemu(self, img, flags, cache, strace=False):
+        cmd = ["qemu-img", "bench", "-f", "qcow2", "-t", cache] + flags + [img]
+        if strace:
+            so = self.path("strace.txt")
+            cmd = [self.strace, "-f", "-c", "-e", "trace=fdatasync,fsync", "-o", so] + cmd
+            r = run(cmd)
+            return qemu_time(r.stdout), strace_syncs(so)
+        return qemu_time(run(cmd).stdout), None
+
+    def bench_ours(self, img, flags, cache):
+        cmd = [OURS, "bench", "-f", "qcow2", "-t", cache, "--output=json"] + flags + [img]
+        j = json.loads(run(cmd).stdout)
+        return j["seconds"], j
+
+    def convert(self, tool, src, cache, strace=False):
+        dst = self.path("conv.qcow2")
+        if os.path.exists(dst):
+            os.unlink(dst)
+        prog = "qemu-img" if tool == "qemu" else OURS
+        cmd = [prog, "convert", "-f", "raw", "-O", "qcow2"]
+        if cache != "default":
+            cmd += ["-t", cache]
+        cmd += [src, dst]
+        so = None
+        if strace:
+            so = self.path("strace.txt")
+            cmd = [self.strace, "-f", "-c", "-e", "trace=fdatasync,fsync", "-o", so] + cmd
+        t0 = time.perf_counter()
+        run(cmd)
+        dt = time.perf_counter() - t0
+        os.unlink(dst)
+        return dt, (strace_syncs(so) if so else None)
+
+    # ------------------------------------------------------------------ workloads
+
+    def workloads(self):
+        s = self.a.scale
+        seq_size = max(64 * MiB, int(GiB * s) // MiB * MiB)
+        rand_size = max(64 * MiB, int(4 * GiB * s) // MiB * MiB)
+        rand_count = max(64, int(20000 * s))
+        read_size = seq_size
+        read_count = max(1024, int(262144 * s))
+        w = {
+            "seq64k": dict(
+                size=seq_size,
+                flags=["-w", "-s", "64k", "-c", str(seq_size // (64 * KiB))],
+                count=seq_size // (64 * KiB), bufsize=64 * KiB, depth=64, interval=0,
+                what=f"sequential 64 KiB allocating writes, {seq_size // MiB} MiB",
+            ),
+            "rand4k": dict(
+                size=rand_size,
+                flags=["-w", "-c", str(rand_count), "-d", "64", "--flush-interval", "64",
+                       "-S", str(scatter_step(rand_size, rand_count))],
+                count=rand_count, bufsize=4 * KiB, depth=64, interval=64,
+                what=f"{rand_count} scattered 4 KiB allocating writes on {rand_size // MiB} MiB, "
+                     "flush every 64",
+            ),
+            "rand4k-f1": dict(
+                size=rand_size,
+                flags=["-w", "-c", str(rand_count), "-d", "1", "--flush-interval", "1",
+                       "-S", str(scatter_step(rand_size, rand_count))],
+                count=rand_count, bufsize=4 * KiB, depth=1, interval=1,
+                what=f"{rand_count} scattered 4 KiB allocating writes, flush after each",
+            ),
+            "read4k": dict(
+                size=read_size,
+                flags=["-c", str(read_count), "-d", "64",
+                       "-S", str(scatter_step(read_size, read_count, cluster=4 * KiB))],
+                count=read_count, bufsize=4 * KiB, depth=64, interval=0,
+                what=f"{read_count} scattered 4 KiB reads of an allocated {read_size // MiB} MiB image",
+            ),
+            "convert": dict(
+                size=seq_size, what=f"convert -O qcow2 of a {seq_size // MiB} MiB raw file "
+                                    "(1/2 random data, 1/8 text, 1/8 zeros, 1/4 holes)",
+            ),
+        }
+        return {k: v for k, v in w.items() if k in self.a.workloads}
+
+    def make_read_image(self, size):
+        p = self.create("read.qcow2", size)
+        run(["qemu-img", "bench", "-q", "-w", "-f", "qcow2", "-s", "64k", "-c",
+             str(size // (64 * KiB)), "--pattern", "0x5a", p])
+        return p
+
+    def make_raw(self, size):
+        p = self.path("src.raw")
+        chunk = MiB
+        text = (b"qcow2rs convert benchmark: compressible text block. " * 20000)[:chunk]
+        with open(p, "wb") as f:
+            f.truncate(size)
+            for i in range(size // chunk):
+                kind = i % 8
+                if kind < 4:
+                    f.seek(i * chunk)
+                    f.write(os.urandom(chunk))
+                elif kind == 4:
+                    f.seek(i * chunk)
+                    f.write(text)
+                elif kind == 5:
+                    f.seek(i * chunk)
+                    f.write(bytes(chunk))
+                # 6, 7: holes
+            f.flush()
+            os.fsync(f.fileno())
+        return p
+
+    # ------------------------------------------------------------------ the runs
+
+    def run_bench(self, name, w, caches):
+        R = self.a.repeat
+        img_name = "img.qcow2"
+        read_img = self.make_read_image(w["size"]) if name == "read4k" else None
+        mib = w["count"] * w["bufsize"] / MiB
+
+        def fresh():
+            return read_img if read_img else self.create(img_name, w["size"])
+
+        unsafe = []
+        if name in ALLOCATING and "unsafe" in self.a.ours_extra:
+            for r in range(R):
+                t, _ = self.bench_ours(fresh(), w["flags"], "unsafe")
+                unsafe.append(mib / t)
+        for cache in caches:
+            q, o, osync = [], [], []
+            for r in range(R):
+                order = ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")
+                for tool in order:
+                    img = fresh()
+                    if tool == "qemu":
+                        t, _ = self.bench_qemu(img, w["flags"], cache)
+                        q.append(mib / t)
+                    else:
+                        t, j = self.bench_ours(img, w["flags"], cache)
+                        o.append(mib / t)
+                        osync.append(j)
+            qsync = None
+            if self.strace:
+                _, qsync = self.bench_qemu(fresh(), w["flags"], cache, strace=True)
+            j = osync[0]
+            flushes = flush_count(w["count"], w["depth"], w["interval"])
+            row = dict(
+                workload=name, cache=cache, qemu=statistics.median(q), ours=statistics.median(o),
+                qemu_all=q, ours_all=o,
+                unsafe=statistics.median(unsafe) if unsafe else None, unsafe_all=unsafe,
+                flushes=flushes, requests=w["count"],
+                ours_syncs=statistics.median([x["fdatasyncs"] for x in osync]),
+                qemu_syncs=qsync,
+            )
+            self.results.append(row)
+            self.report_row(row)
+        if read_img:
+            os.unlink(read_img)
+        p = self.path(img_name)
+        if os.path.exists(p):
+            os.unlink(p)
+
+    def run_convert(self, w):
+        R = self.a.repeat
+        src = self.make_raw(w["size"])
+        mib = w["size"] / MiB
+        for cache in ("default", "writeback"):
+            q, o = [], []
+            for r in range(R):
+                order = ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")
+                for tool in order:
+                    dt, _ = self.convert(tool, src, cache)
+                    (q if tool == "qemu" else o).append(mib / dt)
+            qs = os_ = None
+            if self.strace:
+                _, qs = self.convert("qemu", src, cache, strace=True)
+                _, os_ = self.convert("ours", src, cache, strace=True)
+            row = dict(workload="convert", cache="-t " + cache if cache != "default" else "default (unsafe)",
+                       qemu=statistics.median(q), ours=statistics.median(o), qemu_all=q,
+                       ours_all=o, unsafe=None, unsafe_all=[], flushes=0, requests=0,
+                       ours_syncs=os_, qemu_syncs=qs)
+            self.results.append(row)
+            self.report_row(row)
+        os.unlink(src)
+
+    def report_row(self, r):
+        log(f"  {r['workload']:<10} {r['cache']:<18} qemu {fmt_list(r['qemu_all'])}  "
+            f"ours {fmt_list(r['ours_all'])}"
+            + (f"  unsafe {fmt_list(r['unsafe_all'])}" if r["unsafe_all"] else "")
+            + f"  syncs ours {r['ours_syncs']} qemu {r['qemu_syncs']}")
+
+
+def fmt_list(xs):
+    return "[" + ", ".join(f"{x:.0f}" for x in xs) + "]"
+
+
+def per(n, d):
+    if n is None or not d:
+        return "n/a"
+    return f"{n / d:.2f}"
+
+
+def table(results, strace):
+    hdr = ["workload", "cache", "qemu MiB/s", "ours MiB/s", "ours/qemu", "unsafe MiB/s",
+           "ours/unsafe", "syncs/flush ours", "syncs/flush qemu*", "syncs/req ours",
+           "syncs/req qemu*"]
+    rows = []
+    for r in results:
+        conv = r["workload"] == "convert"
+        rows.append([
+            r["workload"], r["cache"], f"{r['qemu']:.1f}", f"{r['ours']:.1f}",
+            f"{r['ours'] / r['qemu']:.2f}x",
+            f"{r['unsafe']:.1f}" if r["unsafe"] else "-",
+            f"{r['ours'] / r['unsafe']:.2f}x" if r["unsafe"] else "-",
+            per(r["ours_syncs"], r["flushes"]) if r["flushes"] else "-",
+            (per(r["qemu_syncs"], r["flushes"]) if strace else "n/a") if r["flushes"] else "-",
+            (str(r["ours_syncs"]) + " total" if conv and r["ours_syncs"] is not None
+             else ("n/a" if conv else per(r["ours_syncs"], r["requests"]))),
+            ((str(r["qemu_syncs"]) + " total" if conv else per(r["qemu_syncs"], r["requests"]))
+             if strace else "n/a"),
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
+    out = [line(hdr), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def targets(results):
+    """The issue's targets, checked on this run's medians."""
+    out = []
+    by = {(r["workload"], r["cache"]): r for r in results}
+    for r in results:
+        ok = r["ours"] >= r["qemu"]
+        out.append((ok, f"{r['workload']} {r['cache']}: ours/qemu {r['ours'] / r['qemu']:.2f}x >= 1.0"))
+    for w in ALLOCATING:
+        r = by.get((w, "writeback"))
+        if r and r["unsafe"]:
+            q = r["ours"] / r["unsafe"]
+            out.append((q >= 0.9, f"{w} writeback/unsafe {q:.2f}x >= 0.9"))
+    for w in ("rand4k", "rand4k-f1"):
+        r = by.get((w, "writeback"))
+        if r:
+            p = r["ours_syncs"] / r["flushes"]
+            out.append((p <= 2.0, f"{w} writeback: {p:.2f} fdatasyncs per flush <= 2"))
+        r = by.get((w, "writethrough"))
+        if r:
+            p = r["ours_syncs"] / r["requests"]
+            out.append((p <= 2.0, f"{w} writethrough: {p:.2f} fdatasyncs per allocating write <= 2"))
+    r = by.get(("seq64k", "writethrough"))
+    if r:
+        p = r["ours_syncs"] / r["requests"]
+        out.append((p <= 2.0, f"seq64k writethrough: {p:.2f} fdatasyncs per allocating write <= 2"))
+    for c in ("writeback", "writethrough"):
+        r = by.get(("read4k", c))
+        if r:
+            out.append((r["ours_syncs"] == 0, f"read4k {c}: {r['ours_syncs']} fdatasyncs == 0"))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1/32 scale, one repetition (smoke run)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="size/count factor (default $QCOW2RS_BENCH_SCALE or 1)")
+    p.add_argument("--repeat", "-r", type=int, default=None, help="pairs per cell (default 3)")
+    p.add_argument("--workloads", default="seq64k,rand4k,rand4k-f1,read4k,convert")
+    p.add_argument("--caches", default="writeback,writethrough")
+    p.add_argument("--no-unsafe", dest="ours_extra", action="store_const", const=(),
+                   default=("unsafe",), help="skip our unsafe-mode runs")
+    p.add_argument("--no-strace", action="store_true", help="do not count QEMU's fdatasyncs")
+    p.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    p.add_argument("--dir", default=None, help="where the images go (default $TMPDIR)")
+    p.add_argument("--json", default=None, help="also write all measurements to this file")
+    a = p.parse_args()
+    if a.scale is None:
+        a.scale = float(os.environ.get("QCOW2RS_BENCH_SCALE", 1.0 / 32 if a.quick else 1.0))
+    if a.repeat is None:
+        a.repeat = 1 if a.quick else 3
+    a.workloads = a.workloads.split(",")
+    caches = a.caches.split(",")
+
+    if not shutil.which("qemu-img"):
+        raise SystemExit("qemu-img is needed (apt-get install qemu-utils)")
+    if not a.no_build:
+        log("building: cargo build --release -p qcow2rs-cli")
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "qcow2rs-cli"], cwd=ROOT, check=True)
+    b = Bench(a)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", b.dir], stdout=subprocess.PIPE, text=True).stdout.strip()
+    if fs == "tmpfs":
+        log(f"warning: {b.dir} is on tmpfs: fdatasync costs nothing there; use --dir on a disk")
+    if not b.strace and not a.no_strace:
+        log("strace not found: QEMU's fdatasync counts are reported as n/a")
+    qv = run(["qemu-img", "--version"]).stdout.splitlines()[0]
+    log(f"images in {b.dir} ({fs}); scale {a.scale:g}; {a.repeat} pair(s) per cell, order "
+        f"alternating; {qv}; {os.cpu_count()} CPUs")
+    wl = b.workloads()
+    try:
+        for name, w in wl.items():
+            log(f"{name}: {w['what']}" + (f"\n    flags: {' '.join(w['flags'])}" if "flags" in w else ""))
+            if name == "convert":
+                b.run_convert(w)
+            else:
+                b.run_bench(name, w, caches)
+    finally:
+        shutil.rmtree(b.dir, ignore_errors=True)
+
+    print(f"qcow2rs vs {qv}, same machine, same run; medians of {a.repeat} alternating pair(s); "
+          f"scale {a.scale:g}")
+    for name, w in wl.items():
+        print(f"  {name}: {w['what']}" + (f"  [{' '.join(w['flags'])}]" if "flags" in w else ""))
+    print("  (qemu-img bench has no random mode: 'scattered' = a large odd step that wraps around "
+          "the image, the same flags for both tools)")
+    print()
+    print(table(b.results, b.strace is not None))
+    print()
+    print("* QEMU's fdatasyncs: strace -f -c over one extra untimed run, including those at open "
+          "and close; ours: counted by the engine during the run (the flush due at the end "
+          "included, close excluded). Convert: strace for both, whole process.")
+    print("  Throughput: requests x buffer size / qemu-img bench's timed interval (which ends "
+          "when the last request completes); convert: image size / wall time of the process.")
+    print()
+    print("Targets:")
+    fails = 0
+    for ok, what in targets(b.results):
+        fails += not ok
+        print(f"  [{'PASS' if ok else 'MISS'}] {what}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(b.results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run the whole qcow2rs test suite:
+#   cargo fmt --check, cargo clippy (warnings are errors), cargo test --workspace (unit tests, the
+#   qemu-img interop suite, the C API tests), then pip install ./python and pytest python/tests.
+# Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
+# Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
+# installs with apt-get when they are missing.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+ensure_system_tools
+
+FAILED=()
+step() { # NAME COMMAND...
+    local name="$1"
+    shift
+    say "$name: $*"
+    local start=$SECONDS
+    if "$@"; then
+        echo "--- $name: ok ($((SECONDS - start)) s)"
+    else
+        echo "--- $name: FAILED ($((SECONDS - start)) s)"
+        FAILED+=("$name")
+    fi
+}
+
+pytest_step() {
+    install_python_module || return 1
+    "$PY" -c 'import pytest' 2>/dev/null || pip_install 'pytest>=8' || return 1
+    "$PY" -m pytest python/tests
+}
+
+step "rustfmt" cargo fmt --all -- --check
+step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo test" cargo test --workspace --locked --no-fail-fast
+step "pytest" pytest_step
+
+echo
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "test.sh: FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "test.sh: all steps passed (rustfmt, clippy, cargo test, pytest)"
