@@ -1915,18 +1915,9 @@ impl Image {
     }
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
-        let mut guard = self.lock();
-        let s = &mut *guard;
-        if s.cache_mode == CacheMode::Unsafe {
-            // Flushes are ignored in unsafe mode, but metadata is written back so that other
-            // readers of the file see it.
-            if s.read_only {
-                return Ok(());
-            }
-            s.caches.write_all(&*s.storage, &s.name, Kind::L2)?;
-            return s.caches.write_all(&*s.storage, &s.name, Kind::Refblock);
-        }
-        s.flush_inner()
+        // In unsafe mode the barriers are skipped (flushes are ignored), but metadata is still
+        // written back, in order, so that other readers of the file see it.
+        self.lock().flush_inner()
     }
     /// Change the virtual size. Shrinking frees the cut-off tail.
     pub fn resize(&self, new_size: u64) -> Result<()> {
