@@ -162,8 +162,9 @@ impl State {
     /// and one barrier cover many allocations. A crash leaks at most the unused rest of the run.
     pub(crate) fn alloc_run_cluster(&mut self) -> Result<u64> {
         if self.run.is_empty() {
-            let n = ((16u64 << 20) / self.cs).clamp(8, 1024);
-            let start = self.alloc_clusters(n)?;
+            // Reuse free gaps of any size: the run is the first free extent, up to its length.
+            let max = ((16u64 << 20) / self.cs).clamp(8, 1024);
+            let (start, n) = self.alloc_extent(1, max)?;
             self.run = start / self.cs..start / self.cs + n;
             // Extend the file over the run now: its clusters then read as zeros, and the new
             // length is stable by the time any pointer to them is (the raised refcounts make
@@ -193,22 +194,30 @@ impl State {
 
     /// Allocate `n` contiguous clusters, each with refcount 1. Returns the host offset.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        Ok(self.alloc_extent(n, n)?.0)
+    }
+
+    /// First fit: the first run of at least `min` free clusters, taking up to `max` of them,
+    /// each with refcount 1. Returns the host offset and the number of clusters.
+    pub(crate) fn alloc_extent(&mut self, min: u64, max: u64) -> Result<(u64, u64)> {
         'restart: loop {
-            // First fit from free_cluster_index.
             let mut start = self.free_cluster_index.max(1);
             let mut run = 0;
             let mut c = start;
-            while run < n {
+            while run < max {
                 if self.refcount(c)? == 0 {
                     if run == 0 {
                         start = c;
                     }
                     run += 1;
+                } else if run >= min {
+                    break;
                 } else {
                     run = 0;
                 }
                 c += 1;
             }
+            let n = run;
             if (start + n) * self.cs > MAX_HOST_OFFSET {
                 return Err(Error::NoSpace {
                     file: self.name.clone(),
@@ -229,7 +238,7 @@ impl State {
                 self.free_cluster_index = start + n;
             }
             self.alloc_end = self.alloc_end.max(start + n);
-            return Ok(start * self.cs);
+            return Ok((start * self.cs, n));
         }
     }
 

@@ -351,3 +351,39 @@ fn lazy_refcounts_crash_then_repair_on_open() {
     assert!(b.iter().all(|&x| x == 3));
     assert!(crashed.len().unwrap() > 0);
 }
+
+#[test]
+fn freed_clusters_are_reused() {
+    // Discard-and-rewrite must not grow the file without bound: freed gaps of any size are
+    // reused once the discard is stable.
+    for cluster_size in [512u32, 65536] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reuse.qcow2");
+        let mut o = CreateOptions::new(64 << 20);
+        o.cluster_size = cluster_size;
+        Image::create(&path, &o).unwrap();
+        let img = Image::open(&path, &OpenOptions::new()).unwrap();
+        let data = vec![0x3cu8; 4 << 20];
+        let mut first = 0;
+        for round in 0..6u64 {
+            let off = (round % 3) * (8 << 20);
+            img.write_at(&data, off).unwrap();
+            img.flush().unwrap();
+            if round == 0 {
+                first = std::fs::metadata(&path).unwrap().len();
+            }
+            img.discard(off, data.len() as u64).unwrap();
+            img.flush().unwrap();
+        }
+        img.write_at(&data, 0).unwrap();
+        let rep = img.check(None).unwrap();
+        assert!(rep.is_clean(), "{rep:?}");
+        img.close().unwrap();
+        let last = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            last < first * 3 / 2,
+            "{cluster_size}: file grew from {first} to {last} bytes while rewriting discarded space"
+        );
+        qemu_check(&path);
+    }
+}
