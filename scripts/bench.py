@@ -135,8 +135,8 @@ class Bench:
             return qemu_time(r.stdout), strace_syncs(so)
         return qemu_time(run(cmd).stdout), None
 
-    def bench_ours(self, img, flags, cache):
-        cmd = [OURS, "bench", "-f", "qcow2", "-t", cache, "--output=json"] + flags + [img]
+    def bench_ours(self, img, flags, cache, extra=()):
+        cmd = [OURS, "bench", "-f", "qcow2", "-t", cache, "--output=json"] + list(extra) + flags + [img]
         j = json.loads(run(cmd).stdout)
         return j["seconds"], j
 
@@ -156,8 +156,13 @@ class Bench:
         t0 = time.perf_counter()
         run(cmd)
         dt = time.perf_counter() - t0
+        # Time until the output is durable: qemu-img's default (unsafe) never syncs it.
+        fd = os.open(dst, os.O_RDONLY)
+        os.fdatasync(fd)
+        os.close(fd)
+        dt_sync = time.perf_counter() - t0
         os.unlink(dst)
-        return dt, (strace_syncs(so) if so else None)
+        return (dt, dt_sync), (strace_syncs(so) if so else None)
 
     # ------------------------------------------------------------------ workloads
 
@@ -243,35 +248,41 @@ class Bench:
         def fresh():
             return read_img if read_img else self.create(img_name, w["size"])
 
-        unsafe = []
-        if name in ALLOCATING and "unsafe" in self.a.ours_extra:
-            for r in range(R):
-                t, _ = self.bench_ours(fresh(), w["flags"], "unsafe")
-                unsafe.append(mib / t)
+        # One repetition runs every cell once; odd repetitions run them in reverse order, so
+        # each qemu/ours pair alternates and slow phases of the machine hit all cells alike.
+        cells = []
         for cache in caches:
-            q, o, osync = [], [], []
-            for r in range(R):
-                order = ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")
-                for tool in order:
-                    img = fresh()
-                    if tool == "qemu":
-                        t, _ = self.bench_qemu(img, w["flags"], cache)
-                        q.append(mib / t)
-                    else:
-                        t, j = self.bench_ours(img, w["flags"], cache)
-                        o.append(mib / t)
-                        osync.append(j)
+            cells += [("qemu", cache), ("ours", cache)]
+        if name in ALLOCATING and "unsafe" in self.a.ours_extra:
+            cells.append(("ours", "unsafe"))
+            if w["interval"]:
+                # The floor of a durable flush: unsafe, plus one fdatasync per flush.
+                cells.append(("ours", "floor"))
+        got = {c: [] for c in cells}
+        for r in range(R):
+            for tool, cache in (cells if r % 2 == 0 else cells[::-1]):
+                img = fresh()
+                if tool == "qemu":
+                    t, j = self.bench_qemu(img, w["flags"], cache)
+                elif cache == "floor":
+                    t, j = self.bench_ours(img, w["flags"], "unsafe", ["--sync-flushes"])
+                else:
+                    t, j = self.bench_ours(img, w["flags"], cache)
+                got[(tool, cache)].append((mib / t, j))
+        med = lambda k: statistics.median(x for x, _ in got[k]) if got.get(k) else None
+        allv = lambda k: [x for x, _ in got.get(k, [])]
+        for cache in caches:
             qsync = None
             if self.strace:
                 _, qsync = self.bench_qemu(fresh(), w["flags"], cache, strace=True)
-            j = osync[0]
             flushes = flush_count(w["count"], w["depth"], w["interval"])
             row = dict(
-                workload=name, cache=cache, qemu=statistics.median(q), ours=statistics.median(o),
-                qemu_all=q, ours_all=o,
-                unsafe=statistics.median(unsafe) if unsafe else None, unsafe_all=unsafe,
+                workload=name, cache=cache, qemu=med(("qemu", cache)), ours=med(("ours", cache)),
+                qemu_all=allv(("qemu", cache)), ours_all=allv(("ours", cache)),
+                unsafe=med(("ours", "unsafe")), unsafe_all=allv(("ours", "unsafe")),
+                floor=med(("ours", "floor")), floor_all=allv(("ours", "floor")),
                 flushes=flushes, requests=w["count"],
-                ours_syncs=statistics.median([x["fdatasyncs"] for x in osync]),
+                ours_syncs=statistics.median(j["fdatasyncs"] for _, j in got[("ours", cache)]),
                 qemu_syncs=qsync,
             )
             self.results.append(row)
@@ -286,21 +297,28 @@ class Bench:
         R = self.a.repeat
         src = self.make_raw(w["size"])
         mib = w["size"] / MiB
-        for cache in ("default", "writeback"):
-            q, o = [], []
-            for r in range(R):
-                order = ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")
-                for tool in order:
-                    dt, _ = self.convert(tool, src, cache)
-                    (q if tool == "qemu" else o).append(mib / dt)
-            qs = os_ = None
-            if self.strace:
-                _, qs = self.convert("qemu", src, cache, strace=True)
-                _, os_ = self.convert("ours", src, cache, strace=True)
-            row = dict(workload="convert", cache="-t " + cache if cache != "default" else "default (unsafe)",
+        caches = ("default", "writeback")
+        cells = [(tool, c) for c in caches for tool in ("qemu", "ours")]
+        got = {c: [] for c in cells}
+        for r in range(R):
+            for tool, cache in (cells if r % 2 == 0 else cells[::-1]):
+                dt, _ = self.convert(tool, src, cache)
+                got[(tool, cache)].append(dt)
+        syncs = {}
+        if self.strace:
+            for cache in caches:
+                for tool in ("qemu", "ours"):
+                    syncs[(tool, cache)] = self.convert(tool, src, cache, strace=True)[1]
+        rows = [("default", 0, "default (unsafe)"), ("default", 1, "default+fdatasync"),
+                ("writeback", 0, "-t writeback")]
+        for cache, k, label in rows:
+            q = [mib / t[k] for t in got[("qemu", cache)]]
+            o = [mib / t[k] for t in got[("ours", cache)]]
+            row = dict(workload="convert", cache=label,
                        qemu=statistics.median(q), ours=statistics.median(o), qemu_all=q,
-                       ours_all=o, unsafe=None, unsafe_all=[], flushes=0, requests=0,
-                       ours_syncs=os_, qemu_syncs=qs)
+                       ours_all=o, unsafe=None, unsafe_all=[], floor=None, floor_all=[],
+                       flushes=0, requests=0, ours_syncs=syncs.get(("ours", cache)),
+                       qemu_syncs=syncs.get(("qemu", cache)))
             self.results.append(row)
             self.report_row(row)
         os.unlink(src)
@@ -309,6 +327,7 @@ class Bench:
         log(f"  {r['workload']:<10} {r['cache']:<18} qemu {fmt_list(r['qemu_all'])}  "
             f"ours {fmt_list(r['ours_all'])}"
             + (f"  unsafe {fmt_list(r['unsafe_all'])}" if r["unsafe_all"] else "")
+            + (f"  floor {fmt_list(r['floor_all'])}" if r["floor_all"] else "")
             + f"  syncs ours {r['ours_syncs']} qemu {r['qemu_syncs']}")
 
 
@@ -324,7 +343,7 @@ def per(n, d):
 
 def table(results, strace):
     hdr = ["workload", "cache", "qemu MiB/s", "ours MiB/s", "ours/qemu", "unsafe MiB/s",
-           "ours/unsafe", "syncs/flush ours", "syncs/flush qemu*", "syncs/req ours",
+           "ours/unsafe", "floor MiB/s", "ours/floor", "syncs/flush ours", "syncs/flush qemu*", "syncs/req ours",
            "syncs/req qemu*"]
     rows = []
     for r in results:
@@ -334,6 +353,8 @@ def table(results, strace):
             f"{r['ours'] / r['qemu']:.2f}x",
             f"{r['unsafe']:.1f}" if r["unsafe"] else "-",
             f"{r['ours'] / r['unsafe']:.2f}x" if r["unsafe"] else "-",
+            f"{r['floor']:.1f}" if r["floor"] else "-",
+            f"{r['ours'] / r['floor']:.2f}x" if r["floor"] else "-",
             per(r["ours_syncs"], r["flushes"]) if r["flushes"] else "-",
             (per(r["qemu_syncs"], r["flushes"]) if strace else "n/a") if r["flushes"] else "-",
             (str(r["ours_syncs"]) + " total" if conv and r["ours_syncs"] is not None
@@ -392,6 +413,9 @@ def main():
                    default=("unsafe",), help="skip our unsafe-mode runs")
     p.add_argument("--no-strace", action="store_true", help="do not count QEMU's fdatasyncs")
     p.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    p.add_argument("--ours", default=None, metavar="PATH",
+                   help="benchmark this qcow2rs binary instead (e.g. a build with a patched core); "
+                        "implies --no-build")
     p.add_argument("--dir", default=None, help="where the images go (default $TMPDIR)")
     p.add_argument("--json", default=None, help="also write all measurements to this file")
     a = p.parse_args()
@@ -404,6 +428,10 @@ def main():
 
     if not shutil.which("qemu-img"):
         raise SystemExit("qemu-img is needed (apt-get install qemu-utils)")
+    global OURS
+    if a.ours:
+        OURS = os.path.abspath(a.ours)
+        a.no_build = True
     if not a.no_build:
         log("building: cargo build --release -p qcow2rs-cli")
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "qcow2rs-cli"], cwd=ROOT, check=True)
@@ -427,8 +455,8 @@ def main():
     finally:
         shutil.rmtree(b.dir, ignore_errors=True)
 
-    print(f"qcow2rs vs {qv}, same machine, same run; medians of {a.repeat} alternating pair(s); "
-          f"scale {a.scale:g}")
+    print(f"qcow2rs ({os.path.relpath(OURS, ROOT)}) vs {qv}, same machine, same run; medians of "
+          f"{a.repeat} alternating pair(s); scale {a.scale:g}")
     for name, w in wl.items():
         print(f"  {name}: {w['what']}" + (f"  [{' '.join(w['flags'])}]" if "flags" in w else ""))
     print("  (qemu-img bench has no random mode: 'scattered' = a large odd step that wraps around "
@@ -439,14 +467,18 @@ def main():
     print("* QEMU's fdatasyncs: strace -f -c over one extra untimed run, including those at open "
           "and close; ours: counted by the engine during the run (the flush due at the end "
           "included, close excluded). Convert: strace for both, whole process.")
+    print("  floor: ours in unsafe mode plus one fdatasync of the image file per flush: what any "
+          "durable flush costs at least, without metadata ordering (hidden flag --sync-flushes).")
     print("  Throughput: requests x buffer size / qemu-img bench's timed interval (which ends "
-          "when the last request completes); convert: image size / wall time of the process.")
+          "when the last request completes); convert: image size / wall time of the process")
+    print("  ('default+fdatasync': plus an fdatasync of the output afterwards, i.e. until the image "
+          "is durable; qemu-img's default -t unsafe never syncs it, ours syncs once at close).")
     print()
     print("Targets:")
-    fails = 0
-    for ok, what in targets(b.results):
-        fails += not ok
+    checked = targets(b.results)
+    for ok, what in checked:
         print(f"  [{'PASS' if ok else 'MISS'}] {what}")
+    print(f"  {sum(ok for ok, _ in checked)} of {len(checked)} met")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(b.results, f, indent=1)

@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output wording and exit codes as qemu-img 10 where they apply, so
 //! scripts and habits carry over. Everything here is a thin user of the `qcow2rs` core API.
 
+mod bench;
 mod check;
 mod compare;
 mod convert;
@@ -51,6 +52,8 @@ enum Cmd {
     Compare(CompareArgs),
     /// Change the virtual size of an image: resize [--shrink] FILE [+|-]SIZE
     Resize(ResizeArgs),
+    /// Run a simple image benchmark, like qemu-img bench (plus the fdatasync count)
+    Bench(bench::BenchArgs),
 }
 
 /// Arguments of `create`.
@@ -281,6 +284,7 @@ fn run(args: Vec<String>) -> CliResult {
         Cmd::Map(a) => map::run(&a),
         Cmd::Compare(a) => compare::run(&a),
         Cmd::Resize(a) => resize::run(&a, resize_size.as_deref().unwrap_or("")),
+        Cmd::Bench(a) => bench::run(&a),
     }
 }
 
