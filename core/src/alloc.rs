@@ -111,6 +111,7 @@ impl State {
         };
         if delta > 0 {
             self.incr_pending = true;
+            self.meta_epoch += 1;
         }
         self.store_refcount(cluster, new)?;
         if new == 0 && cluster < self.free_cluster_index {
@@ -127,6 +128,7 @@ impl State {
     pub(crate) fn free_clusters(&mut self, host: u64, n: u64, discard: bool) -> Result<()> {
         for c in host / self.cs..host / self.cs + n {
             self.deferred_frees.push((c, discard));
+            self.meta_epoch += 1;
         }
         Ok(())
     }
@@ -176,6 +178,7 @@ impl State {
                     .map_err(|e| Error::io(&self.name, "extend file", e))?;
                 self.known_len = end;
                 self.len_pending = true;
+                self.meta_epoch += 1;
             }
         }
         let c = self.run.start;
@@ -234,6 +237,7 @@ impl State {
                 self.store_refcount(c, 1)?;
             }
             self.incr_pending = true;
+            self.meta_epoch += 1;
             if start == self.free_cluster_index || self.free_cluster_index == 0 {
                 self.free_cluster_index = start + n;
             }

@@ -226,10 +226,25 @@ impl Caches {
         self.cache(k).entries[i].unlinked = true;
     }
 
-    /// Every new table is now linked from stable metadata.
-    pub fn link_all(&mut self, k: Kind) {
+    /// Offsets of the new, unlinked entries of `k`.
+    pub fn unlinked_offsets(&self, k: Kind) -> Vec<u64> {
+        let c = match k {
+            Kind::L2 => &self.l2,
+            Kind::Refblock => &self.rb,
+        };
+        c.entries
+            .iter()
+            .filter(|e| e.unlinked)
+            .map(|e| e.offset)
+            .collect()
+    }
+
+    /// The tables at `offs` are now linked from stable metadata.
+    pub fn link_offsets(&mut self, k: Kind, offs: &[u64]) {
         for e in &mut self.cache(k).entries {
-            e.unlinked = false;
+            if offs.contains(&e.offset) {
+                e.unlinked = false;
+            }
         }
     }
 

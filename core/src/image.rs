@@ -126,6 +126,25 @@ pub(crate) struct State {
     pub io_gate: Arc<RwLock<()>>,
     pub compression: CompressionType,
     pub closed: bool,
+    /// Bumped whenever ordering state changes (pending increments, dependencies, new tables,
+    /// L1 changes, deferred frees): a flush that ran its final barrier outside the lock marks
+    /// that state stable only if nothing changed meanwhile.
+    pub meta_epoch: u64,
+}
+
+/// What a flush wrote before its final barrier, to be marked stable after it.
+pub(crate) struct FlushTicket {
+    epoch: u64,
+    unlinked: Vec<u64>,
+    frees: Vec<(u64, bool)>,
+}
+
+/// Group commit: at most one flush runs at a time; `done` is the write sequence number that
+/// the last completed flush covers.
+#[derive(Default)]
+struct GroupCommit {
+    running: bool,
+    done: u64,
 }
 
 /// An open qcow2 image. `Send + Sync`: share it between threads with `Arc`.
@@ -134,6 +153,10 @@ pub struct Image {
     name: String,
     cluster_size: u32,
     compression: CompressionType,
+    gc: Mutex<GroupCommit>,
+    gc_cv: std::sync::Condvar,
+    /// Completed guest writes (and flush requests), numbered.
+    write_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -360,6 +383,7 @@ impl State {
             .get(&*self.storage, &self.name, Kind::L2, new, true)?;
         self.caches.data_mut(Kind::L2, i).copy_from_slice(&table);
         self.caches.mark_unlinked(Kind::L2, i);
+        self.meta_epoch += 1;
         self.l1[l1i] = new | OFLAG_COPIED;
         self.l1_dirty.insert(l1i);
         if old != 0 {
@@ -624,6 +648,7 @@ impl State {
                 self.write_data(&full, host)?;
                 // The zeroed cluster must be stable before the entry stops saying "zero".
                 self.caches.set_depends_on_flush(Kind::L2);
+                self.meta_epoch += 1;
                 self.set_entry(gc, host | OFLAG_COPIED, 0)?;
                 return Ok(None);
             }
@@ -669,9 +694,11 @@ impl State {
         if !self.lazy && self.incr_pending {
             self.caches
                 .set_dependency(&*self.storage, &self.name, Kind::L2)?;
+            self.meta_epoch += 1;
         }
         if data_barrier || self.len_pending {
             self.caches.set_depends_on_flush(Kind::L2);
+            self.meta_epoch += 1;
         }
         self.set_entry(gc, entry, bitmap)
     }
@@ -696,6 +723,7 @@ impl State {
                 self.prepare_l2(gc)?;
                 self.write_data(&span, host + s0 * scs)?;
                 self.caches.set_depends_on_flush(Kind::L2);
+                self.meta_epoch += 1;
                 let nbm = (bm | touched) & !(touched << 32);
                 self.set_entry(gc, e, nbm)
             }
@@ -938,8 +966,21 @@ impl State {
     /// became stable are applied in memory (written at a later flush; a crash before that only
     /// leaks), and freed clusters are punched out of the file before anything can reuse them.
     pub(crate) fn flush_inner(&mut self) -> Result<()> {
+        if let Some(t) = self.flush_begin()? {
+            if let Err(e) = self.barrier() {
+                self.data_written.store(true, Ordering::SeqCst);
+                self.deferred_frees.extend(t.frees);
+                return Err(e);
+            }
+            self.flush_end(t)?;
+        }
+        Ok(())
+    }
+
+    /// Everything a flush does before its final barrier: `None` when nothing needs one.
+    pub(crate) fn flush_begin(&mut self) -> Result<Option<FlushTicket>> {
         if self.read_only {
-            return Ok(());
+            return Ok(None);
         }
         let rb_pending = !self.lazy && self.incr_pending && self.caches.has_dirty(Kind::Refblock);
         if !self.caches.has_dirty(Kind::L2)
@@ -948,7 +989,7 @@ impl State {
             && self.deferred_frees.is_empty()
             && !rb_pending
         {
-            return Ok(());
+            return Ok(None);
         }
         let need_pre = !self.l1_dirty.is_empty()
             || (self.caches.has_dirty_linked(Kind::L2) && self.caches.has_dependency(Kind::L2));
@@ -970,22 +1011,33 @@ impl State {
             self.caches
                 .write_all(&*self.storage, &self.name, Kind::Refblock)?;
         }
+        let unlinked = self.caches.unlinked_offsets(Kind::L2);
         self.caches
             .write_all(&*self.storage, &self.name, Kind::L2)?;
         self.write_l1_dirty()?;
-        // Data writes completed before this point are covered by the barrier below.
+        // Data writes completed before this point are covered by the barrier that follows.
         self.data_written.store(false, Ordering::SeqCst);
-        if let Err(e) = self.barrier() {
-            self.data_written.store(true, Ordering::SeqCst);
-            return Err(e);
+        Ok(Some(FlushTicket {
+            epoch: self.meta_epoch,
+            unlinked,
+            frees: std::mem::take(&mut self.deferred_frees),
+        }))
+    }
+
+    /// After the final barrier of a flush begun with `t`: what it wrote is stable.
+    pub(crate) fn flush_end(&mut self, t: FlushTicket) -> Result<()> {
+        if t.epoch == self.meta_epoch {
+            if !self.lazy {
+                self.incr_pending = false;
+            }
+            self.len_pending = false;
+            self.caches.satisfied(Kind::L2);
         }
-        if !self.lazy {
-            self.incr_pending = false;
-        }
-        self.len_pending = false;
-        self.caches.satisfied(Kind::L2);
-        self.caches.link_all(Kind::L2);
-        self.apply_deferred_frees()
+        self.caches.link_offsets(Kind::L2, &t.unlinked);
+        let later = std::mem::replace(&mut self.deferred_frees, t.frees);
+        let r = self.apply_deferred_frees();
+        self.deferred_frees.extend(later);
+        r
     }
 
     fn after_write(&mut self) -> Result<()> {
@@ -1705,6 +1757,7 @@ impl Image {
             io_gate: Arc::new(RwLock::new(())),
             compression,
             closed: false,
+            meta_epoch: 0,
             h: h.clone(),
         };
         let img = Image {
@@ -1712,6 +1765,9 @@ impl Image {
             name: name.to_string(),
             cluster_size: cs as u32,
             compression,
+            gc: Mutex::new(GroupCommit::default()),
+            gc_cv: std::sync::Condvar::new(),
+            write_seq: std::sync::atomic::AtomicU64::new(0),
         };
         if !read_only {
             let mut s = img.lock();
@@ -1846,14 +1902,68 @@ impl Image {
                     }
                     flag.store(true, Ordering::SeqCst);
                 }
+                self.write_seq.fetch_add(1, Ordering::SeqCst);
                 if write_through {
-                    self.lock().flush_inner()?;
+                    self.flush_grouped()?;
                 }
                 return Ok(());
             }
         }
         s.write_inner(buf, offset)?;
-        s.after_write()
+        let write_through = s.cache_mode.write_through();
+        drop(s);
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
+        if write_through {
+            self.flush_grouped()?;
+        }
+        Ok(())
+    }
+
+    /// Group commit, as QEMU's bdrv_co_flush does it. Waits for a flush in progress; returns at
+    /// once when a flush that began after our writes completed made them stable; otherwise runs
+    /// one, with its final fdatasync outside the state lock, so that other threads keep reading,
+    /// writing and allocating meanwhile and their writes share the next flush.
+    fn flush_grouped(&self) -> Result<()> {
+        let want = self.write_seq.load(Ordering::SeqCst);
+        {
+            let mut g = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if g.done >= want {
+                    return Ok(());
+                }
+                if !g.running {
+                    g.running = true;
+                    break;
+                }
+                g = self.gc_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let covers = self.write_seq.load(Ordering::SeqCst);
+        let res = (|| -> Result<()> {
+            let (t, storage, no_barriers) = {
+                let mut s = self.lock();
+                (s.flush_begin()?, s.storage.clone(), s.caches.no_barriers)
+            };
+            if let Some(t) = t {
+                if !no_barriers {
+                    if let Err(e) = storage.flush() {
+                        let mut s = self.lock();
+                        s.data_written.store(true, Ordering::SeqCst);
+                        s.deferred_frees.extend(t.frees);
+                        return Err(Error::io(&self.name, "flush", e));
+                    }
+                }
+                self.lock().flush_end(t)?;
+            }
+            Ok(())
+        })();
+        let mut g = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        g.running = false;
+        if res.is_ok() {
+            g.done = g.done.max(covers);
+        }
+        self.gc_cv.notify_all();
+        res
     }
     /// Make `len` bytes at `offset` read as zeros, as cheaply as the format allows
     /// (zero clusters in v3; explicit zeros where needed).
@@ -1917,7 +2027,8 @@ impl Image {
     pub fn flush(&self) -> Result<()> {
         // In unsafe mode the barriers are skipped (flushes are ignored), but metadata is still
         // written back, in order, so that other readers of the file see it.
-        self.lock().flush_inner()
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
+        self.flush_grouped()
     }
     /// Change the virtual size. Shrinking frees the cut-off tail.
     pub fn resize(&self, new_size: u64) -> Result<()> {

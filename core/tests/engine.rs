@@ -387,3 +387,50 @@ fn freed_clusters_are_reused() {
         qemu_check(&path);
     }
 }
+
+#[test]
+fn concurrent_writethrough_group_commit() {
+    use qcow2rs::CacheMode;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wt.qcow2");
+    Image::create(&path, &CreateOptions::new(256 << 20)).unwrap();
+    let opts = OpenOptions {
+        cache: CacheMode::Writethrough,
+        ..OpenOptions::default()
+    };
+    let img = std::sync::Arc::new(Image::open(&path, &opts).unwrap());
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    let off = (i * 8 + t) * 65536 + (t * 512);
+                    img.write_at(&[(t + 1) as u8; 4096], off).unwrap();
+                    if i % 50 == 7 {
+                        img.discard(((i * 8 + t) * 65536) & !0xffff, 65536).unwrap();
+                        img.write_at(&[(t + 1) as u8; 4096], off).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let syncs = img.sync_count();
+    let img = std::sync::Arc::try_unwrap(img).unwrap();
+    let rep = img.check(None).unwrap();
+    assert!(rep.is_clean(), "{rep:?}");
+    img.close().unwrap();
+    qemu_check(&path);
+    let img = Image::open(&path, &OpenOptions::read_only()).unwrap();
+    for t in 0..8u64 {
+        for i in 0..200u64 {
+            let off = (i * 8 + t) * 65536 + (t * 512);
+            let mut b = [0u8; 4096];
+            img.read_at(&mut b, off).unwrap();
+            assert!(b.iter().all(|&x| x == (t + 1) as u8), "thread {t} write {i}");
+        }
+    }
+    assert!(syncs <= 2 * 1700, "{syncs} syncs");
+}
