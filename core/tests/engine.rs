@@ -429,7 +429,10 @@ fn concurrent_writethrough_group_commit() {
             let off = (i * 8 + t) * 65536 + (t * 512);
             let mut b = [0u8; 4096];
             img.read_at(&mut b, off).unwrap();
-            assert!(b.iter().all(|&x| x == (t + 1) as u8), "thread {t} write {i}");
+            assert!(
+                b.iter().all(|&x| x == (t + 1) as u8),
+                "thread {t} write {i}"
+            );
         }
     }
     assert!(syncs <= 2 * 1700, "{syncs} syncs");
