@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole qcow2rs test suite:
 #   cargo fmt --check, cargo clippy (warnings are errors), cargo test --workspace (unit tests, the
-#   qemu-img interop suite, the C API tests), then pip install ./python and pytest python/tests.
+#   qemu-img interop suite, the C API tests), the crash simulator (its summary line shown), then
+#   pip install ./python and pytest python/tests.
 # Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 # Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
 # installs with apt-get when they are missing.
@@ -32,7 +33,10 @@ pytest_step() {
 
 step "rustfmt" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-step "cargo test" cargo test --workspace --locked --no-fail-fast
+# The crash simulator runs in its own step so that its summary line is shown
+# (`crash-sim: N states, C corruptions, L with leaks`; QCOW2RS_CRASH_STATES=N runs more).
+step "cargo test" cargo test --workspace --locked --no-fail-fast -- --skip crash_sim
+step "crash-sim" cargo test -p qcow2rs-tests --test crash_sim --locked -- --exact crash_sim --nocapture
 step "pytest" pytest_step
 
 echo
@@ -40,4 +44,4 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
     echo "test.sh: FAILED: ${FAILED[*]}"
     exit 1
 fi
-echo "test.sh: all steps passed (rustfmt, clippy, cargo test, pytest)"
+echo "test.sh: all steps passed (rustfmt, clippy, cargo test, crash-sim, pytest)"
