@@ -1040,13 +1040,6 @@ impl State {
         r
     }
 
-    fn after_write(&mut self) -> Result<()> {
-        if self.cache_mode.write_through() {
-            self.flush_inner()?;
-        }
-        Ok(())
-    }
-
     fn grow_l1(&mut self, entries: u64) -> Result<()> {
         // The new table is written from memory: everything it names must be stable first.
         self.flush_inner()?;
@@ -1910,6 +1903,12 @@ impl Image {
             }
         }
         s.write_inner(buf, offset)?;
+        self.finish_write(s)
+    }
+
+    /// A guest write (or zeroes, discard) is complete: count it, release the lock, and in the
+    /// write-through modes make it durable through the shared group-commit flush.
+    fn finish_write(&self, s: MutexGuard<'_, State>) -> Result<()> {
         let write_through = s.cache_mode.write_through();
         drop(s);
         self.write_seq.fetch_add(1, Ordering::SeqCst);
@@ -1972,7 +1971,7 @@ impl Image {
         s.check_writable()?;
         s.check_range(offset, len)?;
         s.zero_inner(offset, len)?;
-        s.after_write()
+        self.finish_write(s)
     }
     /// Discard whole clusters inside the range: they are freed (and punched out of the host file)
     /// and read as zeros afterwards, or from the backing file in a v2 image with one.
@@ -1982,7 +1981,7 @@ impl Image {
         s.check_writable()?;
         s.check_range(offset, len)?;
         s.discard_inner(offset, len)?;
-        s.after_write()
+        self.finish_write(s)
     }
     /// Write compressed data for whole cluster(s) at a cluster-aligned `offset`. `data` is at most
     /// one cluster (less only for the last cluster of the disk). Clusters that do not compress are
@@ -2014,14 +2013,14 @@ impl Image {
         s.check_range(offset, data.len() as u64)?;
         if s.extended || s.h.crypt_method != 0 {
             s.write_inner(data, offset)?;
-            return s.after_write();
+            return self.finish_write(s);
         }
         if comp.is_none() {
             s.write_inner(data, offset)?;
-            return s.after_write();
+            return self.finish_write(s);
         }
         s.write_compressed_inner(offset / cs, data, comp)?;
-        s.after_write()
+        self.finish_write(s)
     }
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
