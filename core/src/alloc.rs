@@ -19,6 +19,7 @@ use crate::format::l2::MAX_HOST_OFFSET;
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::format::{self as fmt};
 use crate::image::State;
+use crate::mutants::active as mutant;
 
 impl State {
     /// Validate a metadata offset read from the image (refcount block, L2 table).
@@ -83,6 +84,9 @@ impl State {
     /// Add `delta` to a cluster's refcount. Increases create refcount blocks as needed.
     /// Decreases are ordered after the pointer removal (refcount cache depends on L2 cache).
     pub(crate) fn change_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
+        if !mutant("dirty-bit") {
+            self.mark_dirty()?;
+        }
         if delta > 0 {
             while self.ensure_refblock(cluster)? {}
         }
@@ -126,9 +130,42 @@ impl State {
     /// stable pointer may still name it. Clusters that become free are then punched out of the
     /// host file when `discard` is set, before anything can reuse them.
     pub(crate) fn free_clusters(&mut self, host: u64, n: u64, discard: bool) -> Result<()> {
-        for c in host / self.cs..host / self.cs + n {
+        let first = host / self.cs;
+        // No more compressed data is packed into a cluster that may become free.
+        if (first..first + n).contains(&(self.comp_pos / self.cs)) && !mutant("comp-pos") {
+            self.comp_pos = 0;
+        }
+        if mutant("deferred-frees") {
+            for c in first..first + n {
+                self.release_cluster(c, discard)?;
+            }
+            return Ok(());
+        }
+        for c in first..first + n {
             self.deferred_frees.push((c, discard));
             self.meta_epoch += 1;
+        }
+        Ok(())
+    }
+
+    /// Drop one reference to cluster `c` now; if it became free, forget what the caches hold
+    /// for it and punch it out of the file when `discard` is set.
+    fn release_cluster(&mut self, c: u64, discard: bool) -> Result<()> {
+        let left = self.change_refcount(c, -1)?;
+        if left == 0 {
+            self.caches.forget(Kind::L2, c * self.cs);
+            self.caches.forget(Kind::Refblock, c * self.cs);
+            if !mutant("comp-cache") {
+                self.comp_cache = None;
+            }
+            if self.meta_clusters.as_ref().is_some_and(|m| m.contains(&c)) {
+                self.meta_clusters = None;
+            }
+            // A punch is a hint: if it fails the cluster keeps its old bytes, which is safe
+            // (a reused cluster below `written_end` is never taken as reading zeros).
+            if discard {
+                let _ = self.storage.discard(c * self.cs, self.cs);
+            }
         }
         Ok(())
     }
@@ -142,17 +179,13 @@ impl State {
         // Wait for data I/O running outside the lock: none may reach a cluster freed here.
         let gate = self.io_gate.clone();
         let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
-        let list = std::mem::take(&mut self.deferred_frees);
-        for (c, discard) in list {
-            let left = self.change_refcount(c, -1)?;
-            if left == 0 {
-                self.caches.forget(Kind::L2, c * self.cs);
-                self.caches.forget(Kind::Refblock, c * self.cs);
-                if discard {
-                    self.storage
-                        .discard(c * self.cs, self.cs)
-                        .map_err(|e| Error::io(&self.name, "discard", e))?;
-                }
+        let mut list = std::mem::take(&mut self.deferred_frees).into_iter();
+        while let Some((c, discard)) = list.next() {
+            if let Err(e) = self.release_cluster(c, discard) {
+                // Not applied (the refcount change failed): keep it and the rest for later.
+                self.deferred_frees.push((c, discard));
+                self.deferred_frees.extend(list);
+                return Err(e);
             }
         }
         Ok(())
@@ -315,7 +348,10 @@ impl State {
         }
         let off = c * self.cs;
         self.write_meta(&block, off, "new refcount block")?;
-        self.barrier()?;
+        if !mutant("refblock-barrier") {
+            self.barrier()?;
+        }
+        self.note_meta_cluster(off);
         self.reftable[ri as usize] = off;
         let entry = fmt::u64_bytes(off);
         self.write_meta(
@@ -401,21 +437,27 @@ impl State {
             table_off,
             "new refcount table",
         )?;
-        self.caches
-            .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        if mutant("reftable-barrier") {
+            self.caches
+                .write_all(&*self.storage, &self.name, Kind::Refblock)?;
+        } else {
+            self.caches
+                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+        }
         // Switch: one write inside sector 0.
         let old_off = self.h.refcount_table_offset;
         let old_clusters = self.h.refcount_table_clusters as u64;
-        self.h.refcount_table_offset = table_off;
-        self.h.refcount_table_clusters = nt as u32;
-        self.reftable = new_table;
-        self.alloc_end = self.alloc_end.max(area + nb + nt);
-        let bytes = self.h.field_bytes(header::REFTABLE_FIELDS);
-        self.write_meta(
-            &bytes,
-            header::REFTABLE_FIELDS.start as u64,
+        self.write_header(
+            header::REFTABLE_FIELDS,
             "header (refcount table switch)",
+            |h| {
+                h.refcount_table_offset = table_off;
+                h.refcount_table_clusters = nt as u32;
+            },
         )?;
+        self.reftable = new_table;
+        self.meta_clusters = None;
+        self.alloc_end = self.alloc_end.max(area + nb + nt);
         self.barrier()?;
         self.free_clusters(old_off, old_clusters, true)?;
         Ok(())

@@ -86,6 +86,8 @@ pub(crate) struct Caches {
     pub no_barriers: bool,
     /// Barriers issued by the caches.
     pub barriers: u64,
+    /// An fdatasync failed (with this OS error, if it had one): see `State::poisoned`.
+    poisoned: Option<Option<i32>>,
 }
 
 impl Caches {
@@ -96,7 +98,21 @@ impl Caches {
             entry_size,
             no_barriers: false,
             barriers: 0,
+            poisoned: None,
         }
+    }
+
+    /// Record that an fdatasync failed: from now on the image refuses writes and flushes.
+    pub fn poison(&mut self, e: &std::io::Error) {
+        if crate::mutants::active("failed-flush") {
+            return;
+        }
+        self.poisoned.get_or_insert(e.raw_os_error());
+    }
+
+    /// Whether an fdatasync failed (and with which OS error).
+    pub fn poisoned(&self) -> Option<Option<i32>> {
+        self.poisoned
     }
 
     fn cache(&mut self, k: Kind) -> &mut Cache {
@@ -111,8 +127,10 @@ impl Caches {
             return Ok(());
         }
         self.barriers += 1;
-        st.flush()
-            .map_err(|e| Error::io(file, "flush (metadata ordering barrier)", e))
+        st.flush().map_err(|e| {
+            self.poison(&e);
+            Error::io(file, "flush (metadata ordering barrier)", e)
+        })
     }
 
     /// Whether any entry of `k` is dirty.

@@ -15,6 +15,7 @@ use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
 use crate::format::refcount;
 use crate::format::snapshot::{self, SnapshotEntry};
 use crate::format::{self as fmt};
+use crate::mutants::active as mutant;
 use crate::options::{
     CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation,
 };
@@ -116,8 +117,16 @@ pub(crate) struct State {
     /// Active L1 entries changed in memory and not yet written.
     pub l1_dirty: BTreeSet<usize>,
     pub snapshots: Vec<SnapshotEntry>,
+    /// Where the next compressed cluster may be packed (inside a host cluster holding only
+    /// compressed data written this session); 0 when none. Reset when that cluster loses a
+    /// reference: it may become free and be reused.
     pub comp_pos: u64,
+    /// The last decompressed cluster: (host offset, data). Dropped whenever a cluster is freed.
     pub comp_cache: Option<(u64, Vec<u8>)>,
+    /// Host clusters holding metadata (header, L1, refcount table and blocks, active L2
+    /// tables, snapshot table): guest data is never written there. Built on demand; `None`
+    /// after any change of the metadata layout that is not tracked incrementally.
+    pub meta_clusters: Option<std::collections::HashSet<u64>>,
     /// Data was written since the last barrier (set after the write completes, by threads
     /// writing outside the lock too).
     pub data_written: Arc<AtomicBool>,
@@ -202,9 +211,47 @@ impl State {
         if self.caches.no_barriers {
             return Ok(());
         }
-        self.storage
-            .flush()
-            .map_err(|e| Error::io(&self.name, "flush", e))
+        self.storage.flush().map_err(|e| {
+            self.caches.poison(&e);
+            Error::io(&self.name, "flush", e)
+        })
+    }
+
+    /// Change header fields: `change` is applied to a copy, the bytes of `field` are written
+    /// from it, and only once that write succeeded does the in-memory header take the change.
+    pub(crate) fn write_header(
+        &mut self,
+        field: std::ops::Range<usize>,
+        what: &str,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut h = self.h.clone();
+        change(&mut h);
+        let b = h.field_bytes(field.clone());
+        self.write_meta(&b, field.start as u64, what)?;
+        self.h = h;
+        Ok(())
+    }
+
+    /// The error every write and flush returns once an fdatasync failed: the kernel may have
+    /// dropped the pages it could not write and will not report that again, so nothing written
+    /// since the last successful flush can be trusted to be on disk. Like a database after a
+    /// failed fsync, the image refuses to go on until it is reopened.
+    pub(crate) fn poisoned(&self) -> Result<()> {
+        match self.caches.poisoned() {
+            None => Ok(()),
+            Some(errno) => Err(Error::Io {
+                file: self.name.clone(),
+                context: "refusing to write: an earlier flush (fdatasync) failed, so data written \
+                          since the last successful flush may not be on disk; close and reopen \
+                          the image"
+                    .into(),
+                source: match errno {
+                    Some(n) => std::io::Error::from_raw_os_error(n),
+                    None => std::io::Error::other("earlier flush failed"),
+                },
+            }),
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -214,7 +261,7 @@ impl State {
                 reason: self.ro_reason.clone(),
             });
         }
-        Ok(())
+        self.poisoned()
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
@@ -227,19 +274,93 @@ impl State {
         }
     }
 
-    /// Set the dirty bit before the first metadata change in lazy-refcount mode.
-    fn mark_dirty(&mut self) -> Result<()> {
+    /// Lazy refcounts: make the dirty bit stable before the first metadata change of the
+    /// session (every L2 entry change and every refcount change calls this), so that any crash
+    /// state whose refcounts lag behind its tables is rebuilt on the next open.
+    pub(crate) fn mark_dirty(&mut self) -> Result<()> {
         if !self.lazy || self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             return Ok(());
         }
-        self.h.incompatible_features |= header::INCOMPAT_DIRTY;
-        let b = self.h.field_bytes(header::INCOMPAT_FIELD);
-        self.write_meta(
-            &b,
-            header::INCOMPAT_FIELD.start as u64,
-            "header (dirty bit)",
-        )?;
+        self.write_header(header::INCOMPAT_FIELD, "header (dirty bit)", |h| {
+            h.incompatible_features |= header::INCOMPAT_DIRTY
+        })?;
+        if mutant("dirty-bit-barrier") {
+            return Ok(());
+        }
         self.barrier()
+    }
+
+    /// `mark_dirty`, for the changes that do not create an L2 table.
+    fn mark_dirty_any(&mut self) -> Result<()> {
+        if mutant("dirty-bit") {
+            return Ok(());
+        }
+        self.mark_dirty()
+    }
+
+    /// Validate the host cluster an L2 entry names before guest data is written there: aligned,
+    /// inside the file, and not holding metadata (a crafted or damaged image must not steer a
+    /// guest write into its own header or tables).
+    fn check_write_target(&mut self, host: u64, gc: u64) -> Result<()> {
+        self.check_data_in_file(host, gc)?;
+        let c = host / self.cs;
+        if self.meta_clusters().contains(&c) {
+            return Err(Error::corrupt(
+                &self.name,
+                format!(
+                    "Preventing write of guest data at guest offset {:#x} into metadata at {host:#x} (the L2 entry points at the image's own tables; run check -r all)",
+                    gc * self.cs
+                ),
+                host,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The set of host clusters holding metadata, built when needed.
+    fn meta_clusters(&mut self) -> &std::collections::HashSet<u64> {
+        if self.meta_clusters.is_none() {
+            let cs = self.cs;
+            let mut m = std::collections::HashSet::new();
+            let mut range = |off: u64, len: u64| {
+                if len > 0 {
+                    for c in off / cs..(off + len).div_ceil(cs) {
+                        m.insert(c);
+                    }
+                }
+            };
+            range(0, cs);
+            range(self.h.l1_table_offset, self.h.l1_size as u64 * 8);
+            range(
+                self.h.refcount_table_offset,
+                self.h.refcount_table_clusters as u64 * cs,
+            );
+            range(
+                self.h.snapshots_offset,
+                snapshot::table_size(&self.snapshots),
+            );
+            for &e in &self.reftable {
+                let o = e & crate::format::refcount::REFT_OFFSET_MASK;
+                if o != 0 {
+                    m.insert(o / cs);
+                }
+            }
+            for &e in &self.l1 {
+                let o = e & L1E_OFFSET_MASK;
+                if o != 0 {
+                    m.insert(o / cs);
+                }
+            }
+            self.meta_clusters = Some(m);
+        }
+        self.meta_clusters.as_ref().expect("just built")
+    }
+
+    /// A new metadata cluster (a new L2 table or refcount block).
+    pub(crate) fn note_meta_cluster(&mut self, off: u64) {
+        if let Some(m) = &mut self.meta_clusters {
+            m.insert(off / self.cs);
+        }
     }
 
     /// Validate a host data cluster offset from an L2 entry.
@@ -332,6 +453,7 @@ impl State {
 
     /// Write an entry into the (writable) L2 table of `gc`.
     fn set_entry(&mut self, gc: u64, entry: u64, bitmap: u64) -> Result<()> {
+        self.mark_dirty_any()?;
         let l2off = self.l1[(gc / self.l2_entries) as usize] & L1E_OFFSET_MASK;
         let i = self
             .caches
@@ -383,6 +505,7 @@ impl State {
             .get(&*self.storage, &self.name, Kind::L2, new, true)?;
         self.caches.data_mut(Kind::L2, i).copy_from_slice(&table);
         self.caches.mark_unlinked(Kind::L2, i);
+        self.note_meta_cluster(new);
         self.meta_epoch += 1;
         self.l1[l1i] = new | OFLAG_COPIED;
         self.l1_dirty.insert(l1i);
@@ -637,17 +760,19 @@ impl State {
         let copied = e & OFLAG_COPIED != 0;
         match d {
             Desc::Normal { host } if copied => {
-                self.check_data_offset(host, gc)?;
+                self.check_write_target(host, gc)?;
                 return Ok(Some(host + co));
             }
             Desc::ZeroAlloc { host } if copied => {
-                self.check_data_offset(host, gc)?;
+                self.check_write_target(host, gc)?;
                 let mut full = vec![0u8; self.cs as usize];
                 full[co as usize..co as usize + data.len()].copy_from_slice(data);
                 self.prepare_l2(gc)?;
                 self.write_data(&full, host)?;
                 // The zeroed cluster must be stable before the entry stops saying "zero".
-                self.caches.set_depends_on_flush(Kind::L2);
+                if !mutant("zero-alloc-barrier") {
+                    self.caches.set_depends_on_flush(Kind::L2);
+                }
                 self.meta_epoch += 1;
                 self.set_entry(gc, host | OFLAG_COPIED, 0)?;
                 return Ok(None);
@@ -662,7 +787,7 @@ impl State {
         };
         self.prepare_l2(gc)?;
         let new = self.alloc_run_cluster()?;
-        let virgin = new >= self.written_end;
+        let virgin = new >= self.written_end || mutant("virgin-check");
         let mut deferred = None;
         if virgin && old_zero {
             // The cluster reads as zeros already (the file was extended over it and nothing
@@ -691,12 +816,14 @@ impl State {
     /// saw before: a cluster past every byte ever written to the file reads as zeros, and if
     /// the guest cluster read as zeros before, zeros are its old version.
     fn link(&mut self, gc: u64, entry: u64, bitmap: u64, data_barrier: bool) -> Result<()> {
-        if !self.lazy && self.incr_pending {
+        if !self.lazy && self.incr_pending && !mutant("l2-refcount-dep") {
             self.caches
                 .set_dependency(&*self.storage, &self.name, Kind::L2)?;
             self.meta_epoch += 1;
         }
-        if data_barrier || self.len_pending {
+        let data_barrier = data_barrier && !mutant("data-barrier");
+        let len_pending = self.len_pending && !mutant("len-pending");
+        if data_barrier || len_pending {
             self.caches.set_depends_on_flush(Kind::L2);
             self.meta_epoch += 1;
         }
@@ -715,7 +842,7 @@ impl State {
         let copied = e & OFLAG_COPIED != 0;
         match d {
             Desc::Normal { host } if copied => {
-                self.check_data_offset(host, gc)?;
+                self.check_write_target(host, gc)?;
                 if bm & touched == touched {
                     return self.write_data(data, host + co);
                 }
@@ -731,7 +858,7 @@ impl State {
                 let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
                 self.prepare_l2(gc)?;
                 let new = self.alloc_run_cluster()?;
-                let virgin = new >= self.written_end;
+                let virgin = new >= self.written_end || mutant("virgin-check");
                 self.write_data(&span, new + s0 * scs)?;
                 let nbm = (bm | touched) & !(touched << 32);
                 let old_zero = self.backing.is_none();
@@ -935,21 +1062,24 @@ impl State {
         };
         self.prepare_l2(gc)?;
         let len = comp.len() as u64;
-        // Pack into the partly used cluster when it fits.
-        let off = if !self.comp_pos.is_multiple_of(self.cs)
+        // Pack into the partly used cluster when it fits (and its refcount can count one more).
+        let pack = !self.comp_pos.is_multiple_of(self.cs)
             && self.comp_pos % self.cs + len <= self.cs
             && l2::compressed_fits(self.comp_pos, len, self.cluster_bits)
-        {
+            && self.refcount(self.comp_pos / self.cs)?
+                < crate::format::refcount::max(self.h.refcount_order);
+        let off = if pack {
             self.change_refcount(self.comp_pos / self.cs, 1)?;
             self.comp_pos
         } else {
             self.alloc_run_cluster()?
         };
+        self.comp_pos = 0;
         self.write_data(&comp, off)?;
         self.comp_pos = off + len;
         let entry = l2::encode_compressed(off, len, self.cluster_bits);
         // Compressed data must always be stable first: a torn stream does not decompress.
-        self.link(gc, entry, 0, true)?;
+        self.link(gc, entry, 0, !mutant("compressed-barrier"))?;
         self.data_written.store(true, Ordering::SeqCst);
         self.release(d, false)
     }
@@ -982,6 +1112,7 @@ impl State {
         if self.read_only {
             return Ok(None);
         }
+        self.poisoned()?;
         let rb_pending = !self.lazy && self.incr_pending && self.caches.has_dirty(Kind::Refblock);
         if !self.caches.has_dirty(Kind::L2)
             && self.l1_dirty.is_empty()
@@ -1000,7 +1131,9 @@ impl State {
             }
             self.caches
                 .write_some(&*self.storage, &self.name, Kind::L2, true)?;
-            self.barrier()?;
+            if !mutant("pre-barrier") {
+                self.barrier()?;
+            }
             self.caches.satisfied(Kind::L2);
             if !self.lazy {
                 self.incr_pending = false;
@@ -1011,7 +1144,16 @@ impl State {
             self.caches
                 .write_all(&*self.storage, &self.name, Kind::Refblock)?;
         }
-        let unlinked = self.caches.unlinked_offsets(Kind::L2);
+        let mut unlinked = self.caches.unlinked_offsets(Kind::L2);
+        if !mutant("unlinked-flag") {
+            // The L1 entries naming the new tables are about to be written: from now on a crash
+            // may find the tables reachable, so every later change to them must wait for what
+            // it points to, like any other table. (Linking them only after the final barrier,
+            // which runs outside the lock, let other threads add entries meanwhile that an
+            // eviction wrote without their dependencies.)
+            self.caches.link_offsets(Kind::L2, &unlinked);
+            unlinked.clear();
+        }
         self.caches
             .write_all(&*self.storage, &self.name, Kind::L2)?;
         self.write_l1_dirty()?;
@@ -1055,13 +1197,16 @@ impl State {
         let mut enc = fmt::encode_table(&table);
         enc.resize((clusters * self.cs) as usize, 0);
         self.write_meta(&enc, new, "new L1 table")?;
-        self.barrier()?;
+        if !mutant("l1-grow-barrier") {
+            self.barrier()?;
+        }
         let old_off = self.h.l1_table_offset;
         let old_clusters = (self.h.l1_size as u64 * 8).div_ceil(self.cs);
-        self.h.l1_table_offset = new;
-        self.h.l1_size = entries as u32;
-        let b = self.h.field_bytes(header::L1_FIELDS);
-        self.write_meta(&b, header::L1_FIELDS.start as u64, "header (L1 switch)")?;
+        self.write_header(header::L1_FIELDS, "header (L1 switch)", |h| {
+            h.l1_table_offset = new;
+            h.l1_size = entries as u32;
+        })?;
+        self.meta_clusters = None;
         self.barrier()?;
         self.l1 = table;
         if old_off != 0 && old_clusters > 0 {
@@ -1113,20 +1258,24 @@ impl State {
                 }
             }
         }
+        // Growing over a larger backing file: the new area must read as zeros, and it must be
+        // zero (stable) before the new size is, or a crash could show the backing file there.
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.virtual_size());
+        let zero_end = backing_end.min(new_size);
+        let late = mutant("resize-zero-order");
+        if new_size > old && zero_end > old && !late {
+            let saved = self.h.size;
+            self.h.size = new_size;
+            let r = self.zero_inner(old, zero_end - old);
+            self.h.size = saved;
+            r?;
+        }
         self.flush_inner()?;
-        self.h.size = new_size;
-        let b = self.h.field_bytes(header::SIZE_FIELD);
-        self.write_meta(&b, header::SIZE_FIELD.start as u64, "header (size)")?;
+        self.write_header(header::SIZE_FIELD, "header (size)", |h| h.size = new_size)?;
         self.barrier()?;
-        // Growing over a larger backing file: the new area must read as zeros.
-        if new_size > old {
-            if let Some(bsize) = self.backing.as_ref().map(|b| b.virtual_size()) {
-                if bsize > old {
-                    let end = bsize.min(new_size);
-                    self.zero_inner(old, end - old)?;
-                    self.flush_inner()?;
-                }
-            }
+        if new_size > old && zero_end > old && late {
+            self.zero_inner(old, zero_end - old)?;
+            self.flush_inner()?;
         }
         Ok(())
     }
@@ -1170,6 +1319,8 @@ impl State {
         if self.read_only {
             return Ok(());
         }
+        // After a failed fdatasync nothing more is written (and no sync claims success).
+        self.poisoned()?;
         // Give back the unused run first (nothing points into it), so its refcounts go out
         // with the rest; if it sits at the end of the file, trim the file too.
         if self.run.end * self.cs == self.known_len && !self.run.is_empty() {
@@ -1194,13 +1345,9 @@ impl State {
         }
         if self.lazy && self.h.incompatible_features & header::INCOMPAT_DIRTY != 0 {
             // Refcounts are stable now (in unsafe mode: with the final sync).
-            self.h.incompatible_features &= !header::INCOMPAT_DIRTY;
-            let b = self.h.field_bytes(header::INCOMPAT_FIELD);
-            self.write_meta(
-                &b,
-                header::INCOMPAT_FIELD.start as u64,
-                "header (clear dirty bit)",
-            )?;
+            self.write_header(header::INCOMPAT_FIELD, "header (clear dirty bit)", |h| {
+                h.incompatible_features &= !header::INCOMPAT_DIRTY
+            })?;
             if !unsafe_mode {
                 self.barrier()?;
             }
@@ -1414,13 +1561,34 @@ impl Image {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wait until no group-commit flush is between its two halves (its final fdatasync runs
+    /// outside the state lock, holding a ticket of deferred frees) and keep new ones from
+    /// starting until the returned guard is dropped. For the operations that must see the
+    /// whole state settled: check and repair, resize, close.
+    fn quiesce(&self) -> Quiet<'_> {
+        let mut g = self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        while g.running {
+            g = self.gc_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.running = true;
+        Quiet(self)
+    }
+
     /// Create a new image file at `path` (truncating an existing one).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let name = path.display().to_string();
         validate_create(opts)?;
         let st = FileStorage::create(path).map_err(|e| Error::io(&name, "create", e))?;
-        Image::create_on(Arc::new(st), &name, opts)
+        Image::create_on(Arc::new(st), &name, opts)?;
+        // The new directory entry must be durable too, or a crash could lose the whole file.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(&name, "sync the directory of the new image", e))
     }
 
     /// Create a new image on `storage` (which should be empty). `name` is used in messages and to
@@ -1746,6 +1914,7 @@ impl Image {
             snapshots,
             comp_pos: 0,
             comp_cache: None,
+            meta_clusters: None,
             data_written: Arc::new(AtomicBool::new(false)),
             io_gate: Arc::new(RwLock::new(())),
             compression,
@@ -1766,9 +1935,9 @@ impl Image {
             let mut s = img.lock();
             if clear_autoclear {
                 // We do not keep bitmaps up to date: mark them inconsistent, as QEMU's rule asks.
-                s.h.autoclear_features &= header::AUTOCLEAR_DATA_FILE_RAW;
-                let b = s.h.field_bytes(88..96);
-                s.write_meta(&b, 88, "header (autoclear features)")?;
+                s.write_header(88..96, "header (autoclear features)", |h| {
+                    h.autoclear_features &= header::AUTOCLEAR_DATA_FILE_RAW
+                })?;
                 s.barrier()?;
             }
             if dirty {
@@ -1860,7 +2029,7 @@ impl Image {
                 let (e, _) = s.lookup(gc)?;
                 match s.decode(e) {
                     Desc::Normal { host } if e & OFLAG_COPIED != 0 => {
-                        s.check_data_offset(host, gc)?;
+                        s.check_write_target(host, gc)?;
                         plan.push((done, n, host + co));
                     }
                     _ => {
@@ -1947,6 +2116,7 @@ impl Image {
                 if !no_barriers {
                     if let Err(e) = storage.flush() {
                         let mut s = self.lock();
+                        s.caches.poison(&e);
                         s.data_written.store(true, Ordering::SeqCst);
                         s.deferred_frees.extend(t.frees);
                         return Err(Error::io(&self.name, "flush", e));
@@ -2031,6 +2201,7 @@ impl Image {
     }
     /// Change the virtual size. Shrinking frees the cut-off tail.
     pub fn resize(&self, new_size: u64) -> Result<()> {
+        let _q = self.quiesce();
         let mut s = self.lock();
         s.check_writable()?;
         s.resize_inner(new_size)
@@ -2079,6 +2250,7 @@ impl Image {
     }
     /// Check consistency; with `repair`, fix what the mode allows (the image must be writable).
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        let _q = self.quiesce();
         let mut s = self.lock();
         if repair.is_some() && !s.writable_storage {
             return Err(Error::ReadOnly {
@@ -2091,6 +2263,12 @@ impl Image {
             s.flush_inner()?;
             s.return_run()?;
         }
+        if repair.is_none() {
+            return crate::check::run(&mut s, None);
+        }
+        // Repair may rewrite and free anything: no data I/O may run outside the lock meanwhile.
+        let gate = s.io_gate.clone();
+        let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
         crate::check::run(&mut s, repair)
     }
     /// Number of fdatasyncs issued on the image file so far.
@@ -2099,12 +2277,25 @@ impl Image {
     }
     /// Flush and close. Dropping an image also flushes, but cannot report errors.
     pub fn close(self) -> Result<()> {
+        let _q = self.quiesce();
         self.lock().close_inner()
+    }
+}
+
+/// Held while no group-commit flush may run (see [`Image::quiesce`]).
+struct Quiet<'a>(&'a Image);
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.gc.lock().unwrap_or_else(|e| e.into_inner());
+        g.running = false;
+        self.0.gc_cv.notify_all();
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
+        let _q = self.quiesce();
         let _ = self.lock().close_inner();
     }
 }

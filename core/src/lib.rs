@@ -29,6 +29,10 @@ mod compress;
 mod error;
 pub mod format;
 mod image;
+#[cfg(feature = "testing")]
+pub mod mutants;
+#[cfg(not(feature = "testing"))]
+mod mutants;
 mod options;
 pub mod storage;
 

@@ -3,6 +3,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
 
 use super::Storage;
 
@@ -10,11 +11,18 @@ use super::Storage;
 const DIRECT_ALIGN: usize = 4096;
 
 /// A host file, accessed with positional I/O; `flush` is `fdatasync`.
+///
+/// With O_DIRECT every write is rounded out to whole 4 KiB blocks; a write that does not cover
+/// its blocks exactly is a read-modify-write of the blocks around it. Those run exclusively
+/// (`rmw` held for writing) against every other write and length change, which take it shared:
+/// two sub-block writes to one block (two 512-byte guest writes, or guest data next to an L2
+/// table in a small-cluster image) would otherwise each write back the other's old bytes.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     direct: bool,
     syncs: AtomicU64,
+    rmw: RwLock<()>,
 }
 
 impl FileStorage {
@@ -30,6 +38,7 @@ impl FileStorage {
             file,
             direct,
             syncs: AtomicU64::new(0),
+            rmw: RwLock::new(()),
         })
     }
     /// Create (or truncate) a file.
@@ -44,6 +53,7 @@ impl FileStorage {
             file,
             direct: false,
             syncs: AtomicU64::new(0),
+            rmw: RwLock::new(()),
         })
     }
     /// Wrap an open file.
@@ -52,6 +62,7 @@ impl FileStorage {
             file,
             direct: false,
             syncs: AtomicU64::new(0),
+            rmw: RwLock::new(()),
         }
     }
     /// The underlying file.
@@ -120,9 +131,14 @@ impl Storage for FileStorage {
         let end = (offset + buf.len() as u64).div_ceil(a) * a;
         let mut bounce = Aligned::new((end - start) as usize);
         let skip = (offset - start) as usize;
-        if skip != 0 || (offset + buf.len() as u64) != end {
-            // Read-modify-write of the partial blocks at either end.
+        let partial = skip != 0 || (offset + buf.len() as u64) != end;
+        let (_shared, _exclusive);
+        if partial {
+            // Read-modify-write of the partial blocks at either end, alone.
+            _exclusive = self.rmw.write().unwrap_or_else(|e| e.into_inner());
             self.read_plain(bounce.buf(), start)?;
+        } else {
+            _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         }
         bounce.buf()[skip..skip + buf.len()].copy_from_slice(buf);
         let len = self.len()?;
@@ -140,6 +156,8 @@ impl Storage for FileStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        // Not while a read-modify-write that may restore the old length is in flight.
+        let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         self.file.set_len(len)
     }
 
