@@ -200,19 +200,23 @@ impl State {
             // Reuse free gaps of any size: the run is the first free extent, up to its length.
             let max = ((16u64 << 20) / self.cs).clamp(8, 1024);
             let (start, n) = self.alloc_extent(1, max)?;
-            self.run = start / self.cs..start / self.cs + n;
             // Extend the file over the run now: its clusters then read as zeros, and the new
             // length is stable by the time any pointer to them is (the raised refcounts make
             // the L2 cache wait for a barrier issued after this).
             let end = start + n * self.cs;
             if end > self.known_len {
-                self.storage
-                    .set_len(end)
-                    .map_err(|e| Error::io(&self.name, "extend file", e))?;
+                if let Err(e) = self.storage.set_len(end) {
+                    // Nothing points into the run yet: give it back at once.
+                    for c in (start / self.cs..start / self.cs + n).rev() {
+                        self.change_refcount(c, -1)?;
+                    }
+                    return Err(Error::io(&self.name, "extend file", e));
+                }
                 self.known_len = end;
                 self.len_pending = true;
                 self.meta_epoch += 1;
             }
+            self.run = start / self.cs..start / self.cs + n;
         }
         let c = self.run.start;
         self.run.start += 1;
@@ -351,14 +355,16 @@ impl State {
         if !mutant("refblock-barrier") {
             self.barrier()?;
         }
-        self.note_meta_cluster(off);
-        self.reftable[ri as usize] = off;
         let entry = fmt::u64_bytes(off);
+        // In memory only once written: a failed write is retried by the next allocation (which
+        // picks the same free cluster), instead of leaving a table that only memory knows.
         self.write_meta(
             &entry,
             self.h.refcount_table_offset + ri * 8,
             "refcount table entry",
         )?;
+        self.note_meta_cluster(off);
+        self.reftable[ri as usize] = off;
         self.alloc_end = self.alloc_end.max(c + 1);
         Ok(true)
     }

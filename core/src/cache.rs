@@ -88,6 +88,8 @@ pub(crate) struct Caches {
     pub barriers: u64,
     /// An fdatasync failed (with this OS error, if it had one): see `State::poisoned`.
     poisoned: Option<Option<i32>>,
+    /// End of the highest entry ever written by the caches (see `State::written_end`).
+    pub written_end: u64,
 }
 
 impl Caches {
@@ -99,6 +101,7 @@ impl Caches {
             no_barriers: false,
             barriers: 0,
             poisoned: None,
+            written_end: 0,
         }
     }
 
@@ -161,6 +164,8 @@ impl Caches {
             Error::io(file, format!("write {} at {:#x}", k.name(), e.offset), err)
         })?;
         self.cache(k).entries[i].dirty = false;
+        let end = self.cache(k).entries[i].offset + self.entry_size as u64;
+        self.written_end = self.written_end.max(end);
         Ok(())
     }
 

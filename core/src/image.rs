@@ -204,6 +204,8 @@ impl State {
             .map_err(|e| Error::io(&self.name, format!("write data at {off:#x}"), e))?;
         self.known_len = self.known_len.max(off + buf.len() as u64);
         self.written_end = self.written_end.max(off + buf.len() as u64);
+        // The next flush owes a barrier for it, whatever the caller.
+        self.data_written.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -361,6 +363,12 @@ impl State {
         if let Some(m) = &mut self.meta_clusters {
             m.insert(off / self.cs);
         }
+    }
+
+    /// Whether nothing was ever written at host offset `host` (nor after it): the file was only
+    /// extended over it, so it reads as zeros.
+    fn never_written(&self, host: u64) -> bool {
+        host >= self.written_end.max(self.caches.written_end)
     }
 
     /// Validate a host data cluster offset from an L2 entry.
@@ -787,7 +795,7 @@ impl State {
         };
         self.prepare_l2(gc)?;
         let new = self.alloc_run_cluster()?;
-        let virgin = new >= self.written_end || mutant("virgin-check");
+        let virgin = self.never_written(new) || mutant("virgin-check");
         let mut deferred = None;
         if virgin && old_zero {
             // The cluster reads as zeros already (the file was extended over it and nothing
@@ -858,7 +866,7 @@ impl State {
                 let span = self.span_buffer(gc, s0 * scs, s1 * scs, co, data)?;
                 self.prepare_l2(gc)?;
                 let new = self.alloc_run_cluster()?;
-                let virgin = new >= self.written_end || mutant("virgin-check");
+                let virgin = self.never_written(new) || mutant("virgin-check");
                 self.write_data(&span, new + s0 * scs)?;
                 let nbm = (bm | touched) & !(touched << 32);
                 let old_zero = self.backing.is_none();
@@ -1215,6 +1223,16 @@ impl State {
         Ok(())
     }
 
+    /// Change the virtual size.
+    ///
+    /// Crash analysis. Shrinking: the new size is written and made stable first; only then is
+    /// the cut-off tail freed (and a partial last cluster zeroed past the new end), all of it
+    /// invisible to the guest by then. Freeing first would let a crash show the old size with
+    /// tail clusters gone: the backing file's data, or zeros, where the guest had data. A crash
+    /// after the size switch leaves stale entries past the end, which growing handles.
+    /// Growing: everything in the grown range that does not already read as zeros (the backing
+    /// file's data, stale entries a crash left past the old end) is zeroed and made stable
+    /// before the new size is written.
     fn resize_inner(&mut self, new_size: u64) -> Result<()> {
         if !new_size.is_multiple_of(512) {
             return Err(Error::invalid(format!(
@@ -1223,6 +1241,13 @@ impl State {
             )));
         }
         let old = self.h.size;
+        if new_size < old {
+            self.flush_inner()?;
+            self.write_header(header::SIZE_FIELD, "header (size)", |h| h.size = new_size)?;
+            self.barrier()?;
+            self.scrub(new_size, old, false)?;
+            return self.flush_inner();
+        }
         if new_size > old {
             let need = self
                 .h
@@ -1235,47 +1260,64 @@ impl State {
                 self.mark_dirty()?;
                 self.grow_l1(need)?;
             }
-        } else if new_size < old {
-            // Free whatever lies in the cut-off tail.
-            let first = new_size.div_ceil(self.cs);
-            let last = old.div_ceil(self.cs);
-            for gc in first..last {
-                let (e, bm) = self.lookup(gc)?;
-                if e != 0 || bm != 0 {
-                    self.discard_cluster(gc, false)?;
-                }
-            }
-            // A partial last cluster keeps data past the new end: zero it so a later grow
-            // reads zeros there.
-            if !new_size.is_multiple_of(self.cs) {
-                let gc = new_size / self.cs;
-                let co = new_size % self.cs;
-                let (e, _) = self.lookup(gc)?;
-                if e != 0 {
-                    let n = self.cs - co;
-                    let zeros = vec![0u8; n as usize];
-                    self.write_cluster_now(gc, co, &zeros)?;
-                }
-            }
         }
-        // Growing over a larger backing file: the new area must read as zeros, and it must be
-        // zero (stable) before the new size is, or a crash could show the backing file there.
-        let backing_end = self.backing.as_ref().map_or(0, |b| b.virtual_size());
-        let zero_end = backing_end.min(new_size);
         let late = mutant("resize-zero-order");
-        if new_size > old && zero_end > old && !late {
-            let saved = self.h.size;
-            self.h.size = new_size;
-            let r = self.zero_inner(old, zero_end - old);
-            self.h.size = saved;
-            r?;
+        if new_size > old && !late {
+            self.scrub(old, new_size, true)?;
         }
         self.flush_inner()?;
         self.write_header(header::SIZE_FIELD, "header (size)", |h| h.size = new_size)?;
         self.barrier()?;
-        if new_size > old && zero_end > old && late {
-            self.zero_inner(old, zero_end - old)?;
+        if new_size > old && late {
+            self.scrub(old, new_size, true)?;
             self.flush_inner()?;
+        }
+        Ok(())
+    }
+
+    /// Make the guest range `[from, to)` (past the virtual size, or about to become part of it)
+    /// read as zeros: allocated clusters are freed (zero clusters where a backing file would
+    /// show through), partial clusters get explicit zeros. With `grow`, the backing file's range
+    /// is zeroed too. Only clusters that have an L2 table are visited.
+    fn scrub(&mut self, from: u64, to: u64, grow: bool) -> Result<()> {
+        let saved = self.h.size;
+        self.h.size = self.h.size.max(to);
+        let r = self.scrub_inner(from, to, grow);
+        self.h.size = saved;
+        r
+    }
+
+    fn scrub_inner(&mut self, from: u64, to: u64, grow: bool) -> Result<()> {
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.virtual_size());
+        let mut off = from;
+        while off < to {
+            let gc = off >> self.cluster_bits;
+            let co = off & (self.cs - 1);
+            let n = (self.cs - co).min(to - off);
+            if self.l2_offset(gc)? == 0 {
+                // No table: the rest of its range reads as zeros, or from the backing file.
+                let range_end = ((gc / self.l2_entries + 1) * self.l2_entries * self.cs).min(to);
+                if grow && backing_end > off {
+                    let end = backing_end.min(range_end);
+                    self.zero_inner(off, end - off)?;
+                }
+                off = range_end;
+                continue;
+            }
+            let (e, bm) = self.lookup(gc)?;
+            let shows_backing = grow && backing_end > off;
+            if co != 0 || n < self.cs {
+                // Partial cluster: explicit zeros (copy-on-write keeps the rest).
+                if (e != 0 || bm != 0 || shows_backing) && !self.known_zero(gc)? {
+                    let zeros = vec![0u8; n as usize];
+                    self.write_cluster_now(gc, co, &zeros)?;
+                }
+            } else if shows_backing {
+                self.zero_inner(off, n)?;
+            } else if e != 0 || bm != 0 {
+                self.discard_cluster(gc, false)?;
+            }
+            off += n;
         }
         Ok(())
     }
@@ -1324,7 +1366,12 @@ impl State {
         // Give back the unused run first (nothing points into it), so its refcounts go out
         // with the rest; if it sits at the end of the file, trim the file too.
         if self.run.end * self.cs == self.known_len && !self.run.is_empty() {
-            let end = (self.run.start * self.cs).max(self.written_end.div_ceil(self.cs) * self.cs);
+            let end = (self.run.start * self.cs).max(
+                self.written_end
+                    .max(self.caches.written_end)
+                    .div_ceil(self.cs)
+                    * self.cs,
+            );
             if end < self.known_len {
                 self.storage
                     .set_len(end)

@@ -1,19 +1,20 @@
 //! The crash simulator (DESIGN.md, "Proving it: the crash simulator").
 //!
-//! Every workload runs on a [`RecordingStorage`] while a guest-side model records what every guest
-//! sector held at each completed guest flush and every version written to it since. Then, for every
-//! flush epoch, the images a power cut could leave are built (the durable image plus all subsets of
-//! the pending writes when there are at most 10, otherwise all prefixes, all single drops and seeded
-//! random subsets; whole and torn at 512-byte sectors) and each is opened read-write from a copy and
+//! Every workload runs on a [`RecordingStorage`] while a guest-side model records every version
+//! every guest sector held and which guest op wrote it. Then, for every flush epoch, the images a
+//! power cut could leave are built (the durable image plus subsets of the pending writes: all
+//! subsets when there are at most 10, otherwise all prefixes, all single drops and seeded random
+//! subsets; whole and torn at 512-byte sectors) and each is opened read-write from a copy and
 //! checked:
 //!
 //! * (a) `check(None)` finds no corruption (leaks are allowed and counted);
-//! * (b) every guest write acknowledged before the last completed guest flush reads back; every
-//!   other sector holds an old or a new version, never anything else; the virtual size is one the
-//!   guest set;
+//! * (b) every guaranteed guest write reads back; every other sector holds the guaranteed
+//!   version or a later one that may have reached the disk, never anything else; the virtual
+//!   size is one the guest set (see "The guarantee rule");
 //! * (c) repairing (`RepairMode::Leaks` or `All`, alternately) leaves an image that checks clean;
-//! * on a sample (every 500th state, every state of `first_write`), the real `qemu-img check`
-//!   exits 0 or 3 on the crash image (for lazy refcounts: after our read-write open rebuilt the
+//! * on a sample (every 20th state, `QCOW2RS_CRASH_QEMU_EVERY`; every deterministic state with
+//!   `QCOW2RS_CRASH_QEMU_DET=1`; every state of `first_write`), the real `qemu-img check` exits 0
+//!   or 3 on the crash image (for lazy refcounts: after our read-write open rebuilt the
 //!   refcounts), and 0 after our repair.
 //!
 //! A sample of the states (every 10th dirty one, every 97th other one) is crashed again during its
@@ -22,11 +23,68 @@
 //! recovery must open, check without corruption, repair clean and show exactly the guest data the
 //! recovered image showed.
 //!
-//! Fault injection then makes every write and every flush of every workload fail in turn (EIO once,
+//! # The crash model (core/src/storage/recording.rs)
+//! * A flush is an interval: it is logged when it begins, and covers what was logged before it.
+//!   Concurrent workloads make the recording storage sleep inside flush (`set_flush_delay`) so
+//!   that other threads' writes race the "fdatasync": those are pending in the next epoch, and in
+//!   the flush's own epoch too (an epoch ends where the flush ending it completed).
+//! * Doubtful entries: a failed write, discard or set_len, and every one that was pending when a
+//!   flush failed (Linux may drop the dirty pages of a failed writeback and report it once), is
+//!   never part of a durable image and is pending (any subset, whole or torn) in its own and
+//!   every later epoch, applied in log order among the durable operations (images are rebuilt
+//!   from the first doubtful entry on: `CrashLog::replay_base` / `replay`).
+//!
+//! # The guarantee rule
+//! Every op records a global sequence number when it begins and when it completes (one counter
+//! for all threads), and the epoch when it returned. In a crash state of epoch `k`, op `o`'s
+//! content is *guaranteed* when `o` succeeded and some successful sync op `F` (flush, close,
+//! reopen, or a write in writethrough mode) that began after `o` completed
+//! (`F.begin_seq > o.done_seq`), or `o` itself if it is a sync op, returned with an epoch `<= k`.
+//! `o` *may* appear when its first log entry is before the end of epoch `k`. Per sector the
+//! allowed contents are the latest guaranteed version (the initial one if none) and every later
+//! version that may appear. A failed op is never guaranteed, and may appear in every later state.
+//! Past the image's starting size the disk reads zeros even over a larger backing file, and a
+//! resize makes the range it adds (or cuts off) read zeros. For sequential workloads this is the
+//! old rule (everything up to the last completed sync point).
+//!
+//! # Workloads
+//! * Fixed ones (`workloads::all`), each aimed at one mechanism; some are there for a mutant:
+//!   `dirty_bit` (lazy refcounts, clean reopen, allocation in an existing L2 table),
+//!   `resize_over_backing` (an overlay smaller than its backing file grown by resize),
+//!   `failed_flush` (fault runs go on after a failed flush), `comp_reuse` (compressed clusters
+//!   read, COW-ed, freed, reused once the allocation run is used up, compressed again; guest
+//!   reads are checked during the run), `unlinked_flag` (concurrent, 2-table L2 cache, writes
+//!   racing another thread's flush).
+//! * Generated ones (`random.rs`), `QCOW2RS_CRASH_RANDOM=N` of them (default: states / 80)
+//!   from `QCOW2RS_CRASH_SEED` (default 0x5eed0006, printed in the summary; named
+//!   `rnd-<seed>-<i>`): random cluster size (512 B to 2 MiB, small ones more often), v2/v3,
+//!   lazy refcounts, extended L2, refcount width, zlib/zstd, 2-cluster caches, a backing file
+//!   (sometimes larger than the image), writeback or writethrough, and 10-60 ops: partial and
+//!   multi-cluster writes, zeroes, discards, compressed writes, flushes, resizes, reads (checked
+//!   against the model during the run), clean reopens (`G::Reopen`) and unclean ones (`G::Kill`:
+//!   the image is leaked as if the process was killed and opened again on the same storage),
+//!   with free-flush-allocate patterns so that freed clusters are reused. Each gets
+//!   `RANDOM_SHARE`% of the target divided among them: two light plans per epoch (all, and one
+//!   of none, half, one torn) and a few random ones, plus two sampled fault runs (four from 200000
+//!   states on) checking a sample of the later epochs.
+//! * Every sixth generated workload is concurrent (`cnc-<seed>-<i>`): 2-4 threads on one
+//!   image, thread `t` owning the guest clusters `c % T == t` (they share L2 tables and refcount
+//!   blocks), doing writes, zeroes, discards, compressed writes, flushes and reads, writeback or
+//!   writethrough, with a flush delay of 1-3 ms. All data comes from the model in op order before
+//!   the threads start. A concurrent run cannot be replayed bit for bit: it is recorded once and
+//!   its crash states checked; it gets no fault runs.
+//!
+//! # Fault injection
+//! Fault runs make every write and every flush of every fixed workload fail in turn (EIO once,
 //! ENOSPC from then on; up to 12 set_len and discards, EIO once): the error must reach the caller
-//! (a failed discard may be ignored: discards are hints), the workload
-//! stops there (the image is dropped, which may flush), and the durable state plus any subset of
-//! what was written (the failed write included, whole or torn) must pass the same checks.
+//! of the op it happened in (a failed discard may be ignored: discards are hints). Fixed
+//! workloads stop at the first error (the image is dropped, which may flush); generated ones and
+//! `failed_flush` go on after a failed op (a failed flush followed by a close, reopen or kill
+//! ends the run there: the image refuses everything after a failed fdatasync until reopened, and
+//! a reopened image cannot know what was lost). Generated workloads sample their faults: a write
+//! failing with EIO, a window of 2-4 writes failing with ENOSPC (then space comes back), a flush
+//! failing once, a discard failing, a write and a later flush. Every state from the epoch of the
+//! first fault on is checked.
 //!
 //! Two more tests guard the harness itself: `harness_catches_missing_barriers` runs a workload in
 //! cache=unsafe mode (no barriers) and requires the simulator to find both corruption and lost
@@ -34,20 +92,32 @@
 //!
 //! Environment:
 //! * `QCOW2RS_CRASH_STATES=N`: target number of crash states (default 20000); random subsets scale.
+//! * `QCOW2RS_CRASH_RANDOM=N`: generated workloads (default STATES / 80: 250 in CI).
+//! * `QCOW2RS_CRASH_SEED=S`: their seed (decimal or 0x-hex; default 0x5eed0006).
 //! * `QCOW2RS_CRASH_ONLY=a,b`: only the named workloads (substring match).
 //! * `QCOW2RS_CRASH_FAULTS=0`: skip fault injection.
 //! * `QCOW2RS_CRASH_DUMP=DIR`: write every failing crash image (and its description) to DIR.
 //! * `QCOW2RS_CRASH_THREADS=T`: worker threads (default: available parallelism, at most 4).
-//! * `QCOW2RS_CRASH_QEMU_EVERY=K`: run qemu-img check on every K-th state (default 500; 0: never).
+//! * `QCOW2RS_CRASH_QEMU_EVERY=K`: run qemu-img check on every K-th state (default 20; 0: never).
+//! * `QCOW2RS_CRASH_QEMU_DET=1`: also on every deterministic state (for long runs).
 //! * `QCOW2RS_CRASH_RECOVERY=0`: skip the crashes during recovery.
+//! * `QCOW2RS_CRASH_STOP_FIRST=1`: start no new job (and check no further state) after the first
+//!   failure (`scripts/mutants.sh` uses it; with `QCOW2RS_MUTANT=<name>` switching a mutant of
+//!   `qcow2rs::mutants::ALL` on).
 //!
-//! The run ends with one line: `crash-sim: N states, C corruptions, L with leaks`, where C counts
-//! the states that failed any check (each is described in detail above that line).
+//! The run ends with these lines: `crash-sim: first failure after N states` (when there was
+//! one), `crash-sim: seed S ..., D distinct workload logs, F distinct fault-run logs, E distinct
+//! epochs` (hashes of each fault-free run's log; of each fault run's log; of each epoch's log
+//! prefix and pending set), and `crash-sim: N states, C corruptions, L with leaks`, where C
+//! counts the states (and workloads, and guest reads during a run) that failed any check (each is
+//! described in detail above those lines).
 
 #[path = "crash_sim/guest.rs"]
 mod guest;
 #[path = "crash_sim/plans.rs"]
 mod plans;
+#[path = "crash_sim/random.rs"]
+mod random;
 #[path = "crash_sim/workloads.rs"]
 mod workloads;
 
@@ -55,8 +125,8 @@ use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Instant;
 
 use qcow2rs::storage::{CrashLog, Fault, Op, OpKind, Persist, RecordingStorage, EIO, ENOSPC};
@@ -66,7 +136,58 @@ use guest::{describe, Expect, SEC};
 use plans::{Epoch, Origin, Plan, Rng};
 use workloads::{header_facts, Prepared, Run, Spec, G};
 
+/// Every workload: the fixed ones, then the generated ones (every sixth concurrent).
+fn all_workloads(cfg: &Config) -> Vec<Spec> {
+    let mut v = workloads::all();
+    for i in 0..cfg.random {
+        v.push(if i % 6 == 5 {
+            random::generate_concurrent(cfg.seed, i)
+        } else {
+            random::generate(cfg.seed, i)
+        });
+    }
+    if std::env::var_os("QCOW2RS_CRASH_PRINT_OPS").is_some() {
+        for spec in v
+            .iter()
+            .filter(|s| cfg.only.is_empty() || cfg.only.contains(&s.name))
+        {
+            eprintln!("workload {}: {}", spec.name, spec.what);
+            for (i, g) in spec.setup.iter().enumerate() {
+                eprintln!("  setup {i}: {g}");
+            }
+            for (i, g) in spec.ops.iter().enumerate() {
+                eprintln!("  op {}: {g}", i + 1 + spec.setup.len());
+            }
+        }
+    }
+    v
+}
+
 const DEFAULT_STATES: usize = 20_000;
+/// Default seed of the random workloads.
+const DEFAULT_SEED: u64 = 0x5eed_0006;
+/// Share of the target (percent) that goes to the random workloads.
+const RANDOM_SHARE: usize = 40;
+
+/// Set when a state failed and `QCOW2RS_CRASH_STOP_FIRST=1`: no more jobs are started.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// States checked so far (all threads), and the count when the first failure was found.
+static STATES_DONE: AtomicU64 = AtomicU64::new(0);
+static FIRST_FAIL: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Distinct epochs (their identity hashes) and distinct fault-run logs.
+static EPOCH_IDS: LazyLock<Mutex<HashSet<u64>>> = LazyLock::new(Default::default);
+static FAULT_LOGS: LazyLock<Mutex<HashSet<u64>>> = LazyLock::new(Default::default);
+
+fn note_failure(cfg: &Config) {
+    FIRST_FAIL.fetch_min(STATES_DONE.load(Ordering::SeqCst), Ordering::SeqCst);
+    if cfg.stop_first {
+        STOP.store(true, Ordering::SeqCst);
+    }
+}
+
+fn stopped() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
 /// Largest number of pending operations whose subsets are all enumerated.
 const MAX_ALL_SUBSETS: usize = 10;
 /// Detailed failure reports kept (all failures are counted).
@@ -79,7 +200,11 @@ struct Config {
     dump: Option<PathBuf>,
     threads: usize,
     qemu_every: u64,
+    qemu_det: bool,
     recovery: bool,
+    random: usize,
+    seed: u64,
+    stop_first: bool,
 }
 
 impl Config {
@@ -100,8 +225,19 @@ impl Config {
             faults: var("QCOW2RS_CRASH_FAULTS").is_none_or(|v| v != "0"),
             dump: var("QCOW2RS_CRASH_DUMP").map(PathBuf::from),
             threads: num("QCOW2RS_CRASH_THREADS", par.min(4)).max(1),
-            qemu_every: num("QCOW2RS_CRASH_QEMU_EVERY", 500) as u64,
+            qemu_every: num("QCOW2RS_CRASH_QEMU_EVERY", 20) as u64,
+            qemu_det: var("QCOW2RS_CRASH_QEMU_DET").is_some_and(|v| v != "0"),
             recovery: var("QCOW2RS_CRASH_RECOVERY").is_none_or(|v| v != "0"),
+            random: num(
+                "QCOW2RS_CRASH_RANDOM",
+                num("QCOW2RS_CRASH_STATES", DEFAULT_STATES) / 80,
+            ),
+            seed: var("QCOW2RS_CRASH_SEED").map_or(DEFAULT_SEED, |v| {
+                let t = v.trim_start_matches("0x");
+                u64::from_str_radix(t, if t.len() < v.len() { 16 } else { 10 })
+                    .unwrap_or_else(|_| panic!("QCOW2RS_CRASH_SEED={v}: expected a number"))
+            }),
+            stop_first: var("QCOW2RS_CRASH_STOP_FIRST").is_some_and(|v| v != "0"),
         }
     }
 }
@@ -209,6 +345,12 @@ struct Found {
     leaks: bool,
     /// The crash image had the dirty bit set (lazy refcounts).
     dirty: bool,
+}
+
+/// Whether a crash image has the dirty bit set (v3 only: in a v2 header byte 79 belongs to
+/// the header extensions).
+fn is_dirty(b: &[u8]) -> bool {
+    b.len() > 79 && b[4..8] != [0, 0, 0, 2] && b[79] & 1 != 0
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
@@ -335,7 +477,7 @@ fn verify_data(img: &Image, ctx: &StateCtx, found: &mut Found) {
 fn check_state(ctx: &StateCtx, bytes: Vec<u8>, qemu: bool, all: bool, seq: u64) -> Found {
     let lazy = ctx.work.spec.lazy();
     // Dirty bit (incompatible feature bit 0): the read-write open must rebuild the refcounts.
-    let dirty = bytes.len() > 79 && bytes[79] & 1 != 0;
+    let dirty = is_dirty(&bytes);
     let mut found = Found {
         kinds: Vec::new(),
         problems: Vec::new(),
@@ -493,12 +635,13 @@ fn report(ctx: &StateCtx, plan: &Plan, found: &Found, durable: &[u8], label: &st
     }
     let start = cl.flush_index(k).map_or(0, |i| i + 1);
     s.push_str(&format!(
-        "  state: {label}, epoch {k} of {} (durable up to {}), pending log entries #{start}..#{} ({} ops)\n",
+        "  state: {label}, epoch {k} of {} (durable up to {}), pending log entries #{start}..#{} ({} ops, {} of them doubtful: failed or covered by a failed flush)\n",
         cl.epochs() - 1,
         cl.flush_index(k)
             .map_or("the starting image".to_string(), |i| format!("flush #{i}")),
         cl.epoch_end(k),
-        ctx.ep.n()
+        ctx.ep.n(),
+        ctx.ep.doubtful()
     ));
     s.push_str(&format!(
         "  crash keeps: {} [{:?}, seed {:#x}]\n",
@@ -516,7 +659,8 @@ fn report(ctx: &StateCtx, plan: &Plan, found: &Found, durable: &[u8], label: &st
         ctx.run.ops[synced].g
     ));
     for (i, r) in ctx.run.ops.iter().enumerate() {
-        let near = r.log_end + 1 >= start && r.log_start <= cl.epoch_end(k) + 1;
+        let near =
+            (r.log_end + 1 >= start && r.log_start <= cl.epoch_end(k) + 1) || r.error.is_some();
         if !near && i != synced {
             continue;
         }
@@ -524,7 +668,15 @@ fn report(ctx: &StateCtx, plan: &Plan, found: &Found, durable: &[u8], label: &st
             continue;
         }
         s.push_str(&format!(
-            "    op {i}: {} -> log #{}..#{}, {} flushes done{}{}\n",
+            "    op {i}{}: {} -> log #{}..#{}, {} flushes done{}{}\n",
+            if ctx.work.spec.threads() > 1 {
+                format!(
+                    " (thread {}, seq {}..{})",
+                    r.thread, r.begin_seq, r.done_seq
+                )
+            } else {
+                String::new()
+            },
             r.g,
             r.log_start,
             r.log_end,
@@ -583,7 +735,13 @@ fn run_epoch(
     let durable = cl.durable(k);
     let end = cl.epoch_end(k);
     let synced = run.synced_op(k);
-    let expect = Expect::build(&run.guest, synced, |op| run.ops[op].log_start < end);
+    let guaranteed = run.guaranteed(k);
+    let expect = Expect::build(
+        &run.guest,
+        synced,
+        |op| guaranteed[op],
+        |op| run.ops[op].log_start < end,
+    );
     let ctx = StateCtx {
         work,
         run,
@@ -600,11 +758,12 @@ fn run_epoch(
     let mut check = |plan: &Plan, img: Vec<u8>, label: &str, stats: &mut Stats| {
         seq += 1;
         let qemu = work.spec.qemu_all
+            || (cfg.qemu_det && label == "deterministic")
             || (cfg.qemu_every > 0 && seed.wrapping_add(seq).is_multiple_of(cfg.qemu_every));
         let all = (seed ^ seq) & 1 == 1;
         // A sample of states is also crashed during its own recovery: every 10th one that
         // needs a refcount rebuild (dirty), every 97th other one (check -r).
-        let dirty = img.len() > 79 && img[79] & 1 != 0;
+        let dirty = is_dirty(&img);
         let every = if dirty { 10 } else { 97 };
         let nested = cfg.recovery && seed.wrapping_add(seq * 7).is_multiple_of(every);
         let parent = nested.then(|| img.clone());
@@ -616,6 +775,7 @@ fn run_epoch(
             }
         }
         stats.states += 1;
+        STATES_DONE.fetch_add(1, Ordering::SeqCst);
         if qemu {
             stats.qemu += 1;
         }
@@ -632,23 +792,24 @@ fn run_epoch(
                 let base = dir.join(format!("{}-e{k}-j{job}-s{seq}", work.spec.name));
                 let img = match label {
                     "final" => cl.final_image(),
-                    _ => ep.build(&durable, plan),
+                    _ => ep.build(plan),
                 };
                 let _ = std::fs::write(base.with_extension("qcow2"), &img);
                 let _ = std::fs::write(base.with_extension("txt"), &text);
             }
             stats.report(&found.kinds, text);
+            note_failure(cfg);
         }
     };
     // Plans are applied to a scratch copy and undone again, so that a duplicate costs no copy
     // of the whole image.
-    let mut scratch = durable.clone();
+    let mut scratch = ep.base.clone();
     let mut try_plan = |plan: &Plan, label: &str, stats: &mut Stats| -> bool {
         let min_len = ep.build_into(&mut scratch, plan);
         let fresh = fresh(&scratch, plan);
         let img = fresh.then(|| scratch.clone());
-        ep.restore(&mut scratch, &durable, min_len);
-        debug_assert_eq!(scratch.len(), durable.len());
+        ep.restore(&mut scratch, min_len);
+        debug_assert!(scratch == ep.base);
         match img {
             Some(img) => {
                 check(plan, img, label, stats);
@@ -661,13 +822,16 @@ fn run_epoch(
         }
     };
     for plan in &plans {
+        if stopped() {
+            return;
+        }
         try_plan(plan, "deterministic", stats);
     }
     let mut done = 0;
     let mut attempts = 0;
     let must_tear = ep.n() <= MAX_ALL_SUBSETS;
     let mut plans_seen = HashSet::new();
-    while done < random && attempts < random * 8 {
+    while done < random && attempts < random * 8 && !stopped() {
         attempts += 1;
         let plan = ep.random(&mut rng, must_tear);
         if !plans_seen.insert(plan.persist.clone()) {
@@ -724,7 +888,7 @@ fn recovery_crashes(
         }
         let mut seen = HashSet::new();
         for plan in &plans {
-            let bytes = ep.build(&durable, plan);
+            let bytes = ep.build(plan);
             if !seen.insert(ep.fingerprint(&bytes, plan)) {
                 continue;
             }
@@ -766,7 +930,7 @@ fn recovery_crashes(
                     ctx.job,
                     stats.reports.len()
                 ));
-                let _ = std::fs::write(base.with_extension("qcow2"), ep.build(&durable, plan));
+                let _ = std::fs::write(base.with_extension("qcow2"), ep.build(plan));
                 let _ = std::fs::write(base.with_extension("txt"), &text);
             }
             stats.report(&found.kinds, text);
@@ -862,31 +1026,50 @@ fn fault_job(
                 work.spec.name
             ),
         );
+        note_failure(cfg);
         return stats;
     };
     let cl = &run.cl;
-    // The guest op during which the fault fired must have failed.
-    let owner = run
-        .ops
-        .iter()
-        .position(|r| r.log_start <= first && first < r.log_end);
-    let kind = cl.entries()[first].op.kind();
-    match owner {
-        Some(i) if run.ops[i].error.is_some() => stats.errors_reported += 1,
-        Some(i) if kind == OpKind::Discard || run.ops[i].g == G::Drop => {
-            // A discard is a hint (the Storage trait allows ignoring it); Drop cannot report.
-            stats.errors_ignored += 1;
+    FAULT_LOGS.lock().unwrap().insert(plans::log_identity(cl));
+    EPOCH_IDS
+        .lock()
+        .unwrap()
+        .extend(plans::epoch_identities(cl));
+    for msg in &run.read_failures {
+        stats.report(
+            &[2],
+            format!(
+                "crash-sim FAILURE in workload '{}' (fault run {faults:?}): a guest read returned the wrong data: {msg}",
+                work.spec.name
+            ),
+        );
+        note_failure(cfg);
+    }
+    // Every guest op during which a fault fired must have failed.
+    for idx in (0..cl.entries().len()).filter(|&i| cl.entries()[i].failed()) {
+        let owner = run
+            .ops
+            .iter()
+            .position(|r| r.log_start <= idx && idx < r.log_end);
+        let kind = cl.entries()[idx].op.kind();
+        match owner {
+            Some(i) if run.ops[i].error.is_some() => stats.errors_reported += 1,
+            Some(i) if kind == OpKind::Discard || run.ops[i].g == G::Drop => {
+                // A discard is a hint (the Storage trait allows ignoring it); Drop cannot report.
+                stats.errors_ignored += 1;
+            }
+            Some(i) => {
+                stats.report(
+                    &[5],
+                    format!(
+                        "crash-sim FAILURE in workload '{}': storage {} (log #{idx}) failed with an injected error ({faults:?}) but guest op {i} ('{}') returned success: the error did not reach the caller",
+                        work.spec.name, cl.entries()[idx], run.ops[i].g
+                    ),
+                );
+                note_failure(cfg);
+            }
+            None => {}
         }
-        Some(i) => {
-            stats.report(
-                &[5],
-                format!(
-                    "crash-sim FAILURE in workload '{}': storage {} (log #{first}) failed with an injected error ({faults:?}) but guest op {i} ('{}') returned success: the error did not reach the caller",
-                    work.spec.name, cl.entries()[first], run.ops[i].g
-                ),
-            );
-        }
-        None => {}
     }
     // The epoch the fault happened in, and every later one (Drop may flush).
     let fault_epoch = cl.entries()[..first]
@@ -894,7 +1077,15 @@ fn fault_job(
         .filter(|e| e.op == Op::Flush && !e.failed())
         .count();
     let last = cl.epochs() - 1;
-    for k in fault_epoch..=last {
+    let mut rng = Rng::new(name_seed(&work.spec.name) ^ first as u64);
+    // A generated workload checks a sample of the later epochs.
+    let epochs: Vec<usize> = (fault_epoch..=last)
+        .filter(|&k| !work.spec.random || k <= fault_epoch + 1 || k == last || rng.chance(30))
+        .collect();
+    for k in epochs {
+        if stopped() {
+            break;
+        }
         let ep = Epoch::new(cl, k);
         let n = ep.n();
         let mut plans = Vec::new();
@@ -947,8 +1138,19 @@ fn fault_job(
                 origin: Origin::Fault,
             });
         }
+        if work.spec.random && plans.len() > 4 {
+            // Everything, nothing, and two of the failure-centred plans.
+            let a = 2 + rng.below(plans.len() as u64 - 2) as usize;
+            let b = 2 + rng.below(plans.len() as u64 - 2) as usize;
+            plans = vec![
+                plans[0].clone(),
+                plans[1].clone(),
+                plans[a].clone(),
+                plans[b].clone(),
+            ];
+        }
         let fin = (k == last).then(|| cl.final_image());
-        let seed = name_seed(work.spec.name)
+        let seed = name_seed(&work.spec.name)
             ^ faults
                 .iter()
                 .map(|f| f.nth << 32 ^ (f.errno as u64) << 8 ^ f.op as u64)
@@ -967,6 +1169,37 @@ fn name_seed(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// A few seeded fault runs for a generated workload: one write failing with EIO, a window of
+/// writes failing with ENOSPC (then space comes back), a flush failing once, a discard failing,
+/// a write and a later flush failing.
+fn random_fault_list(spec: &Spec, run: &Run, n: usize) -> Vec<Vec<Fault>> {
+    let [writes, _, discards, flushes] = run.counts;
+    let mut rng = Rng::new(name_seed(&spec.name) ^ 0xfa17);
+    let mut out = Vec::new();
+    let mut tries = 0;
+    while out.len() < n && tries < 4 * n {
+        tries += 1;
+        let w = 1 + rng.below(writes.max(1));
+        let f: Vec<Fault> = match rng.below(5) {
+            0 => vec![Fault::once(OpKind::Write, w, EIO)],
+            1 => (0..2 + rng.below(3))
+                .map(|i| Fault::once(OpKind::Write, w + i, ENOSPC))
+                .collect(),
+            2 if flushes > 0 => vec![Fault::once(OpKind::Flush, 1 + rng.below(flushes), EIO)],
+            3 if discards > 0 => vec![Fault::once(OpKind::Discard, 1 + rng.below(discards), EIO)],
+            4 if flushes > 0 => vec![
+                Fault::once(OpKind::Write, w, ENOSPC),
+                Fault::once(OpKind::Flush, 1 + rng.below(flushes), EIO),
+            ],
+            _ => continue,
+        };
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
 }
 
 fn fault_list(run: &Run) -> Vec<Vec<Fault>> {
@@ -1046,6 +1279,9 @@ fn run_jobs(
     std::thread::scope(|sc| {
         for _ in 0..cfg.threads {
             sc.spawn(|| loop {
+                if stopped() {
+                    break;
+                }
                 let j = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(j) else { break };
                 let id = job_base + j;
@@ -1062,13 +1298,18 @@ fn run_jobs(
                         chunk,
                     } => {
                         let work = &works[*w];
-                        let seed = name_seed(work.spec.name)
+                        let seed = name_seed(&work.spec.name)
                             ^ ((*chunk as u64) << 40)
                             ^ ((*round as u64) << 24)
                             ^ (*k as u64);
                         let plans = if *round == 0 && *chunk == 0 {
                             let mut rng = Rng::new(seed ^ 0xc0ffee);
-                            Epoch::new(&work.run.cl, *k).deterministic(MAX_ALL_SUBSETS, &mut rng)
+                            let ep = Epoch::new(&work.run.cl, *k);
+                            if work.spec.random {
+                                ep.light(&mut rng)
+                            } else {
+                                ep.deterministic(MAX_ALL_SUBSETS, &mut rng)
+                            }
                         } else {
                             Vec::new()
                         };
@@ -1111,6 +1352,7 @@ fn run_jobs(
                             panic_text(&*p)
                         ),
                     );
+                    note_failure(cfg);
                     (job_w, st)
                 });
                 let mut g = per_work[wi].lock().unwrap();
@@ -1130,7 +1372,8 @@ fn crash_sim() {
 
     // Phase 1: prepare and record every workload without faults.
     let mut works: Vec<Work> = Vec::new();
-    for spec in workloads::all() {
+    let mut logs = HashSet::new();
+    for spec in all_workloads(&cfg) {
         if !cfg.only.is_empty() && !cfg.only.iter().any(|o| spec.name.contains(o.as_str())) {
             continue;
         }
@@ -1153,6 +1396,12 @@ fn crash_sim() {
                 r.error.as_ref().unwrap()
             ));
         }
+        for msg in &run.read_failures {
+            setup_failures.push(format!(
+                "crash-sim FAILURE: workload '{}': a guest read returned the wrong data: {msg}",
+                spec.name
+            ));
+        }
         if let Some(f) = spec.expect {
             if let Err(e) = f(&prep.base, &run.cl.final_image()) {
                 setup_failures.push(format!(
@@ -1161,19 +1410,41 @@ fn crash_sim() {
                 ));
             }
         }
+        logs.insert(plans::log_identity(&run.cl));
+        EPOCH_IDS
+            .lock()
+            .unwrap()
+            .extend(plans::epoch_identities(&run.cl));
         works.push(Work { spec, prep, run });
     }
     assert!(!works.is_empty(), "no workload matches QCOW2RS_CRASH_ONLY");
+    if !setup_failures.is_empty() {
+        note_failure(&cfg);
+    }
+    let n_random = works.iter().filter(|w| w.spec.random).count();
+    let n_concurrent = works.iter().filter(|w| w.spec.threads() > 1).count();
 
-    // Phase 2: budget. Deterministic states first; random ones fill up to the target, 35% of
-    // it going to the fault runs.
+    // Phase 2: budget. The generated workloads get RANDOM_SHARE percent of the target (a few
+    // light plans per epoch and a few sampled fault runs each). For the fixed ones:
+    // deterministic states first; random ones fill up to the rest of the target, 35% of it
+    // going to the fault runs.
+    let random_budget = if n_random > 0 {
+        cfg.target * RANDOM_SHARE / 100
+    } else {
+        0
+    };
+    let per_random = (random_budget / n_random.max(1)).max(6);
+    let random_faults = if cfg.target >= 200_000 { 4 } else { 2 };
+    let target = cfg.target - random_budget;
     let mut det_main = 0usize;
     let mut capacity: Vec<Vec<usize>> = Vec::new();
     for w in &works {
         let mut caps = Vec::new();
         for k in 0..w.run.cl.epochs() {
             let ep = Epoch::new(&w.run.cl, k);
-            det_main += det_estimate(&ep);
+            if !w.spec.random {
+                det_main += det_estimate(&ep);
+            }
             caps.push(random_capacity(&ep));
         }
         capacity.push(caps);
@@ -1181,22 +1452,28 @@ fn crash_sim() {
     let fault_lists: Vec<Vec<Vec<Fault>>> = works
         .iter()
         .map(|w| {
-            if cfg.faults {
-                fault_list(&w.run)
-            } else {
+            if !cfg.faults || w.spec.threads() > 1 {
                 Vec::new()
+            } else if w.spec.random {
+                random_fault_list(&w.spec, &w.run, random_faults)
+            } else {
+                fault_list(&w.run)
             }
         })
         .collect();
-    let fault_runs: usize = fault_lists.iter().map(|l| l.len()).sum();
+    let fault_runs: usize = works
+        .iter()
+        .zip(&fault_lists)
+        .filter(|(w, _)| !w.spec.random)
+        .map(|(_, l)| l.len())
+        .sum();
     const FAULT_DET: usize = 6;
-    let fault_random = (cfg.target * 35 / 100)
+    let fault_random = (target * 35 / 100)
         .checked_div(fault_runs)
         .map_or(0, |n| n.saturating_sub(FAULT_DET));
-    let main_random = cfg
-        .target
+    let main_random = target
         .saturating_sub(det_main + fault_runs * (FAULT_DET + fault_random))
-        .max(cfg.target / 10);
+        .max(target / 10);
     let total_weight: u64 = works
         .iter()
         .zip(&capacity)
@@ -1207,6 +1484,22 @@ fn crash_sim() {
 
     let mut jobs: Vec<Job> = Vec::new();
     for (wi, w) in works.iter().enumerate() {
+        if w.spec.random {
+            let epochs = capacity[wi].len();
+            let nf = fault_lists[wi].len();
+            let main = if nf > 0 { per_random / 2 } else { per_random };
+            for k in 0..epochs {
+                push_epoch_jobs(&mut jobs, wi, k, main / epochs, 0, true);
+            }
+            for f in &fault_lists[wi] {
+                jobs.push(Job::Fault {
+                    w: wi,
+                    faults: f.clone(),
+                    random: (per_random - main) / nf / epochs.min(6),
+                });
+            }
+            continue;
+        }
         let share = (main_random as u64 * w.spec.weight / total_weight) as usize;
         let cap_sum: usize = capacity[wi].iter().sum::<usize>().max(1);
         for (k, &cap) in capacity[wi].iter().enumerate() {
@@ -1221,14 +1514,18 @@ fn crash_sim() {
         }
     }
     eprintln!(
-        "crash-sim: {} workloads, {} epochs, {} fault runs; target {} states ({} deterministic, {} random in epochs, {} random per fault run); {} threads",
+        "crash-sim: {} workloads ({} generated from seed {:#x}, {} of them concurrent), {} epochs, {} fault runs; target {} states ({} deterministic, {} random in epochs, {} random per fault run, {} per generated workload); {} threads",
         works.len(),
+        n_random,
+        cfg.seed,
+        n_concurrent,
         capacity.iter().map(|c| c.len()).sum::<usize>(),
-        fault_runs,
+        fault_lists.iter().map(|l| l.len()).sum::<usize>(),
         cfg.target,
         det_main,
         main_random,
         fault_random,
+        per_random,
         cfg.threads
     );
 
@@ -1247,11 +1544,15 @@ fn crash_sim() {
         job_base += jobs.len();
         let done: u64 = per_work.iter().map(|m| m.lock().unwrap().0.states).sum();
         let deficit = (cfg.target as u64).saturating_sub(done) as usize;
-        if deficit == 0 {
+        if deficit == 0 || stopped() {
             break;
         }
         jobs = Vec::new();
-        for (wi, w) in works.iter().enumerate().filter(|(_, w)| w.spec.weight > 0) {
+        for (wi, w) in works
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.spec.weight > 0 && !w.spec.random)
+        {
             let share = deficit as u64 * w.spec.weight / total_weight + 1;
             let cap_sum: usize = capacity[wi].iter().sum::<usize>().max(1);
             for (k, &cap) in capacity[wi].iter().enumerate() {
@@ -1268,14 +1569,40 @@ fn crash_sim() {
 
     // Summary.
     let mut total = Stats::default();
+    let mut gen = Stats::default();
+    let mut gen_secs = 0.0;
     for (w, m) in works.iter().zip(per_work) {
         let (s, secs) = m.into_inner().unwrap();
         let [wr, sl, di, fl] = w.run.counts;
+        if w.spec.random {
+            if s.failed > 0 {
+                eprintln!(
+                    "crash-sim: {:<28} {:>7} states ({:>5} fault runs), {:>4} failed ({})",
+                    w.spec.name, s.states, s.fault_runs, s.failed, w.spec.what
+                );
+            }
+            gen_secs += secs;
+            gen.states += s.states;
+            gen.failed += s.failed;
+            gen.fault_runs += s.fault_runs;
+            gen.leaks += s.leaks;
+            gen.dirty += s.dirty;
+            gen.qemu += s.qemu;
+            gen.duplicates += s.duplicates;
+            total.add(s);
+            continue;
+        }
         eprintln!(
             "crash-sim: {:<28} {:>7} states ({:>5} fault runs), {:>4} failed, {:>6} with leaks, {:>6} dirty, {:>6} duplicates skipped, {:>4} qemu-img checks, {:>7.1} s; log: {wr} writes, {fl} flushes, {di} discards, {sl} set_len",
             w.spec.name, s.states, s.fault_runs, s.failed, s.leaks, s.dirty, s.duplicates, s.qemu, secs
         );
         total.add(s);
+    }
+    if n_random > 0 {
+        eprintln!(
+            "crash-sim: {:<28} {:>7} states ({:>5} fault runs), {:>4} failed, {:>6} with leaks, {:>6} dirty, {:>6} duplicates skipped, {:>4} qemu-img checks, {:>7.1} s ({n_random} workloads, {n_concurrent} concurrent)",
+            format!("generated (seed {:#x})", cfg.seed), gen.states, gen.fault_runs, gen.failed, gen.leaks, gen.dirty, gen.duplicates, gen.qemu, gen_secs
+        );
     }
     for f in &setup_failures {
         eprintln!("{f}");
@@ -1306,6 +1633,25 @@ fn crash_sim() {
         t0.elapsed().as_secs_f64()
     );
     let c = total.failed + setup_failures.len() as u64;
+    let first = FIRST_FAIL.load(Ordering::SeqCst);
+    if first != u64::MAX {
+        eprintln!(
+            "crash-sim: first failure after {first} states{}",
+            if cfg.stop_first {
+                " (QCOW2RS_CRASH_STOP_FIRST: stopped there)"
+            } else {
+                ""
+            }
+        );
+    }
+    eprintln!(
+        "crash-sim: seed {:#x} (QCOW2RS_CRASH_SEED), {} generated workloads (QCOW2RS_CRASH_RANDOM); {} distinct workload logs, {} distinct fault-run logs, {} distinct epochs",
+        cfg.seed,
+        n_random,
+        logs.len(),
+        FAULT_LOGS.lock().unwrap().len(),
+        EPOCH_IDS.lock().unwrap().len()
+    );
     eprintln!(
         "crash-sim: {} states, {} corruptions, {} with leaks",
         total.states, c, total.leaks
@@ -1346,7 +1692,11 @@ fn harness_catches_missing_barriers() {
         dump: None,
         threads: 1,
         qemu_every: 0,
+        qemu_det: false,
         recovery: false,
+        random: 0,
+        seed: 0,
+        stop_first: false,
     };
     let tmp = tempfile::tempdir().unwrap();
     let mut spec = workloads::all()

@@ -26,12 +26,26 @@
 //!   ends after its last persisted sector;
 //! * a pending `set_len` (truncate or extend) may be lost;
 //! * a failed operation (injected error) did not change what reads see, but may have reached the
-//!   disk anyway (EIO after a partial transfer): it is a pending operation of its own epoch like
-//!   any other. Durable images of later epochs assume it did not land. A failed flush is no
-//!   barrier.
+//!   disk anyway (EIO after a partial transfer). A failed flush is no barrier;
+//! * **doubtful** operations: every failed write, discard or `set_len`, and every successful one
+//!   that was pending when a flush failed (issued after the last successful flush and before the
+//!   failed one). On Linux a failed writeback may drop the dirty pages and report the error once;
+//!   the next fdatasync then succeeds without them. So a doubtful operation is never part of a
+//!   durable image, and it is a pending operation of its own epoch and of **every later epoch**
+//!   (any subset, whole or torn), applied in log order among the others: a durable operation
+//!   issued after it still overwrites it.
 //!
-//! [`CrashLog`] builds these images: [`CrashLog::durable`] for epoch `k`, then
-//! [`CrashLog::apply`] with one [`Persist`] choice per pending operation.
+//! # Flushes are intervals
+//! A flush is logged when it begins: everything logged before it is covered by it. With
+//! [`RecordingStorage::set_flush_delay`] the flush then sleeps (the "fdatasync" runs) without
+//! holding the lock, so other threads go on; what they log meanwhile is not covered (it is
+//! pending in the next epoch) but may be on the disk already when the power fails before the
+//! flush returned, so it is pending in the flush's previous epoch too: an epoch ends where the
+//! flush that ends it *completed* ([`CrashLog::epoch_end`]).
+//!
+//! [`CrashLog`] builds these images: [`CrashLog::crash_image`], or [`CrashLog::replay_base`] and
+//! [`CrashLog::replay`] (what the crash simulator uses), with one [`Persist`] choice per pending
+//! operation.
 //!
 //! # Fault injection
 //! [`Fault`] makes the `n`-th operation of a kind (counted from 1 since the storage was created,
@@ -124,6 +138,9 @@ pub struct LogEntry {
     /// For writes and discards: the whole sectors (the last one possibly cut at the end of the
     /// file) as the file held them right after the operation (as if it succeeded).
     sector_data: Vec<u8>,
+    /// For flushes: the log length when the flush returned (entries at or after it were issued
+    /// after it completed). `index + 1` without a flush delay.
+    done: usize,
 }
 
 impl LogEntry {
@@ -205,6 +222,7 @@ impl Fault {
 
 #[derive(Debug, Default)]
 struct Inner {
+    flush_delay: std::time::Duration,
     data: Vec<u8>,
     base: Vec<u8>,
     log: Vec<LogEntry>,
@@ -345,6 +363,19 @@ impl RecordingStorage {
         let g = self.lock();
         CrashLog::new(g.base.clone(), g.log.clone())
     }
+    /// Make every flush sleep `delay` after it was logged, without holding the lock (so that
+    /// other threads' operations race it). Zero (the default): no sleep.
+    pub fn set_flush_delay(&self, delay: std::time::Duration) {
+        self.lock().flush_delay = delay;
+    }
+    /// Free the file's bytes and the log (for a storage that stays referenced by a leaked image
+    /// after its log was taken). Later operations still work, on an empty file.
+    pub fn release(&self) {
+        let mut g = self.lock();
+        g.data = Vec::new();
+        g.base = Vec::new();
+        g.log = Vec::new();
+    }
 }
 
 impl Storage for RecordingStorage {
@@ -377,6 +408,7 @@ impl Storage for RecordingStorage {
             error,
             sector_offset,
             sector_data,
+            done: 0,
         });
         match error {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
@@ -400,6 +432,7 @@ impl Storage for RecordingStorage {
             error,
             sector_offset: 0,
             sector_data: Vec::new(),
+            done: 0,
         });
         match error {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
@@ -408,17 +441,29 @@ impl Storage for RecordingStorage {
     }
 
     fn flush(&self) -> io::Result<()> {
-        let mut g = self.lock();
-        let error = g.admit(OpKind::Flush);
-        if error.is_none() {
-            g.syncs += 1;
+        let (error, index, delay) = {
+            let mut g = self.lock();
+            let error = g.admit(OpKind::Flush);
+            if error.is_none() {
+                g.syncs += 1;
+            }
+            let index = g.log.len();
+            g.log.push(LogEntry {
+                op: Op::Flush,
+                error,
+                sector_offset: 0,
+                sector_data: Vec::new(),
+                done: index + 1,
+            });
+            (error, index, g.flush_delay)
+        };
+        if !delay.is_zero() {
+            // The "fdatasync" runs: other threads go on issuing operations meanwhile.
+            std::thread::sleep(delay);
+            let mut g = self.lock();
+            let n = g.log.len();
+            g.log[index].done = n;
         }
-        g.log.push(LogEntry {
-            op: Op::Flush,
-            error,
-            sector_offset: 0,
-            sector_data: Vec::new(),
-        });
         match error {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
             None => Ok(()),
@@ -446,6 +491,7 @@ impl Storage for RecordingStorage {
             error,
             sector_offset,
             sector_data,
+            done: 0,
         });
         match error {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
@@ -466,6 +512,9 @@ pub struct CrashLog {
     entries: Vec<LogEntry>,
     /// Log indices of the successful flushes.
     flushes: Vec<usize>,
+    /// Per entry: doubtful (failed, or pending when a flush failed): never durable, pending in
+    /// every epoch from its own on.
+    doubtful: Vec<bool>,
 }
 
 impl CrashLog {
@@ -477,10 +526,27 @@ impl CrashLog {
             .filter(|(_, e)| e.op == Op::Flush && !e.failed())
             .map(|(i, _)| i)
             .collect();
+        let mut doubtful = vec![false; entries.len()];
+        let mut since_sync: Vec<usize> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            match (&e.op, e.failed()) {
+                (Op::Flush, false) => since_sync.clear(),
+                (Op::Flush, true) => {
+                    for &j in &since_sync {
+                        doubtful[j] = true;
+                    }
+                }
+                (_, failed) => {
+                    doubtful[i] = failed;
+                    since_sync.push(i);
+                }
+            }
+        }
         CrashLog {
             base,
             entries,
             flushes,
+            doubtful,
         }
     }
     /// The starting image.
@@ -491,6 +557,11 @@ impl CrashLog {
     pub fn entries(&self) -> &[LogEntry] {
         &self.entries
     }
+    /// Whether entry `index` is doubtful: it failed, or a flush failed while it was pending. It
+    /// is never durable, and pending in every epoch from its own on.
+    pub fn doubtful(&self, index: usize) -> bool {
+        self.doubtful[index]
+    }
     /// Number of epochs: successful flushes + 1 (epoch 0 is the starting image).
     pub fn epochs(&self) -> usize {
         self.flushes.len() + 1
@@ -499,29 +570,37 @@ impl CrashLog {
     pub fn flush_index(&self, epoch: usize) -> Option<usize> {
         epoch.checked_sub(1).map(|i| self.flushes[i])
     }
-    /// Log index where epoch `epoch` ends: the flush starting the next epoch, or the end of the
-    /// log. Operations at or after it cannot be part of a crash image of this epoch.
+    /// Log index where epoch `epoch` ends: where the flush starting the next epoch completed
+    /// (right after its entry, unless operations raced it), or the end of the log. Operations
+    /// at or after it cannot be part of a crash image of this epoch.
     pub fn epoch_end(&self, epoch: usize) -> usize {
-        self.flushes
-            .get(epoch)
-            .copied()
-            .unwrap_or(self.entries.len())
+        self.flushes.get(epoch).map_or(self.entries.len(), |&f| {
+            self.entries[f].done.clamp(f + 1, self.entries.len())
+        })
     }
-    /// Log indices of the operations pending in epoch `epoch`: every write, discard and
-    /// `set_len` (failed ones included) after its flush and before the next successful one.
+    /// Log indices of the operations pending in epoch `epoch`, in log order: every write,
+    /// discard and `set_len` (failed ones included) after its flush and before the next
+    /// successful one completed, and every earlier doubtful one.
     pub fn pending(&self, epoch: usize) -> Vec<usize> {
         let start = self.flush_index(epoch).map_or(0, |i| i + 1);
-        (start..self.epoch_end(epoch))
+        (0..start)
+            .filter(|&i| self.doubtful[i])
+            .chain(start..self.epoch_end(epoch))
             .filter(|&i| self.entries[i].op != Op::Flush)
             .collect()
     }
+    /// Whether entry `i` is applied whole in every crash image of epoch `epoch` (a successful,
+    /// not doubtful operation before its flush).
+    fn durable_in(&self, i: usize, epoch: usize) -> bool {
+        i < self.flush_index(epoch).unwrap_or(0) && !self.entries[i].failed() && !self.doubtful[i]
+    }
     /// The durable image of epoch `epoch`: the starting image with every successful operation
-    /// before its flush applied.
+    /// before its flush applied, doubtful ones excepted.
     pub fn durable(&self, epoch: usize) -> Vec<u8> {
         let mut img = self.base.clone();
         let end = self.flush_index(epoch).unwrap_or(0);
         for i in 0..end {
-            if !self.entries[i].failed() {
+            if self.durable_in(i, epoch) {
                 self.apply(&mut img, i, &Persist::Whole);
             }
         }
@@ -532,10 +611,53 @@ impl CrashLog {
         let start = self.flush_index(from).unwrap_or(0);
         let end = self.flush_index(to).unwrap_or(0);
         for i in start..end {
-            if !self.entries[i].failed() {
+            if self.durable_in(i, to) {
                 self.apply(img, i, &Persist::Whole);
             }
         }
+    }
+    /// Where the crash images of epoch `epoch` start to differ: the first pending entry (or the
+    /// epoch's flush), and the image with every durable operation before it applied. Every crash
+    /// image of the epoch is that image plus [`CrashLog::replay`] from there.
+    pub fn replay_base(&self, epoch: usize) -> (usize, Vec<u8>) {
+        let start = self.flush_index(epoch).map_or(0, |i| i + 1);
+        let from = (0..start).find(|&i| self.doubtful[i]).unwrap_or(start);
+        let mut img = self.base.clone();
+        for i in 0..from {
+            if self.durable_in(i, epoch) {
+                self.apply(&mut img, i, &Persist::Whole);
+            }
+        }
+        (from, img)
+    }
+    /// Replay log entries `from..epoch_end(epoch)` onto `img` (the image of
+    /// [`CrashLog::replay_base`]) in log order: durable ones whole, pending ones (`pending`, the
+    /// entries of [`CrashLog::pending`] from `from` on) as `persist` says (missing: lost), the
+    /// others not at all. Returns the shortest length the image had on the way.
+    pub fn replay(
+        &self,
+        img: &mut Vec<u8>,
+        epoch: usize,
+        from: usize,
+        pending: &[usize],
+        persist: &[Persist],
+    ) -> usize {
+        let mut min_len = img.len();
+        let mut j = 0;
+        for i in from..self.epoch_end(epoch) {
+            while j < pending.len() && pending[j] < i {
+                j += 1;
+            }
+            if j < pending.len() && pending[j] == i {
+                self.apply(img, i, persist.get(j).unwrap_or(&Persist::Lost));
+            } else if self.durable_in(i, epoch) {
+                self.apply(img, i, &Persist::Whole);
+            } else {
+                continue;
+            }
+            min_len = min_len.min(img.len());
+        }
+        min_len
     }
     /// The image with every successful operation applied (what reads saw at the end).
     pub fn final_image(&self) -> Vec<u8> {
@@ -592,10 +714,9 @@ impl CrashLog {
     /// The crash image of epoch `epoch` keeping pending operation `pending(epoch)[i]` as
     /// `persist[i]` says (missing entries are lost).
     pub fn crash_image(&self, epoch: usize, persist: &[Persist]) -> Vec<u8> {
-        let mut img = self.durable(epoch);
-        for (i, idx) in self.pending(epoch).into_iter().enumerate() {
-            self.apply(&mut img, idx, persist.get(i).unwrap_or(&Persist::Lost));
-        }
+        let pending = self.pending(epoch);
+        let (from, mut img) = self.replay_base(epoch);
+        self.replay(&mut img, epoch, from, &pending, persist);
         img
     }
 }
@@ -711,5 +832,91 @@ mod tests {
         assert_eq!(st.op_count(OpKind::Flush), 3);
         st.clear_faults();
         st.flush().unwrap();
+    }
+
+    #[test]
+    fn failed_flush_makes_pending_writes_doubtful() {
+        let st = RecordingStorage::new(vec![0u8; 1024]);
+        st.inject(Fault::once(OpKind::Flush, 2, EIO));
+        st.write_at(&[1u8; 512], 0).unwrap(); // #0
+        st.flush().unwrap(); // #1: epoch 1
+        st.write_at(&[2u8; 512], 0).unwrap(); // #2: pending when #4 fails
+        st.write_at(&[3u8; 512], 512).unwrap(); // #3: too
+        assert!(st.flush().is_err()); // #4
+        st.write_at(&[4u8; 512], 512).unwrap(); // #5
+        st.flush().unwrap(); // #6: epoch 2
+        st.write_at(&[5u8; 8], 0).unwrap(); // #7
+        let cl = st.crash_log();
+        let kinds: Vec<bool> = (0..cl.entries().len()).map(|i| cl.doubtful(i)).collect();
+        assert_eq!(
+            kinds,
+            [false, false, true, true, false, false, false, false]
+        );
+        assert_eq!(cl.epochs(), 3);
+        // The writes a failed flush covered are never durable...
+        let d2 = cl.durable(2);
+        assert!(d2[..512].iter().all(|&b| b == 1));
+        assert!(d2[512..].iter().all(|&b| b == 4));
+        // ... and pending in every later epoch, in log order.
+        assert_eq!(cl.pending(1), vec![2, 3, 5]);
+        assert_eq!(cl.pending(2), vec![2, 3, 7]);
+        // Epoch 2 keeping both doubtful writes: #3 is overwritten by the durable #5.
+        let img = cl.crash_image(2, &[Persist::Whole, Persist::Whole, Persist::Lost]);
+        assert!(img[..512].iter().all(|&b| b == 2));
+        assert!(img[512..].iter().all(|&b| b == 4));
+        // Losing them: the durable image.
+        assert_eq!(cl.crash_image(2, &[]), d2);
+        // The sub-sector write #7 carries what reads saw (#2's bytes) in its sector.
+        let img = cl.crash_image(2, &[Persist::Lost, Persist::Lost, Persist::Whole]);
+        assert_eq!(&img[..8], &[5u8; 8]);
+        assert!(img[8..512].iter().all(|&b| b == 2));
+        let (from, base) = cl.replay_base(2);
+        assert_eq!(from, 2);
+        assert!(base[..512].iter().all(|&b| b == 1));
+        assert!(base[512..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn failed_write_is_doubtful_forever() {
+        let st = RecordingStorage::new(vec![0u8; 1024]);
+        st.inject(Fault::once(OpKind::Write, 1, ENOSPC));
+        assert!(st.write_at(&[1u8; 1024], 0).is_err()); // #0
+        st.flush().unwrap(); // #1
+        st.write_at(&[2u8; 512], 512).unwrap(); // #2
+        st.flush().unwrap(); // #3
+        let cl = st.crash_log();
+        assert!(cl.doubtful(0) && !cl.doubtful(2));
+        assert_eq!(cl.pending(1), vec![0, 2]);
+        assert_eq!(cl.pending(2), vec![0]);
+        assert_eq!(cl.durable(2), [vec![0u8; 512], vec![2u8; 512]].concat());
+        // Torn: its first sector only; the second is the durable #2 either way.
+        let img = cl.crash_image(2, &[Persist::Sectors(vec![true, true])]);
+        assert_eq!(img, [vec![1u8; 512], vec![2u8; 512]].concat());
+    }
+
+    #[test]
+    fn delayed_flush_is_an_interval() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let st = Arc::new(RecordingStorage::new(vec![0u8; 1024]));
+        st.set_flush_delay(Duration::from_millis(200));
+        st.write_at(&[1u8; 512], 0).unwrap(); // #0
+        let t = {
+            let st = st.clone();
+            std::thread::spawn(move || st.flush().unwrap()) // #1
+        };
+        while st.log_len() < 2 {
+            std::thread::yield_now();
+        }
+        st.write_at(&[2u8; 512], 512).unwrap(); // #2: races the flush
+        t.join().unwrap();
+        st.write_at(&[3u8; 512], 512).unwrap(); // #3: after it returned
+        let cl = st.crash_log();
+        assert_eq!(cl.epoch_end(0), 3);
+        // The racing write may be on the disk in a crash before the flush returned...
+        assert_eq!(cl.pending(0), vec![0, 2]);
+        // ... and is not covered by it.
+        assert_eq!(cl.pending(1), vec![2, 3]);
+        assert_eq!(cl.durable(1), [vec![1u8; 512], vec![0u8; 512]].concat());
     }
 }

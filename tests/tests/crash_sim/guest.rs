@@ -21,6 +21,9 @@ pub enum Content {
     Initial,
     /// Zeros (write-zeroes, discard, shrink).
     Zero,
+    /// The backing file's bytes (zeros past its end), whatever the overlay's original size: a
+    /// discard in a v2 image with a backing file exposes them, also in a grown range.
+    Backing,
     /// Data written by a guest write: slot in the arena.
     Data(u32),
 }
@@ -64,7 +67,7 @@ pub fn describe(b: &[u8], guest: &Guest, sector: u64) -> String {
         return "zeros".into();
     }
     if (sector * SEC) < guest.initial.len() as u64 && b == guest.initial_sector(sector) {
-        return "the initial (backing) data".into();
+        return "the backing file's data".into();
     }
     if &b[0..4] == TAG {
         let op = u32::from_le_bytes(b[4..8].try_into().unwrap());
@@ -133,6 +136,13 @@ impl Guest {
         self.sizes.last().unwrap().1
     }
 
+    /// Whether the initial content of sector `s` is the backing file's data (past the image's
+    /// starting size the disk reads zeros, even over a larger backing file).
+    fn backed(&self, s: u64) -> bool {
+        let end = (self.initial.len() as u64).min(self.sizes[0].1);
+        s * SEC < end
+    }
+
     pub fn initial_sector(&self, s: u64) -> &[u8] {
         let a = (s * SEC) as usize;
         &self.initial[a..a + SEC as usize]
@@ -184,7 +194,7 @@ impl Guest {
             end / cs
         };
         let c = if self.discard_shows_backing {
-            Content::Initial
+            Content::Backing
         } else {
             Content::Zero
         };
@@ -197,31 +207,54 @@ impl Guest {
         }
     }
 
+    /// A resize: the sectors a shrink cuts off, and the ones a growth adds, read as zeros
+    /// afterwards (never the backing file's data past the old size).
     pub fn resize(&mut self, op: usize, new: u64) {
         let old = self.size();
-        if new < old {
-            for s in new / SEC..old / SEC {
-                self.push(s, op, Content::Zero);
-            }
+        let (a, b) = if new < old { (new, old) } else { (old, new) };
+        for s in a / SEC..b / SEC {
+            self.push(s, op, Content::Zero);
         }
         self.ensure(new / SEC);
         self.sizes.push((op, new));
     }
 
-    /// The content of sector `s` right after op `op` (inclusive).
-    pub fn at(&self, s: usize, op: usize) -> Content {
-        self.hist[s]
-            .iter()
-            .rev()
-            .find(|v| v.op <= op)
-            .map_or(Content::Initial, |v| v.content)
+    /// A resize by op `op` failed and the image reports `actual` as its size now: later ops see
+    /// that size (the zeros the failed op pushed stay possible, never guaranteed).
+    pub fn resize_failed(&mut self, op: usize, actual: u64) {
+        if self.size() != actual {
+            self.ensure(actual.div_ceil(SEC));
+            self.sizes.push((op, actual));
+        }
+    }
+
+    /// What a read of sector `s` by op `before` may return: the latest version written by an
+    /// earlier successful op (`ok`), or any version an earlier failed op wrote after it.
+    pub fn readable(&self, s: usize, before: usize, ok: impl Fn(usize) -> bool) -> Vec<Content> {
+        let h = &self.hist[s];
+        let g = h.iter().rposition(|v| v.op < before && ok(v.op));
+        let mut out = vec![g.map_or(Content::Initial, |i| h[i].content)];
+        out.extend(
+            h[g.map_or(0, |i| i + 1)..]
+                .iter()
+                .filter(|v| v.op < before)
+                .map(|v| v.content),
+        );
+        out
     }
 
     pub fn bytes_match(&self, s: u64, c: Content, b: &[u8]) -> bool {
         match c {
             Content::Zero => is_zero(b),
-            Content::Initial => {
+            Content::Backing => {
                 if (s * SEC) < self.initial.len() as u64 {
+                    b == self.initial_sector(s)
+                } else {
+                    is_zero(b)
+                }
+            }
+            Content::Initial => {
+                if self.backed(s) {
                     b == self.initial_sector(s)
                 } else {
                     is_zero(b)
@@ -237,8 +270,9 @@ impl Guest {
     pub fn name(&self, c: Content, s: u64) -> String {
         match c {
             Content::Zero => "zeros".into(),
+            Content::Backing => "the backing file's data (discarded)".into(),
             Content::Initial => {
-                if (s * SEC) < self.initial.len() as u64 {
+                if self.backed(s) {
                     "initial (backing) data".into()
                 } else {
                     "zeros (initial)".into()
@@ -267,29 +301,39 @@ pub struct Expect {
 }
 
 impl Expect {
-    /// `synced_op`: the last guest sync point the state must honour; `maybe(op)`: whether a
-    /// version written by a later op may be there.
-    pub fn build(g: &Guest, synced_op: usize, maybe: impl Fn(usize) -> bool) -> Expect {
+    /// `guaranteed(op)`: whether op `op`'s versions must be on the disk (it succeeded and a sync
+    /// point covers it); `maybe(op)`: whether a version written by `op` may be there. Per sector
+    /// the guaranteed version is the latest one whose op is guaranteed (the initial content if
+    /// none), and the candidates are it plus every later version that may appear. `synced_op`
+    /// is only for messages.
+    pub fn build(
+        g: &Guest,
+        synced_op: usize,
+        guaranteed: impl Fn(usize) -> bool,
+        maybe: impl Fn(usize) -> bool,
+    ) -> Expect {
         let mut starts = Vec::with_capacity(g.hist.len() + 1);
         let mut items = Vec::with_capacity(g.hist.len());
-        for (s, h) in g.hist.iter().enumerate() {
-            starts.push(items.len() as u32);
-            items.push(g.at(s, synced_op));
-            for v in h.iter().filter(|v| v.op > synced_op && maybe(v.op)) {
-                if !items[*starts.last().unwrap() as usize..].contains(&v.content) {
+        for h in &g.hist {
+            let first = items.len();
+            starts.push(first as u32);
+            let gi = h.iter().rposition(|v| guaranteed(v.op));
+            items.push(gi.map_or(Content::Initial, |i| h[i].content));
+            for v in h[gi.map_or(0, |i| i + 1)..].iter().filter(|v| maybe(v.op)) {
+                if !items[first..].contains(&v.content) {
                     items.push(v.content);
                 }
             }
         }
         starts.push(items.len() as u32);
-        let mut sizes = vec![g
+        let gi = g
             .sizes
             .iter()
-            .rev()
-            .find(|(op, _)| *op <= synced_op)
-            .map_or(g.sizes[0].1, |&(_, sz)| sz)];
-        for &(op, sz) in &g.sizes {
-            if op > synced_op && maybe(op) && !sizes.contains(&sz) {
+            .rposition(|&(op, _)| op == 0 || guaranteed(op));
+        let gi = gi.unwrap_or(0);
+        let mut sizes = vec![g.sizes[gi].1];
+        for &(op, sz) in &g.sizes[gi + 1..] {
+            if maybe(op) && !sizes.contains(&sz) {
                 sizes.push(sz);
             }
         }

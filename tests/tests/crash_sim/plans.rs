@@ -51,9 +51,15 @@ pub struct Plan {
 pub struct Epoch<'a> {
     pub cl: &'a CrashLog,
     pub k: usize,
+    /// The pending log entries, in log order: this epoch's and every earlier doubtful one.
     pub pending: Vec<usize>,
     /// Sectors of each pending op (0 for set_len).
     pub sectors: Vec<usize>,
+    /// Crash images are `base` with log entries `from..` replayed ([`CrashLog::replay`]).
+    pub from: usize,
+    pub base: Vec<u8>,
+    /// Every entry the replay may apply: the bytes outside their ranges are `base`'s.
+    touched: Vec<usize>,
 }
 
 /// A torn version of an op of `n` sectors: a random prefix (half the time) or random subset,
@@ -84,12 +90,28 @@ impl<'a> Epoch<'a> {
                 _ => cl.entries()[i].sectors(),
             })
             .collect();
+        let (from, base) = cl.replay_base(k);
+        let touched = (from..cl.epoch_end(k))
+            .filter(|&i| cl.entries()[i].op != Op::Flush)
+            .collect();
         Epoch {
             cl,
             k,
             pending,
             sectors,
+            from,
+            base,
+            touched,
         }
+    }
+
+    /// Log indices of the pending entries that are doubtful (failed, or covered by a failed
+    /// flush).
+    pub fn doubtful(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|&&i| self.cl.doubtful(i))
+            .count()
     }
 
     pub fn n(&self) -> usize {
@@ -166,6 +188,40 @@ impl<'a> Epoch<'a> {
         out
     }
 
+    /// Two plans for a generated workload's epoch: everything kept, and one of nothing kept,
+    /// the first half kept, or one op torn with everything else kept.
+    pub fn light(&self, rng: &mut Rng) -> Vec<Plan> {
+        let n = self.n();
+        let mut out = vec![Plan {
+            persist: vec![Persist::Whole; n],
+            origin: Origin::Prefix,
+        }];
+        if n == 0 {
+            return out;
+        }
+        let multi: Vec<usize> = (0..n).filter(|&j| self.sectors[j] >= 2).collect();
+        match rng.below(3) {
+            0 if !multi.is_empty() => {
+                let j = multi[rng.below(multi.len() as u64) as usize];
+                let mut p = vec![Persist::Whole; n];
+                p[j] = Persist::Sectors(torn_mask(rng, self.sectors[j]));
+                out.push(Plan {
+                    persist: p,
+                    origin: Origin::Torn,
+                });
+            }
+            1 if n >= 2 => out.push(Plan {
+                persist: self.keep_first(n / 2),
+                origin: Origin::Prefix,
+            }),
+            _ => out.push(Plan {
+                persist: vec![Persist::Lost; n],
+                origin: Origin::Prefix,
+            }),
+        }
+        out
+    }
+
     /// A seeded random state: each op kept with a probability drawn per plan, kept multi-sector
     /// ops torn a quarter of the time. With `must_tear` (every whole-op subset is enumerated
     /// already), one multi-sector op is always torn.
@@ -195,51 +251,55 @@ impl<'a> Epoch<'a> {
         }
     }
 
-    /// Build the image of `plan` on top of this epoch's durable image.
-    pub fn build(&self, durable: &[u8], plan: &Plan) -> Vec<u8> {
-        let mut img = durable.to_vec();
-        for (j, &idx) in self.pending.iter().enumerate() {
-            self.cl.apply(&mut img, idx, &plan.persist[j]);
-        }
+    /// Build the image of `plan`.
+    pub fn build(&self, plan: &Plan) -> Vec<u8> {
+        let mut img = self.base.clone();
+        self.build_into(&mut img, plan);
         img
     }
 
-    /// Apply `plan` to `scratch` (a copy of the durable image); returns the shortest length the
+    /// Apply `plan` to `scratch` (a copy of [`Epoch::base`]); returns the shortest length the
     /// image had on the way, for [`Epoch::restore`].
     pub fn build_into(&self, scratch: &mut Vec<u8>, plan: &Plan) -> usize {
-        let mut min_len = scratch.len();
-        for (j, &idx) in self.pending.iter().enumerate() {
-            self.cl.apply(scratch, idx, &plan.persist[j]);
-            min_len = min_len.min(scratch.len());
-        }
-        min_len
+        self.cl
+            .replay(scratch, self.k, self.from, &self.pending, &plan.persist)
     }
 
-    /// Undo [`Epoch::build_into`]: only the pending ops' ranges and the length changed.
-    pub fn restore(&self, scratch: &mut Vec<u8>, durable: &[u8], min_len: usize) {
-        if min_len < durable.len() {
+    /// Undo [`Epoch::build_into`]: only the replayed entries' ranges and the length changed.
+    pub fn restore(&self, scratch: &mut Vec<u8>, min_len: usize) {
+        let base = &self.base;
+        if min_len < base.len() {
             scratch.truncate(min_len);
-            scratch.extend_from_slice(&durable[min_len..]);
+            scratch.extend_from_slice(&base[min_len..]);
         } else {
-            scratch.truncate(durable.len());
+            scratch.truncate(base.len());
         }
-        for &idx in &self.pending {
+        for &idx in &self.touched {
             let (a, b) = self.cl.entries()[idx].sector_range();
-            let a = (a as usize).min(durable.len());
-            let b = (b as usize).min(durable.len());
-            scratch[a..b].copy_from_slice(&durable[a..b]);
+            let a = (a as usize).min(base.len());
+            let b = (b as usize).min(base.len());
+            scratch[a..b].copy_from_slice(&base[a..b]);
         }
     }
 
     /// A fingerprint of the image `plan` builds: two plans with the same fingerprint build the
-    /// same image (the bytes outside the pending ops' ranges are the durable image's).
+    /// same image (the bytes outside the replayed entries' ranges are the base image's).
     pub fn fingerprint(&self, img: &[u8], plan: &Plan) -> u64 {
         let mut h = DefaultHasher::new();
         h.write_u64(img.len() as u64);
-        for (j, &idx) in self.pending.iter().enumerate() {
+        let mut j = 0;
+        for &idx in &self.touched {
             let e = &self.cl.entries()[idx];
+            while j < self.pending.len() && self.pending[j] < idx {
+                j += 1;
+            }
             match e.op {
-                Op::SetLen { .. } => h.write_u8(matches!(plan.persist[j], Persist::Lost) as u8),
+                Op::SetLen { .. } => {
+                    let lost = j < self.pending.len()
+                        && self.pending[j] == idx
+                        && matches!(plan.persist[j], Persist::Lost);
+                    h.write_u8(lost as u8)
+                }
                 _ => {
                     let (a, b) = e.sector_range();
                     let a = (a as usize).min(img.len());
@@ -319,4 +379,60 @@ fn ranges(m: &[bool]) -> String {
         i = e + 1;
     }
     out.join(",")
+}
+
+/// Feed one log entry (operation, bytes, outcome) to a hasher.
+pub fn hash_entry(h: &mut impl Hasher, e: &qcow2rs::storage::LogEntry) {
+    match &e.op {
+        Op::Write { offset, data } => {
+            h.write_u8(0);
+            h.write_u64(*offset);
+            h.write(data);
+        }
+        Op::SetLen { len } => {
+            h.write_u8(1);
+            h.write_u64(*len);
+        }
+        Op::Discard { offset, len } => {
+            h.write_u8(2);
+            h.write_u64(*offset);
+            h.write_u64(*len);
+        }
+        Op::Flush => h.write_u8(3),
+    }
+    h.write_i32(e.error.unwrap_or(0));
+}
+
+/// A hash of a whole log (with its starting image).
+pub fn log_identity(cl: &CrashLog) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(cl.base());
+    for e in cl.entries() {
+        hash_entry(&mut h, e);
+    }
+    h.finish()
+}
+
+/// Per epoch, a hash of what its crash states are made of: the starting image, the log up to the
+/// epoch's end, and its pending set (epochs with equal hashes have the same crash states).
+pub fn epoch_identities(cl: &CrashLog) -> Vec<u64> {
+    let mut h = DefaultHasher::new();
+    h.write(cl.base());
+    let mut done = 0;
+    (0..cl.epochs())
+        .map(|k| {
+            let end = cl.epoch_end(k);
+            if end > done {
+                for e in &cl.entries()[done..end] {
+                    hash_entry(&mut h, e);
+                }
+                done = end;
+            }
+            let mut e = h.clone();
+            for i in cl.pending(k) {
+                e.write_usize(i);
+            }
+            e.finish()
+        })
+        .collect()
 }

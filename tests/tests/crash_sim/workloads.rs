@@ -1,7 +1,9 @@
 //! Workloads: what the guest does, and how a run on a [`RecordingStorage`] is recorded.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use qcow2rs::storage::{CrashLog, Fault, OpKind, RecordingStorage};
 use qcow2rs::{CacheMode, Compat, CreateOptions, Image, MemStorage, OpenOptions, Preallocation};
@@ -26,6 +28,12 @@ pub enum G {
     Close,
     /// Close the image and open it again (a new session: allocation starts from scratch).
     Reopen,
+    /// An unclean reopen: the image is leaked (`std::mem::forget`, as if the process was
+    /// killed: no close, a lazy-refcount dirty bit stays) and opened again on the same storage.
+    Kill,
+    /// Read and compare with the model (what the last successful write put there, or what a
+    /// later failed one may have).
+    Read(u64, u64),
     /// The image is dropped after an error (Drop flushes, errors are not seen).
     Drop,
 }
@@ -42,6 +50,8 @@ impl std::fmt::Display for G {
             G::Resize(s) => write!(f, "resize {s:#x}"),
             G::Close => write!(f, "close"),
             G::Reopen => write!(f, "close and reopen"),
+            G::Kill => write!(f, "kill (leak the image) and reopen"),
+            G::Read(o, l) => write!(f, "read {o:#x}+{l:#x}"),
             G::Drop => write!(f, "drop (after error)"),
         }
     }
@@ -53,11 +63,22 @@ pub type ExpectFn = fn(&[u8], &[u8]) -> Result<(), String>;
 /// A workload.
 #[derive(Clone)]
 pub struct Spec {
-    pub name: &'static str,
-    pub what: &'static str,
+    pub name: String,
+    pub what: String,
     pub create: CreateOptions,
-    /// A qcow2 backing file of the same size, with data over its first `backing_data` bytes.
+    /// A qcow2 backing file of the same size (or `backing_size`), with data over its first
+    /// `backing_data` bytes.
     pub backing_data: Option<u64>,
+    pub backing_size: Option<u64>,
+    /// Fault runs go on after a failed operation (until a failed flush meets a reopen or close:
+    /// the run ends there). Otherwise they stop at the first error.
+    pub keep_going: bool,
+    /// A generated workload: few deterministic plans per epoch, a few sampled fault runs.
+    pub random: bool,
+    /// Concurrent workload: the thread each op runs on (empty: one thread, in order).
+    pub thread_of: Vec<usize>,
+    /// Flush delay of the recording storage (concurrent workloads).
+    pub flush_delay: Option<Duration>,
     pub open: OpenOptions,
     /// Run before recording (part of the durable starting image).
     pub setup: Vec<G>,
@@ -72,14 +93,19 @@ pub struct Spec {
 }
 
 impl Spec {
-    fn new(name: &'static str, what: &'static str, size: u64, cluster: u32) -> Spec {
+    pub fn new(name: &str, what: &str, size: u64, cluster: u32) -> Spec {
         let mut create = CreateOptions::new(size);
         create.cluster_size = cluster;
         Spec {
-            name,
-            what,
+            name: name.to_string(),
+            what: what.to_string(),
             create,
             backing_data: None,
+            backing_size: None,
+            keep_going: false,
+            random: false,
+            thread_of: Vec::new(),
+            flush_delay: None,
             open: OpenOptions::new(),
             setup: Vec::new(),
             ops: Vec::new(),
@@ -93,6 +119,9 @@ impl Spec {
     }
     pub fn writethrough(&self) -> bool {
         self.open.cache.write_through()
+    }
+    pub fn threads(&self) -> usize {
+        self.thread_of.iter().max().map_or(1, |&t| t + 1)
     }
 }
 
@@ -659,6 +688,139 @@ pub fn all() -> Vec<Spec> {
     s.weight = 5;
     v.push(s);
 
+    let mut s = Spec::new(
+        "dirty_bit",
+        "lazy refcounts: clean close, reopen, allocation in an existing L2 table (needs the dirty bit again)",
+        8 * MIB,
+        4096,
+    );
+    s.create.lazy_refcounts = true;
+    s.ops = vec![
+        Write(0, 4 * KIB),
+        Reopen,
+        Write(8 * KIB, 4 * KIB),
+        Flush,
+        Write(16 * KIB, 8 * KIB),
+        Flush,
+        Kill,
+        Write(32 * KIB, 4 * KIB),
+        Flush,
+        Close,
+    ];
+    s.weight = 4;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "resize_over_backing",
+        "an overlay smaller than its backing file (data past the overlay's end) grown by resize",
+        MIB,
+        65536,
+    );
+    s.backing_data = Some(2 * MIB);
+    s.backing_size = Some(2 * MIB);
+    s.ops = vec![
+        Write(4 * KIB, 4 * KIB),
+        Flush,
+        Resize(MIB + 64 * KIB),
+        Flush,
+        Resize(2 * MIB - 512),
+        Write(MIB + 128 * KIB, 4 * KIB),
+        Flush,
+        Resize(2 * MIB),
+        Close,
+    ];
+    s.weight = 4;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "failed_flush",
+        "fault runs go on after a failed flush: later writes and flushes (the image must refuse them)",
+        4 * MIB,
+        4096,
+    );
+    s.keep_going = true;
+    s.ops = vec![
+        Write(0, 4 * KIB),
+        Write(MIB, 8 * KIB),
+        Flush,
+        Write(4 * KIB, 4 * KIB),
+        Write(2 * MIB, 4 * KIB),
+        Flush,
+        Write(8 * KIB, 4 * KIB),
+        Write(MIB, 4 * KIB),
+        Flush,
+        Write(12 * KIB, 4 * KIB),
+        Flush,
+        Close,
+    ];
+    s.weight = 4;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "comp_reuse",
+        "compressed clusters read, COW-ed, freed, their host clusters reused once the allocation run is used up, compressed again (1 KiB clusters)",
+        4 * MIB,
+        1024,
+    );
+    let mut ops = Vec::new();
+    for c in 0..8 {
+        ops.push(Compressed(c * KIB));
+    }
+    ops.push(Read(0, 8 * KIB));
+    ops.push(Write(KIB + 512, 512));
+    ops.push(Discard(0, 8 * KIB));
+    ops.push(Flush);
+    // 1024 new clusters: the run (1024 clusters) is used up, the next starts at the freed ones.
+    ops.push(Write(64 * KIB, 512 * KIB));
+    ops.push(Write(576 * KIB, 512 * KIB));
+    for k in 0..8u64 {
+        let c = 2 * MIB + k * 2 * KIB;
+        ops.push(Write(1088 * KIB + k * 6 * KIB, 6 * KIB));
+        ops.push(Compressed(c));
+        ops.push(Read(c, KIB));
+        ops.push(Compressed(c + KIB));
+        ops.push(Write(c + KIB + 512, 512));
+        ops.push(Read(c, 2 * KIB));
+    }
+    ops.push(Flush);
+    ops.push(Read(0, 4 * MIB));
+    ops.push(Close);
+    s.ops = ops;
+    s.weight = 6;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "unlinked_flag",
+        "concurrent writeback, 2-table L2 cache: allocations into a table created just before another thread's flush, while that flush syncs",
+        512 * KIB,
+        512,
+    );
+    s.open.l2_cache_size = Some(2 * 512);
+    s.open.refcount_cache_size = Some(2 * 512);
+    s.flush_delay = Some(std::time::Duration::from_millis(3));
+    let mut ops = Vec::new();
+    let mut thread_of = Vec::new();
+    let table = |t: u64, c: u64| (t * 64 + c) * 512;
+    for r in 0..7u64 {
+        let (a, b) = (2 * r, 2 * r + 1);
+        ops.push(Write(table(a, 0), 512));
+        thread_of.push(0);
+        ops.push(Flush);
+        thread_of.push(0);
+        for (t, c) in [(1, 1), (2, 2), (1, 4), (2, 5)] {
+            ops.push(Write(table(a, c + 6 * (r % 3)), 512));
+            thread_of.push(t);
+            ops.push(Write(table(b, c), 512));
+            thread_of.push(t);
+        }
+        ops.push(Flush);
+        thread_of.push(1);
+    }
+    s.ops = ops;
+    s.thread_of = thread_of;
+    s.weight = 4;
+    v.push(s);
+
     v
 }
 
@@ -684,11 +846,22 @@ pub struct OpRec {
     pub error: Option<String>,
     /// A successful sync point: everything acknowledged before is durable from epoch `flushes`.
     pub sync: bool,
+    /// The thread that ran it (0 in sequential workloads).
+    pub thread: usize,
+    /// Global sequence numbers taken when the op began and when it completed.
+    pub begin_seq: u64,
+    pub done_seq: u64,
+    /// Its session was killed (`G::Kill`) before a sync point of that session covered it: what
+    /// it changed in memory only (cached metadata) died with the process, so it may be lost
+    /// for good; later sessions' flushes do not cover it.
+    pub lost: bool,
 }
 
 /// A recorded run.
 pub struct Run {
     pub cl: CrashLog,
+    /// Guest reads during the run that returned data the model does not allow.
+    pub read_failures: Vec<String>,
     pub ops: Vec<OpRec>,
     pub guest: Guest,
     pub faults: Vec<Fault>,
@@ -697,12 +870,30 @@ pub struct Run {
 }
 
 impl Run {
-    /// The last guest op whose sync point a crash in epoch `k` must honour.
+    /// The last guest op whose sync point a crash in epoch `k` must honour (for messages).
     pub fn synced_op(&self, k: usize) -> usize {
         self.ops
             .iter()
             .rposition(|r| r.sync && r.error.is_none() && r.flushes <= k)
             .expect("Start is always synced")
+    }
+    /// Per op: whether its content is guaranteed in a crash state of epoch `k`. Op `o` is
+    /// guaranteed when it succeeded and some successful sync op `F` (flush, close, reopen,
+    /// writethrough write) with `F.begin_seq > o.done_seq` (it began after `o` completed), or
+    /// `o` itself when it is a sync op, returned with its end epoch at most `k`.
+    pub fn guaranteed(&self, k: usize) -> Vec<bool> {
+        let eligible = |r: &OpRec| r.sync && r.error.is_none() && r.flushes <= k;
+        let max_begin = self
+            .ops
+            .iter()
+            .filter(|r| eligible(r))
+            .map(|r| r.begin_seq)
+            .max()
+            .unwrap_or(0);
+        self.ops
+            .iter()
+            .map(|r| r.error.is_none() && !r.lost && (eligible(r) || r.done_seq < max_begin))
+            .collect()
     }
     /// Index of the first failed log entry, if any.
     pub fn first_failed_entry(&self) -> Option<usize> {
@@ -737,11 +928,12 @@ pub fn prepare(spec: &Spec, dir: &Path) -> Result<Prepared, String> {
     let mut initial = Vec::new();
     if let Some(data_len) = spec.backing_data {
         let bpath = dir.join(format!("{}-backing.qcow2", spec.name));
-        let mut bo = CreateOptions::new(size);
+        let bsize = spec.backing_size.unwrap_or(size);
+        let mut bo = CreateOptions::new(bsize);
         bo.cluster_size = 65536;
         Image::create(&bpath, &bo).map_err(io_err)?;
         let b = Image::open(&bpath, &OpenOptions::new()).map_err(io_err)?;
-        initial = vec![0u8; size as usize];
+        initial = vec![0u8; bsize as usize];
         for (i, chunk) in initial[..data_len as usize]
             .chunks_mut(SEC as usize)
             .enumerate()
@@ -758,28 +950,15 @@ pub fn prepare(spec: &Spec, dir: &Path) -> Result<Prepared, String> {
     Image::create_on(mem.clone(), &name.display().to_string(), &create).map_err(io_err)?;
     let discard_shows_backing = spec.backing_data.is_some() && spec.create.compat == Compat::V2;
     let mut guest = Guest::new(size, cs, initial, discard_shows_backing);
-    let mut recs = vec![OpRec {
-        g: G::Start,
-        log_start: 0,
-        log_end: 0,
-        flushes: 0,
-        error: None,
-        sync: true,
-    }];
+    let mut recs = vec![rec0(G::Start)];
     if !spec.setup.is_empty() {
         let img = Image::open_storage(mem.clone(), &name.display().to_string(), &spec.open)
             .map_err(io_err)?;
         for g in &spec.setup {
             let i = recs.len();
-            exec(&img, &mut guest, i, g).map_err(|e| format!("setup {g}: {e}"))?;
-            recs.push(OpRec {
-                g: g.clone(),
-                log_start: 0,
-                log_end: 0,
-                flushes: 0,
-                error: None,
-                sync: true,
-            });
+            let p = model(&mut guest, i, g, cs);
+            exec(&img, &p, g).map_err(|e| format!("setup {g}: {e}"))?;
+            recs.push(rec0(g.clone()));
         }
         img.close().map_err(io_err)?;
     }
@@ -791,72 +970,174 @@ pub fn prepare(spec: &Spec, dir: &Path) -> Result<Prepared, String> {
     })
 }
 
-/// Run one guest op on `img`, updating the model first.
-fn exec(img: &Image, guest: &mut Guest, i: usize, g: &G) -> qcow2rs::Result<()> {
-    match *g {
-        G::Write(off, len) => {
-            let buf = guest.write(i, off, len, false);
-            img.write_at(&buf, off)
-        }
-        G::Compressed(off) => {
-            let cs = img.cluster_size() as u64;
-            let buf = guest.write(i, off, cs, true);
-            img.write_compressed(off, &buf)
-        }
-        G::Zeroes(off, len) => {
-            guest.zeroes(i, off, len);
-            img.write_zeroes(off, len)
-        }
-        G::Discard(off, len) => {
-            guest.discard(i, off, len);
-            img.discard(off, len)
-        }
-        G::Flush => img.flush(),
-        G::Resize(sz) => {
-            guest.resize(i, sz);
-            img.resize(sz)
-        }
-        G::Start | G::Close | G::Reopen | G::Drop => unreachable!(),
+/// A durable record (Start and setup ops).
+fn rec0(g: G) -> OpRec {
+    OpRec {
+        g,
+        log_start: 0,
+        log_end: 0,
+        flushes: 0,
+        error: None,
+        sync: true,
+        thread: 0,
+        begin_seq: 0,
+        done_seq: 0,
+        lost: false,
     }
 }
 
+/// Update the model for guest op `i`; returns the bytes it writes (if any).
+fn model(guest: &mut Guest, i: usize, g: &G, cs: u64) -> Vec<u8> {
+    match *g {
+        G::Write(off, len) => guest.write(i, off, len, false),
+        G::Compressed(off) => guest.write(i, off, cs, true),
+        G::Zeroes(off, len) => {
+            guest.zeroes(i, off, len);
+            Vec::new()
+        }
+        G::Discard(off, len) => {
+            guest.discard(i, off, len);
+            Vec::new()
+        }
+        G::Resize(sz) => {
+            guest.resize(i, sz);
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Run one guest op on `img` (the model was updated by [`model`], which gave `buf`).
+fn exec(img: &Image, buf: &[u8], g: &G) -> qcow2rs::Result<()> {
+    match *g {
+        G::Write(off, _) => img.write_at(buf, off),
+        G::Compressed(off) => img.write_compressed(off, buf),
+        G::Zeroes(off, len) => img.write_zeroes(off, len),
+        G::Discard(off, len) => img.discard(off, len),
+        G::Flush => img.flush(),
+        G::Resize(sz) => img.resize(sz),
+        G::Start | G::Close | G::Reopen | G::Kill | G::Drop | G::Read(..) => unreachable!(),
+    }
+}
+
+/// Guest read of op `i`: compare with what the model allows (versions of ops before `i`;
+/// `failed(op)`: that op returned an error).
+fn check_read(
+    img: &Image,
+    guest: &Guest,
+    i: usize,
+    off: u64,
+    len: u64,
+    failed: &dyn Fn(usize) -> bool,
+) -> qcow2rs::Result<Option<String>> {
+    let mut buf = vec![0u8; len as usize];
+    img.read_at(&mut buf, off)?;
+    for (j, sec) in buf.chunks(SEC as usize).enumerate() {
+        let s = off / SEC + j as u64;
+        let ok = |op: usize| op < i && !failed(op);
+        let allowed = guest.readable(s as usize, i, ok);
+        if !allowed.iter().any(|&c| guest.bytes_match(s, c, sec)) {
+            return Ok(Some(format!(
+                "guest op {i} (read {off:#x}+{len:#x}): sector {s} holds {}; allowed: {}",
+                super::guest::describe(sec, guest, s),
+                allowed
+                    .iter()
+                    .map(|&c| guest.name(c, s))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Run the recorded part of a workload on a fresh [`RecordingStorage`], with `faults` injected.
-/// Stops at the first error (then drops the image).
+/// Stops at the first error (then drops the image), unless the workload keeps going: then
+/// only a failed flush followed by a close, reopen or kill ends it (the image refuses
+/// everything after a failed flush until reopened, and a reopened image cannot know what the
+/// failed flush lost).
 pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
+    if spec.threads() > 1 {
+        return run_concurrent(spec, prep, faults);
+    }
     let rec = Arc::new(RecordingStorage::new(prep.base.clone()));
     for f in faults {
         rec.inject(*f);
     }
+    let cs = spec.create.cluster_size as u64;
     let mut guest = prep.guest.clone();
     let mut ops = prep.recs.clone();
+    let mut read_failures = Vec::new();
+    let mut leaked = false;
     let wt = spec.writethrough();
+    let seq = AtomicU64::new(1);
     let opened = Image::open_storage(rec.clone(), &prep.name, &spec.open);
     let mut img = match opened {
         Ok(img) => Some(img),
         Err(e) => {
             ops.push(OpRec {
-                g: G::Start,
-                log_start: 0,
-                log_end: rec.log_len(),
-                flushes: rec.epoch(),
                 error: Some(format!("open: {e}")),
                 sync: false,
+                log_end: rec.log_len(),
+                flushes: rec.epoch(),
+                ..rec0(G::Start)
             });
             None
         }
     };
     if img.is_some() {
         for g in &spec.ops {
+            let failed_flush = rec
+                .log()
+                .iter()
+                .any(|e| e.failed() && e.op == qcow2rs::storage::Op::Flush);
+            if failed_flush && matches!(g, G::Close | G::Reopen | G::Kill) {
+                break;
+            }
             let i = ops.len();
             let log_start = rec.log_len();
+            let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
+            let reopen = |img: &mut Option<Image>| -> qcow2rs::Result<()> {
+                *img = Some(Image::open_storage(rec.clone(), &prep.name, &spec.open)?);
+                Ok(())
+            };
             let r = match g {
                 G::Close => img.take().unwrap().close(),
-                G::Reopen => img.take().unwrap().close().and_then(|()| {
-                    img = Some(Image::open_storage(rec.clone(), &prep.name, &spec.open)?);
-                    Ok(())
-                }),
-                g => exec(img.as_ref().unwrap(), &mut guest, i, g),
+                G::Reopen => img.take().unwrap().close().and_then(|()| reopen(&mut img)),
+                G::Kill => {
+                    // Everything since the session's last sync point may be lost for good.
+                    let last_sync = ops
+                        .iter()
+                        .rposition(|r: &OpRec| r.sync && r.error.is_none())
+                        .unwrap_or(0);
+                    for r in ops[last_sync + 1..].iter_mut() {
+                        r.lost = true;
+                    }
+                    std::mem::forget(img.take().unwrap());
+                    leaked = true;
+                    reopen(&mut img)
+                }
+                G::Read(off, len) => {
+                    let failed = |op: usize| ops[op].error.is_some() || ops[op].lost;
+                    match check_read(img.as_ref().unwrap(), &guest, i, *off, *len, &failed) {
+                        Ok(Some(msg)) => {
+                            read_failures.push(msg);
+                            Ok(())
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                }
+                g => {
+                    let buf = model(&mut guest, i, g, cs);
+                    let r = exec(img.as_ref().unwrap(), &buf, g);
+                    if let (G::Resize(_), Err(_)) = (g, &r) {
+                        guest.resize_failed(i, img.as_ref().unwrap().virtual_size());
+                    }
+                    r
+                }
             };
+            let done_seq = seq.fetch_add(1, Ordering::SeqCst);
             let ok = r.is_ok();
             let sync = ok
                 && match g {
@@ -871,14 +1152,19 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                 flushes: rec.epoch(),
                 error: r.err().map(|e| e.to_string()),
                 sync,
+                thread: 0,
+                begin_seq,
+                done_seq,
+                lost: false,
             });
-            if !ok || img.is_none() {
+            if (!ok && !spec.keep_going) || img.is_none() {
                 break;
             }
         }
     }
     if let Some(img) = img.take() {
         let log_start = rec.log_len();
+        let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
         drop(img);
         ops.push(OpRec {
             g: G::Drop,
@@ -887,20 +1173,159 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             flushes: rec.epoch(),
             error: None,
             sync: false,
+            thread: 0,
+            begin_seq,
+            done_seq: seq.fetch_add(1, Ordering::SeqCst),
+            lost: false,
         });
     }
+    finish(rec, ops, guest, faults, read_failures, leaked)
+}
+
+fn finish(
+    rec: Arc<RecordingStorage>,
+    ops: Vec<OpRec>,
+    guest: Guest,
+    faults: &[Fault],
+    read_failures: Vec<String>,
+    leaked: bool,
+) -> Run {
     let counts = [
         rec.op_count(OpKind::Write),
         rec.op_count(OpKind::SetLen),
         rec.op_count(OpKind::Discard),
         rec.op_count(OpKind::Flush),
     ];
-    Run {
+    let run = Run {
         cl: rec.crash_log(),
+        read_failures,
         ops,
         guest,
         faults: faults.to_vec(),
         fired: rec.faults_fired(),
         counts,
+    };
+    if leaked {
+        // A leaked image keeps the storage alive: free its bytes.
+        rec.release();
     }
+    run
+}
+
+/// A concurrent workload: every op's data is computed through the model in op order first
+/// (each thread owns its own guest clusters, so per-sector history order is the owning
+/// thread's order); then the threads run their ops on one shared image, and each op records
+/// the global sequence numbers when it began and completed. Not replayable bit for bit: the
+/// run is recorded once and its crash states checked.
+fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
+    let rec = Arc::new(RecordingStorage::new(prep.base.clone()));
+    for f in faults {
+        rec.inject(*f);
+    }
+    let cs = spec.create.cluster_size as u64;
+    let mut guest = prep.guest.clone();
+    let base = prep.recs.len();
+    let bufs: Vec<Vec<u8>> = spec
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(j, g)| model(&mut guest, base + j, g, cs))
+        .collect();
+    let wt = spec.writethrough();
+    let mut ops = prep.recs.clone();
+    let seq = AtomicU64::new(1);
+    let img = match Image::open_storage(rec.clone(), &prep.name, &spec.open) {
+        Ok(img) => img,
+        Err(e) => {
+            ops.push(OpRec {
+                error: Some(format!("open: {e}")),
+                sync: false,
+                ..rec0(G::Start)
+            });
+            return finish(rec, ops, guest, faults, Vec::new(), false);
+        }
+    };
+    if let Some(d) = spec.flush_delay {
+        rec.set_flush_delay(d);
+    }
+    let slots: Vec<Mutex<Option<OpRec>>> = spec.ops.iter().map(|_| Mutex::new(None)).collect();
+    let read_failures = Mutex::new(Vec::new());
+    let errors: Vec<Mutex<bool>> = spec.ops.iter().map(|_| Mutex::new(false)).collect();
+    std::thread::scope(|sc| {
+        for t in 0..spec.threads() {
+            let (img, guest, bufs, slots, seq, rec) = (&img, &guest, &bufs, &slots, &seq, &rec);
+            let (read_failures, errors) = (&read_failures, &errors);
+            sc.spawn(move || {
+                for (j, g) in spec.ops.iter().enumerate() {
+                    if spec.thread_of[j] != t {
+                        continue;
+                    }
+                    let i = base + j;
+                    let log_start = rec.log_len();
+                    let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
+                    let r = match g {
+                        G::Read(off, len) => {
+                            let failed =
+                                |op: usize| op >= base && *errors[op - base].lock().unwrap();
+                            match check_read(img, guest, i, *off, *len, &failed) {
+                                Ok(Some(m)) => {
+                                    read_failures.lock().unwrap().push(m);
+                                    Ok(())
+                                }
+                                Ok(None) => Ok(()),
+                                Err(e) => Err(e),
+                            }
+                        }
+                        g => exec(img, &bufs[j], g),
+                    };
+                    let done_seq = seq.fetch_add(1, Ordering::SeqCst);
+                    *errors[j].lock().unwrap() = r.is_err();
+                    let ok = r.is_ok();
+                    let sync = ok
+                        && match g {
+                            G::Flush => true,
+                            G::Write(..) | G::Zeroes(..) | G::Discard(..) | G::Compressed(..) => wt,
+                            _ => false,
+                        };
+                    *slots[j].lock().unwrap() = Some(OpRec {
+                        g: g.clone(),
+                        log_start,
+                        log_end: rec.log_len(),
+                        flushes: rec.epoch(),
+                        error: r.err().map(|e| e.to_string()),
+                        sync,
+                        thread: t,
+                        begin_seq,
+                        done_seq,
+                        lost: false,
+                    });
+                }
+            });
+        }
+    });
+    ops.extend(slots.into_iter().map(|m| m.into_inner().unwrap().unwrap()));
+    rec.set_flush_delay(Duration::ZERO);
+    let log_start = rec.log_len();
+    let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
+    let r = img.close();
+    ops.push(OpRec {
+        g: G::Close,
+        log_start,
+        log_end: rec.log_len(),
+        flushes: rec.epoch(),
+        sync: r.is_ok(),
+        error: r.err().map(|e| e.to_string()),
+        thread: 0,
+        begin_seq,
+        done_seq: seq.fetch_add(1, Ordering::SeqCst),
+        lost: false,
+    });
+    finish(
+        rec,
+        ops,
+        guest,
+        faults,
+        read_failures.into_inner().unwrap(),
+        false,
+    )
 }
