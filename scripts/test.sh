@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole qcow2rs test suite:
 #   cargo fmt --check, cargo clippy (warnings are errors), cargo test --workspace (unit tests, the
-#   qemu-img interop suite, the C API tests), the crash simulator (its summary line shown), then
+#   qemu-img interop suite, the C API tests), the crash simulator (its summary line shown), the
+#   ordering-mutant catalogue (scripts/mutants.sh: every mutant must be killed), then
 #   pip install ./python and pytest python/tests.
 # Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 # Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
@@ -37,6 +38,8 @@ step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # (`crash-sim: N states, C corruptions, L with leaks`; QCOW2RS_CRASH_STATES=N runs more).
 step "cargo test" cargo test --workspace --locked --no-fail-fast -- --skip crash_sim
 step "crash-sim" cargo test -p qcow2rs-tests --test crash_sim --locked -- --exact crash_sim --nocapture
+# Every ordering mutant of core/src/mutants.rs must be caught by the simulator (kill table shown).
+step "mutants" bash scripts/mutants.sh
 step "pytest" pytest_step
 
 echo
@@ -44,4 +47,4 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
     echo "test.sh: FAILED: ${FAILED[*]}"
     exit 1
 fi
-echo "test.sh: all steps passed (rustfmt, clippy, cargo test, crash-sim, pytest)"
+echo "test.sh: all steps passed (rustfmt, clippy, cargo test, crash-sim, mutants, pytest)"

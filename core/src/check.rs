@@ -362,6 +362,13 @@ fn set_refcount(s: &mut State, c: u64, v: u64) -> Result<()> {
 
 /// Run the check, repairing as `repair` allows.
 pub(crate) fn run(s: &mut State, repair: Option<RepairMode>) -> Result<CheckReport> {
+    if repair.is_some() {
+        // Repair may move the refcount structures and free clusters: forget what was derived
+        // from the old layout.
+        s.meta_clusters = None;
+        s.comp_pos = 0;
+        s.comp_cache = None;
+    }
     let (first, fixed) = check_once(s, repair)?;
     if repair.is_none() || !fixed {
         return Ok(first);

@@ -286,9 +286,6 @@ impl State {
         self.write_header(header::INCOMPAT_FIELD, "header (dirty bit)", |h| {
             h.incompatible_features |= header::INCOMPAT_DIRTY
         })?;
-        if mutant("dirty-bit-barrier") {
-            return Ok(());
-        }
         self.barrier()
     }
 

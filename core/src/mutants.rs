@@ -4,6 +4,15 @@
 //! `testing` enabled, `QCOW2RS_MUTANT=<name>` switches one on for the whole process; without the
 //! feature (every release build) [`active`] is a constant `false` and the code is compiled out.
 //! `scripts/mutants.sh` runs the crash simulator once per mutant and requires each to be caught.
+//!
+//! Not in the catalogue, because it is equivalent today: dropping the barrier after the dirty
+//! bit is set (lazy refcounts). Every lazy-mode write that can make a table name a cluster whose
+//! refcount is not stable is already preceded by another barrier issued after the dirty bit was
+//! written: a new L2 table by the flush's first barrier, an allocation into an existing table by
+//! the data or file-length barrier (a never-written cluster always comes from a run that extended
+//! the file in this session), a grown L1 table by the barrier before the header switch. The
+//! engine keeps the barrier (it costs one fdatasync per session) so that this stays true when a
+//! path is added.
 
 /// The catalogue: (name, the rule it breaks).
 #[cfg_attr(not(feature = "testing"), allow(dead_code))]
@@ -31,10 +40,6 @@ pub const ALL: &[(&str, &str)] = &[
     (
         "dirty-bit",
         "lazy refcounts: the dirty bit is set only when a new L2 table is created",
-    ),
-    (
-        "dirty-bit-barrier",
-        "lazy refcounts: the dirty bit is not made stable before refcount updates are deferred",
     ),
     (
         "unlinked-flag",

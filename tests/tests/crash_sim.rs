@@ -1047,10 +1047,15 @@ fn fault_job(
     }
     // Every guest op during which a fault fired must have failed.
     for idx in (0..cl.entries().len()).filter(|&i| cl.entries()[i].failed()) {
-        let owner = run
-            .ops
+        // (Ops may overlap in the log: those run while a flush syncs. Any of them may own it.)
+        let owners: Vec<usize> = (0..run.ops.len())
+            .filter(|&i| run.ops[i].log_start <= idx && idx < run.ops[i].log_end)
+            .collect();
+        let owner = owners
             .iter()
-            .position(|r| r.log_start <= idx && idx < r.log_end);
+            .copied()
+            .find(|&i| run.ops[i].error.is_some())
+            .or(owners.first().copied());
         let kind = cl.entries()[idx].op.kind();
         match owner {
             Some(i) if run.ops[i].error.is_some() => stats.errors_reported += 1,

@@ -36,6 +36,10 @@ pub enum G {
     Read(u64, u64),
     /// The image is dropped after an error (Drop flushes, errors are not seen).
     Drop,
+    /// A flush on another thread, made slow (each fdatasync takes 40 ms); the inner ops run on
+    /// this thread while it syncs, most of them inside its final fdatasync, which runs outside
+    /// the image lock (the group-commit window). Only data ops inside.
+    FlushDuring(Vec<G>),
 }
 
 impl std::fmt::Display for G {
@@ -53,6 +57,13 @@ impl std::fmt::Display for G {
             G::Kill => write!(f, "kill (leak the image) and reopen"),
             G::Read(o, l) => write!(f, "read {o:#x}+{l:#x}"),
             G::Drop => write!(f, "drop (after error)"),
+            G::FlushDuring(inner) => {
+                write!(f, "flush on another thread, while it syncs:")?;
+                for g in inner {
+                    write!(f, " {g};")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -710,6 +721,75 @@ pub fn all() -> Vec<Spec> {
     s.weight = 4;
     v.push(s);
 
+    // A new run of clusters reserved in the middle of writes into existing (linked) L2 tables,
+    // with a 2-table L2 cache: evictions write tables naming clusters of the new run while its
+    // refcounts and the file extension are still pending (for the "l2-refcount-dep" and, with
+    // lazy refcounts, the "len-pending" mutants).
+    for lazy in [false, true] {
+        let mut s = Spec::new(
+            if lazy {
+                "run_turnover_lazy"
+            } else {
+                "run_turnover"
+            },
+            if lazy {
+                "lazy refcounts: the allocation run turns over during writes into existing L2 tables (2-table caches, 512-byte clusters, 1-bit refcounts)"
+            } else {
+                "the allocation run turns over during writes into existing L2 tables (2-table caches, 512-byte clusters, 1-bit refcounts)"
+            },
+            MIB,
+            512,
+        );
+        s.create.lazy_refcounts = lazy;
+        // One refcount block covers the whole image (4096 clusters at 1 bit): the new run's
+        // increases stay in the cache, so only the L2 -> refcount dependency orders them.
+        s.create.refcount_bits = 1;
+        s.open.l2_cache_size = Some(1024);
+        s.open.refcount_cache_size = Some(1024);
+        let tables = 18u64;
+        let span = 32 * KIB;
+        for k in 0..tables {
+            s.ops.push(Write(k * span, 512));
+        }
+        s.ops.push(Flush);
+        for k in 0..tables {
+            s.ops.push(Write(k * span + 512, span - 512));
+            if k % 6 == 5 {
+                s.ops.push(Flush);
+            }
+        }
+        s.ops.push(Flush);
+        s.ops.push(Close);
+        s.weight = 4;
+        v.push(s);
+    }
+
+    // The group-commit window, deterministically: a flush's final fdatasync runs outside the
+    // lock while this thread adds entries to the L2 table the flush just linked and evicts it
+    // (2-table cache) (for the "unlinked-flag" mutant).
+    let mut s = Spec::new(
+        "flush_window",
+        "writes into a just-linked L2 table and evictions while a flush's final fdatasync runs outside the lock",
+        8 * MIB,
+        4096,
+    );
+    s.open.l2_cache_size = Some(2 * 4096);
+    s.ops = vec![
+        Write(0, 4 * KIB),
+        FlushDuring(vec![
+            Compressed(4 * KIB),
+            Write(8 * KIB, 4 * KIB),
+            Write(2 * MIB, 4 * KIB),
+            Write(4 * MIB, 4 * KIB),
+            Write(6 * MIB, 4 * KIB),
+        ]),
+        Write(12 * KIB, 4 * KIB),
+        Flush,
+        Close,
+    ];
+    s.weight = 2;
+    v.push(s);
+
     let mut s = Spec::new(
         "resize_over_backing",
         "an overlay smaller than its backing file (data past the overlay's end) grown by resize",
@@ -1016,7 +1096,9 @@ fn exec(img: &Image, buf: &[u8], g: &G) -> qcow2rs::Result<()> {
         G::Discard(off, len) => img.discard(off, len),
         G::Flush => img.flush(),
         G::Resize(sz) => img.resize(sz),
-        G::Start | G::Close | G::Reopen | G::Kill | G::Drop | G::Read(..) => unreachable!(),
+        G::Start | G::Close | G::Reopen | G::Kill | G::Drop | G::Read(..) | G::FlushDuring(..) => {
+            unreachable!()
+        }
     }
 }
 
@@ -1101,6 +1183,7 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                 *img = Some(Image::open_storage(rec.clone(), &prep.name, &spec.open)?);
                 Ok(())
             };
+            let mut inner_recs: Vec<OpRec> = Vec::new();
             let r = match g {
                 G::Close => img.take().unwrap().close(),
                 G::Reopen => img.take().unwrap().close().and_then(|()| reopen(&mut img)),
@@ -1116,6 +1199,36 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                     std::mem::forget(img.take().unwrap());
                     leaked = true;
                     reopen(&mut img)
+                }
+                G::FlushDuring(inner) => {
+                    let image = img.as_ref().unwrap();
+                    rec.set_flush_delay(Duration::from_millis(40));
+                    let r = std::thread::scope(|sc| {
+                        let flusher = sc.spawn(|| image.flush());
+                        // Let the flusher take the lock first.
+                        std::thread::sleep(Duration::from_millis(10));
+                        for g in inner {
+                            let j = i + 1 + inner_recs.len();
+                            let log_start = rec.log_len();
+                            let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
+                            let buf = model(&mut guest, j, g, cs);
+                            let r = exec(image, &buf, g);
+                            let done_seq = seq.fetch_add(1, Ordering::SeqCst);
+                            inner_recs.push(OpRec {
+                                log_start,
+                                log_end: rec.log_len(),
+                                flushes: rec.epoch(),
+                                error: r.err().map(|e| e.to_string()),
+                                sync: false,
+                                begin_seq,
+                                done_seq,
+                                ..rec0(g.clone())
+                            });
+                        }
+                        flusher.join().expect("flusher thread")
+                    });
+                    rec.set_flush_delay(Duration::ZERO);
+                    r
                 }
                 G::Read(off, len) => {
                     let failed = |op: usize| ops[op].error.is_some() || ops[op].lost;
@@ -1141,7 +1254,7 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             let ok = r.is_ok();
             let sync = ok
                 && match g {
-                    G::Flush | G::Close | G::Reopen => true,
+                    G::Flush | G::Close | G::Reopen | G::FlushDuring(..) => true,
                     G::Write(..) | G::Zeroes(..) | G::Discard(..) | G::Compressed(..) => wt,
                     _ => false,
                 };
@@ -1157,6 +1270,8 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                 done_seq,
                 lost: false,
             });
+            // The ops that ran while the flush synced, numbered after it.
+            ops.extend(inner_recs);
             if (!ok && !spec.keep_going) || img.is_none() {
                 break;
             }
