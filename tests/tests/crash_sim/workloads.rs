@@ -36,7 +36,7 @@ pub enum G {
     Read(u64, u64),
     /// The image is dropped after an error (Drop flushes, errors are not seen).
     Drop,
-    /// A flush on another thread, made slow (each fdatasync takes 40 ms); the inner ops run on
+    /// A flush on another thread, made slow (each fdatasync takes 100 ms); the inner ops run on
     /// this thread while it syncs, most of them inside its final fdatasync, which runs outside
     /// the image lock (the group-commit window). Only data ops inside.
     FlushDuring(Vec<G>),
@@ -1202,11 +1202,19 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                 }
                 G::FlushDuring(inner) => {
                     let image = img.as_ref().unwrap();
-                    rec.set_flush_delay(Duration::from_millis(40));
+                    rec.set_flush_delay(Duration::from_millis(100));
+                    let flushes = rec.op_count(OpKind::Flush);
                     let r = std::thread::scope(|sc| {
                         let flusher = sc.spawn(|| image.flush());
-                        // Let the flusher take the lock first.
-                        std::thread::sleep(Duration::from_millis(10));
+                        // Wait until the flusher is in its first fdatasync (it holds the image
+                        // lock there), so that the ops below run after it, mostly inside its
+                        // final fdatasync.
+                        let t0 = std::time::Instant::now();
+                        while rec.op_count(OpKind::Flush) == flushes
+                            && t0.elapsed() < Duration::from_secs(5)
+                        {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
                         for g in inner {
                             let j = i + 1 + inner_recs.len();
                             let log_start = rec.log_len();
