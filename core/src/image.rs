@@ -1825,7 +1825,7 @@ impl Image {
         storage
             .read_at(&mut hbuf, 0)
             .map_err(|e| Error::io(name, "read header", e))?;
-        let mut h = Header::parse(&hbuf).map_err(|e| map_header_err(name, e))?;
+        let h = Header::parse(&hbuf).map_err(|e| map_header_err(name, e))?;
         if h.crypt_method != 0 {
             return Err(Error::unsupported(
                 name,
@@ -1977,20 +1977,28 @@ impl Image {
         };
         if !read_only {
             let mut s = img.lock();
-            if clear_autoclear {
-                // We do not keep bitmaps up to date: mark them inconsistent, as QEMU's rule asks.
-                s.write_header(88..96, "header (autoclear features)", |h| {
-                    h.autoclear_features &= header::AUTOCLEAR_DATA_FILE_RAW
-                })?;
-                s.barrier()?;
+            let setup = (|| -> Result<()> {
+                if clear_autoclear {
+                    // We do not keep bitmaps up to date: mark them inconsistent, as QEMU's rule
+                    // asks.
+                    s.write_header(88..96, "header (autoclear features)", |h| {
+                        h.autoclear_features &= header::AUTOCLEAR_DATA_FILE_RAW
+                    })?;
+                    s.barrier()?;
+                }
+                if dirty {
+                    // Refcounts may be stale after a crash with lazy refcounts: rebuild them.
+                    crate::check::run(&mut s, Some(RepairMode::All))?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = setup {
+                // Dropping the half-opened image must not close it normally: that would write
+                // back a half-done rebuild and clear the dirty bit over stale refcounts.
+                s.closed = true;
+                return Err(e);
             }
-            if dirty {
-                // Refcounts may be stale after a crash with lazy refcounts: rebuild them.
-                crate::check::run(&mut s, Some(RepairMode::All))?;
-            }
-            h = s.h.clone();
         }
-        let _ = h;
         Ok(img)
     }
 

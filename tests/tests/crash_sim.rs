@@ -28,8 +28,10 @@
 //!   Concurrent workloads make the recording storage sleep inside flush (`set_flush_delay`) so
 //!   that other threads' writes race the "fdatasync": those are pending in the next epoch, and in
 //!   the flush's own epoch too (an epoch ends where the flush ending it completed).
-//! * Doubtful entries: a failed write, discard or set_len, and every one that was pending when a
-//!   flush failed (Linux may drop the dirty pages of a failed writeback and report it once), is
+//! * A failed write, discard or set_len is pending in its own epoch (it may have reached the
+//!   disk) and absent from later durable images (reads never saw it, so it is not in the page
+//!   cache either). Doubtful entries: every one that was pending when a flush failed (Linux may
+//!   drop the dirty pages of a failed writeback and report it once) is
 //!   never part of a durable image and is pending (any subset, whole or torn) in its own and
 //!   every later epoch, applied in log order among the durable operations (images are rebuilt
 //!   from the first doubtful entry on: `CrashLog::replay_base` / `replay`).
@@ -635,7 +637,7 @@ fn report(ctx: &StateCtx, plan: &Plan, found: &Found, durable: &[u8], label: &st
     }
     let start = cl.flush_index(k).map_or(0, |i| i + 1);
     s.push_str(&format!(
-        "  state: {label}, epoch {k} of {} (durable up to {}), pending log entries #{start}..#{} ({} ops, {} of them doubtful: failed or covered by a failed flush)\n",
+        "  state: {label}, epoch {k} of {} (durable up to {}), pending log entries #{start}..#{} ({} ops, {} of them doubtful: covered by a failed flush)\n",
         cl.epochs() - 1,
         cl.flush_index(k)
             .map_or("the starting image".to_string(), |i| format!("flush #{i}")),

@@ -540,3 +540,33 @@ fn repair_while_writing_keeps_data() {
     assert!(n > 0);
     assert_clean(&img);
 }
+
+/// Found by the long crash run: a rebuild at open (dirty lazy-refcount image) that failed on a
+/// write dropped the half-opened image, whose close wrote back the half-done rebuild and
+/// cleared the dirty bit over stale refcounts.
+#[test]
+fn failed_rebuild_at_open_keeps_the_dirty_bit() {
+    let mem = create_mem(64 * MIB, 4096, |c| c.lazy_refcounts = true);
+    let img = open(mem.clone(), &OpenOptions::new());
+    for i in 0..64u64 {
+        img.write_at(&pattern(i, 4096), i * 65536).unwrap();
+    }
+    img.flush().unwrap();
+    std::mem::forget(img); // killed: refcounts never written, dirty bit set
+    let killed = mem.to_vec();
+    assert_eq!(killed[79] & 1, 1);
+    let rec = Arc::new(RecordingStorage::new(killed));
+    rec.inject(Fault::once(OpKind::Write, 1, qcow2rs::storage::ENOSPC));
+    assert!(Image::open_storage(rec.clone(), "t.qcow2", &OpenOptions::new()).is_err());
+    let after = rec.to_vec();
+    assert_eq!(after[79] & 1, 1, "dirty bit cleared after a failed rebuild");
+    // The next open rebuilds and finds everything.
+    let img = open(Arc::new(MemStorage::from_vec(after)), &OpenOptions::new());
+    assert_clean(&img);
+    for i in 0..64u64 {
+        assert!(
+            read(&img, i * 65536, 4096) == pattern(i, 4096),
+            "data differs"
+        );
+    }
+}

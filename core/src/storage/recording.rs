@@ -26,10 +26,11 @@
 //!   ends after its last persisted sector;
 //! * a pending `set_len` (truncate or extend) may be lost;
 //! * a failed operation (injected error) did not change what reads see, but may have reached the
-//!   disk anyway (EIO after a partial transfer). A failed flush is no barrier;
-//! * **doubtful** operations: every failed write, discard or `set_len`, and every successful one
-//!   that was pending when a flush failed (issued after the last successful flush and before the
-//!   failed one). On Linux a failed writeback may drop the dirty pages and report the error once;
+//!   disk anyway (EIO after a partial transfer): it is a pending operation of its own epoch like
+//!   any other; durable images of later epochs assume it did not land (it cannot land later:
+//!   it is not in the page cache, or reads would see it). A failed flush is no barrier;
+//! * **doubtful** operations: every operation that was pending when a flush failed (issued after
+//!   the last successful flush and before the failed one). On Linux a failed writeback may drop the dirty pages and report the error once;
 //!   the next fdatasync then succeeds without them. So a doubtful operation is never part of a
 //!   durable image, and it is a pending operation of its own epoch and of **every later epoch**
 //!   (any subset, whole or torn), applied in log order among the others: a durable operation
@@ -512,7 +513,7 @@ pub struct CrashLog {
     entries: Vec<LogEntry>,
     /// Log indices of the successful flushes.
     flushes: Vec<usize>,
-    /// Per entry: doubtful (failed, or pending when a flush failed): never durable, pending in
+    /// Per entry: doubtful (pending when a flush failed): never durable, pending in
     /// every epoch from its own on.
     doubtful: Vec<bool>,
 }
@@ -536,10 +537,7 @@ impl CrashLog {
                         doubtful[j] = true;
                     }
                 }
-                (_, failed) => {
-                    doubtful[i] = failed;
-                    since_sync.push(i);
-                }
+                _ => since_sync.push(i),
             }
         }
         CrashLog {
@@ -557,7 +555,7 @@ impl CrashLog {
     pub fn entries(&self) -> &[LogEntry] {
         &self.entries
     }
-    /// Whether entry `index` is doubtful: it failed, or a flush failed while it was pending. It
+    /// Whether entry `index` is doubtful: a flush failed while it was pending. It
     /// is never durable, and pending in every epoch from its own on.
     pub fn doubtful(&self, index: usize) -> bool {
         self.doubtful[index]
@@ -877,7 +875,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_write_is_doubtful_forever() {
+    fn failed_write_is_pending_in_its_epoch_only() {
         let st = RecordingStorage::new(vec![0u8; 1024]);
         st.inject(Fault::once(OpKind::Write, 1, ENOSPC));
         assert!(st.write_at(&[1u8; 1024], 0).is_err()); // #0
@@ -885,13 +883,14 @@ mod tests {
         st.write_at(&[2u8; 512], 512).unwrap(); // #2
         st.flush().unwrap(); // #3
         let cl = st.crash_log();
-        assert!(cl.doubtful(0) && !cl.doubtful(2));
-        assert_eq!(cl.pending(1), vec![0, 2]);
-        assert_eq!(cl.pending(2), vec![0]);
+        assert!(!cl.doubtful(0) && !cl.doubtful(2));
+        assert_eq!(cl.pending(0), vec![0]);
+        assert_eq!(cl.pending(1), vec![2]);
+        assert_eq!(cl.pending(2), Vec::<usize>::new());
         assert_eq!(cl.durable(2), [vec![0u8; 512], vec![2u8; 512]].concat());
-        // Torn: its first sector only; the second is the durable #2 either way.
-        let img = cl.crash_image(2, &[Persist::Sectors(vec![true, true])]);
-        assert_eq!(img, [vec![1u8; 512], vec![2u8; 512]].concat());
+        // In its own epoch it may have landed, whole or torn.
+        let img = cl.crash_image(0, &[Persist::Sectors(vec![true, false])]);
+        assert_eq!(img, [vec![1u8; 512], vec![0u8; 512]].concat());
     }
 
     #[test]
