@@ -475,13 +475,14 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         let want = rc == 1;
         if (e & OFLAG_COPIED != 0) != want {
             if all {
-                s.l1[l1i] = if want {
+                let ne = if want {
                     e | OFLAG_COPIED
                 } else {
                     e & !OFLAG_COPIED
                 };
-                let b = fmt::u64_bytes(s.l1[l1i]);
+                let b = fmt::u64_bytes(ne);
                 s.write_meta(&b, s.h.l1_table_offset + l1i as u64 * 8, "L1 entry")?;
+                s.l1[l1i] = ne;
                 w.report.corruptions_fixed += 1;
                 fixed = true;
             } else {
@@ -534,12 +535,10 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         if all {
             let bits = header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT;
             if s.h.incompatible_features & bits != 0 {
-                s.h.incompatible_features &= !bits;
-                let b = s.h.field_bytes(header::INCOMPAT_FIELD);
-                s.write_meta(
-                    &b,
-                    header::INCOMPAT_FIELD.start as u64,
+                s.write_header(
+                    header::INCOMPAT_FIELD,
                     "header (clear dirty/corrupt)",
+                    |h| h.incompatible_features &= !bits,
                 )?;
                 s.barrier()?;
                 if s.read_only && s.writable_storage {
@@ -609,15 +608,15 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     s.write_meta(&fmt::encode_table(&table), toff, "rebuilt refcount table")?;
     s.caches.flush(&*s.storage, &s.name, Kind::L2)?;
     s.barrier()?;
-    s.caches.clear(Kind::Refblock);
-    s.h.refcount_table_offset = toff;
-    s.h.refcount_table_clusters = nt as u32;
-    let b = s.h.field_bytes(header::REFTABLE_FIELDS);
-    s.write_meta(
-        &b,
-        header::REFTABLE_FIELDS.start as u64,
+    s.write_header(
+        header::REFTABLE_FIELDS,
         "header (refcount table switch)",
+        |h| {
+            h.refcount_table_offset = toff;
+            h.refcount_table_clusters = nt as u32;
+        },
     )?;
+    s.caches.clear(Kind::Refblock);
     s.barrier()?;
     s.reftable = table;
     s.alloc_end = area + nb + nt;

@@ -106,17 +106,29 @@ fn normal_writes(img: &Image, cs: u64, first: u64, n: u64) {
     }
 }
 
+/// An image with a compressed cluster at guest 0 that was read back, discarded and flushed:
+/// its host cluster is free again.
+fn compressed_then_freed(size: u64, cs: u64) -> Image {
+    let mem = create_mem(size, cs as u32, |_| {});
+    let img = open(mem, &OpenOptions::new());
+    img.write_compressed(0, &compressible(1, cs as usize))
+        .unwrap();
+    let n = (cs as usize).min(4096);
+    assert!(
+        read(&img, 0, n) == compressible(1, cs as usize)[..n],
+        "data differs"
+    );
+    img.discard(0, cs).unwrap();
+    img.flush().unwrap();
+    img
+}
+
 /// Bug 2: `comp_pos` survived the free of its cluster, so a later compressed write packed into
 /// the cluster after it was reused for normal data.
 #[test]
 fn compressed_packing_never_reuses_a_freed_cluster() {
     for cs in [512u64, 65536] {
-        let mem = create_mem(128 * MIB, cs as u32, |_| {});
-        let img = open(mem.clone(), &OpenOptions::new());
-        img.write_compressed(0, &compressible(1, cs as usize))
-            .unwrap();
-        img.discard(0, cs).unwrap();
-        img.flush().unwrap();
+        let img = compressed_then_freed(128 * MIB, cs);
         // Exhaust the reserved run so that freed clusters are handed out again.
         let n = 1100;
         normal_writes(&img, cs, 10, n);
@@ -145,16 +157,7 @@ fn compressed_cache_invalidated_on_free() {
     // Try each number of normal allocations between the free and the next compressed write, so
     // that one of them puts the new compressed cluster exactly where the freed one was.
     for n in 0..12u64 {
-        let mem = create_mem(64 * MIB, cs as u32, |_| {});
-        let img = open(mem.clone(), &OpenOptions::new());
-        img.write_compressed(0, &compressible(1, cs as usize))
-            .unwrap();
-        assert!(
-            read(&img, 0, 4096) == compressible(1, cs as usize)[..4096],
-            "data differs"
-        );
-        img.discard(0, cs).unwrap();
-        img.flush().unwrap();
+        let img = compressed_then_freed(64 * MIB, cs);
         normal_writes(&img, cs, 1, n);
         let g = (n + 1) * cs;
         img.write_compressed(g, &compressible(7, cs as usize))
