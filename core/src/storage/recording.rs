@@ -571,10 +571,15 @@ impl CrashLog {
     /// Log index where epoch `epoch` ends: where the flush starting the next epoch completed
     /// (right after its entry, unless operations raced it), or the end of the log. Operations
     /// at or after it cannot be part of a crash image of this epoch.
+    ///
+    /// Flushes may overlap (several threads): the epoch ends at the earliest completion of any
+    /// flush that began after it, since each of them makes at least the next epoch durable.
     pub fn epoch_end(&self, epoch: usize) -> usize {
-        self.flushes.get(epoch).map_or(self.entries.len(), |&f| {
-            self.entries[f].done.clamp(f + 1, self.entries.len())
-        })
+        self.flushes[epoch.min(self.flushes.len())..]
+            .iter()
+            .map(|&f| self.entries[f].done.clamp(f + 1, self.entries.len()))
+            .min()
+            .unwrap_or(self.entries.len())
     }
     /// Log indices of the operations pending in epoch `epoch`, in log order: every write,
     /// discard and `set_len` (failed ones included) after its flush and before the next
@@ -917,5 +922,34 @@ mod tests {
         // ... and is not covered by it.
         assert_eq!(cl.pending(1), vec![2, 3]);
         assert_eq!(cl.durable(1), [vec![1u8; 512], vec![0u8; 512]].concat());
+    }
+
+    #[test]
+    fn overlapping_flushes_end_an_epoch_at_the_first_completion() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let st = Arc::new(RecordingStorage::new(vec![0u8; 1536]));
+        st.set_flush_delay(Duration::from_millis(300));
+        st.write_at(&[1u8; 512], 0).unwrap(); // #0
+        let slow = {
+            let st = st.clone();
+            std::thread::spawn(move || st.flush().unwrap()) // #1, completes last
+        };
+        while st.log_len() < 2 {
+            std::thread::yield_now();
+        }
+        st.write_at(&[2u8; 512], 512).unwrap(); // #2
+        st.set_flush_delay(Duration::ZERO);
+        st.flush().unwrap(); // #3: began after #1, completes first
+        st.write_at(&[3u8; 512], 1024).unwrap(); // #4: after #3 completed
+        slow.join().unwrap();
+        let cl = st.crash_log();
+        // A crash before #3 completed: #2 may be lost, #4 was not issued yet.
+        assert_eq!(cl.epoch_end(0), 4);
+        assert_eq!(cl.pending(0), vec![0, 2]);
+        assert_eq!(cl.epoch_end(1), 4);
+        assert_eq!(cl.pending(1), vec![2]);
+        // Once #3 completed, #2 is durable.
+        assert_eq!(cl.durable(2)[512..1024], [2u8; 512]);
     }
 }
