@@ -754,7 +754,7 @@ pub fn all() -> Vec<Spec> {
         s.ops.push(Flush);
         for k in 0..tables {
             s.ops.push(Write(k * span + 512, span - 512));
-            if k % 6 == 5 {
+            if k % 3 == 2 {
                 s.ops.push(Flush);
             }
         }
