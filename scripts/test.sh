@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run the whole qcow2rs test suite:
 #   cargo fmt --check, cargo clippy (warnings are errors), cargo test --workspace (unit tests, the
-#   qemu-img interop suite, the C API tests), the crash simulator (its summary line shown), the
-#   ordering-mutant catalogue (scripts/mutants.sh: every mutant must be killed), then
-#   pip install ./python and pytest python/tests.
+#   qemu-img interop suite, the C API tests, the README's Rust, C and command-line examples), the
+#   crash simulator (its summary line shown), the ordering-mutant catalogue (scripts/mutants.sh:
+#   every mutant must be killed), then pip install ./python and pytest python/tests (with the
+#   README's Python example).
 # Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 # Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
 # installs with apt-get when they are missing.

@@ -16,6 +16,15 @@ use qcow2rs::{CheckReport, Image, OpenOptions};
 
 pub use tempfile::TempDir;
 
+// The README's examples, run as printed: rustdoc compiles and runs every rust code block of
+// README.md as a doctest of this crate (`cargo test -p qcow2rs-tests --doc`), in the crate
+// directory, so the example's `disk.qcow2` lands in `tests/disk.qcow2` (git-ignored). The C,
+// command-line and Python examples are run by `tests/tests/readme.rs`, `cli/tests/readme.rs` and
+// `python/tests/test_readme.py`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
 
