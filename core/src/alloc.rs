@@ -1,4 +1,5 @@
-//! Cluster allocation and refcount updates.
+//! Cluster allocation and refcount updates: the refcount table, free-space search, the reserved
+//! run, compressed packing, refcount block creation and refcount table growth.
 //!
 //! Crash analysis:
 //! - A cluster's refcount is raised (in the refcount-block cache) before any L2/L1 entry points
@@ -9,32 +10,78 @@
 //! - A grown refcount table (with the refcount blocks describing it) is written and made stable
 //!   before the header is switched to it with one write inside sector 0. The old table is freed
 //!   after the switch is stable.
-//! - Decreases (freeing) are only made after the pointer removal is stable: the refcount cache
-//!   depends on the L2 cache.
+//! - Decreases (freeing) are only made after the pointer removal is stable: they are deferred
+//!   to the end of the next flush (`flush.rs`), and the refcount cache depends on the L2 cache.
+//! - A run's clusters lie inside the file (it is extended over them when the run is reserved),
+//!   and the new length is stable before any pointer to them is (`len_pending` in `flush.rs`).
 
 use crate::cache::Kind;
 use crate::error::{Error, Result};
 use crate::format::header;
-use crate::format::l2::MAX_HOST_OFFSET;
+use crate::format::l2::{self, MAX_HOST_OFFSET};
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::format::{self as fmt};
-use crate::image::State;
 use crate::mutants::active as mutant;
+use crate::offset::{HostCluster, HostOffset};
+use crate::state::State;
+
+/// Free-space state: the refcount table in memory, where to search, the reserved run.
+pub(crate) struct Allocator {
+    reftable: Vec<u64>,
+    /// No cluster below this one is free.
+    free_cluster_index: HostCluster,
+    /// One past the highest cluster ever allocated.
+    alloc_end: HostCluster,
+    /// Clusters reserved (refcount raised) and not yet handed out: `run.0..run.1`.
+    run: (HostCluster, HostCluster),
+    /// Where the next compressed cluster may be packed (inside a host cluster holding only
+    /// compressed data written this session); 0 when none. Reset when that cluster loses a
+    /// reference: it may become free and be reused.
+    comp_pos: HostOffset,
+}
+
+impl Allocator {
+    pub(crate) fn new(reftable: Vec<u64>, file_clusters: u64) -> Allocator {
+        Allocator {
+            reftable,
+            free_cluster_index: HostCluster::new(0),
+            alloc_end: HostCluster::new(file_clusters),
+            run: (HostCluster::new(0), HostCluster::new(0)),
+            comp_pos: HostOffset::new(0),
+        }
+    }
+    /// The refcount table entries.
+    pub(crate) fn reftable(&self) -> &[u64] {
+        &self.reftable
+    }
+    /// One past the highest cluster ever allocated.
+    pub(crate) fn alloc_end(&self) -> HostCluster {
+        self.alloc_end
+    }
+    fn run_is_empty(&self) -> bool {
+        self.run.0 >= self.run.1
+    }
+}
 
 impl State {
-    /// Validate a metadata offset read from the image (refcount block, L2 table).
-    pub(crate) fn check_meta_offset(&self, off: u64, what: &str, at: u64) -> Result<()> {
-        if !off.is_multiple_of(self.cs) || off == 0 || off >= MAX_HOST_OFFSET {
+    /// Validate a metadata offset read from the image (refcount block, L2 table); `at` is where
+    /// it was read.
+    pub(crate) fn check_meta_offset(&self, off: HostOffset, what: &str, at: u64) -> Result<()> {
+        let cluster_size = self.geo.cluster_size();
+        if !self.geo.is_cluster_aligned(off) || off.get() == 0 || off.get() >= MAX_HOST_OFFSET {
             return Err(Error::corrupt(
-                &self.name,
+                self.name(),
                 format!("{what} offset {off:#x} is invalid (not cluster aligned or out of range)"),
                 at,
             ));
         }
-        let len = self.file_len()?;
-        if off.checked_add(self.cs).is_none_or(|end| end > len) {
+        let len = self.file.len();
+        if off
+            .checked_add(cluster_size)
+            .is_none_or(|end| end.get() > len)
+        {
             return Err(Error::corrupt(
-                &self.name,
+                self.name(),
                 format!("{what} at {off:#x} lies past the end of the file ({len} bytes)"),
                 at,
             ));
@@ -42,40 +89,51 @@ impl State {
         Ok(())
     }
 
+    /// The refcount block covering `c`, if it exists (validated).
+    fn refcount_block(&self, c: HostCluster) -> Result<Option<HostOffset>> {
+        let ri = self.geo.refcount_table_index(c);
+        let Some(&e) = self.alloc.reftable.get(ri as usize) else {
+            return Ok(None);
+        };
+        let block = e & REFT_OFFSET_MASK;
+        if block == 0 {
+            return Ok(None);
+        }
+        let block = HostOffset::new(block);
+        self.check_meta_offset(
+            block,
+            "refcount block",
+            self.header.refcount_table_offset + ri * 8,
+        )?;
+        Ok(Some(block))
+    }
+
     /// Refcount of a host cluster (0 where no refcount block exists).
-    pub(crate) fn refcount(&mut self, cluster: u64) -> Result<u64> {
-        let ri = cluster / self.rb_entries;
-        if ri >= self.reftable.len() as u64 {
+    pub(crate) fn refcount(&mut self, c: HostCluster) -> Result<u64> {
+        let Some(block) = self.refcount_block(c)? else {
             return Ok(0);
-        }
-        let rbo = self.reftable[ri as usize] & REFT_OFFSET_MASK;
-        if rbo == 0 {
-            return Ok(0);
-        }
-        self.check_meta_offset(rbo, "refcount block", self.h.refcount_table_offset + ri * 8)?;
+        };
         let i = self
             .caches
-            .get(&*self.storage, &self.name, Kind::Refblock, rbo, false)?;
-        let idx = (cluster % self.rb_entries) as usize;
+            .get(&mut self.file, Kind::Refblock, block, false)?;
         Ok(refcount::get(
             self.caches.data(Kind::Refblock, i),
-            idx,
-            self.h.refcount_order,
+            self.geo.refcount_block_index(c),
+            self.geo.refcount_order(),
         ))
     }
 
     /// Set a refcount whose refcount block exists.
-    fn store_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
-        let ri = (cluster / self.rb_entries) as usize;
-        let rbo = self.reftable[ri] & REFT_OFFSET_MASK;
+    pub(crate) fn store_refcount(&mut self, c: HostCluster, value: u64) -> Result<()> {
+        let ri = self.geo.refcount_table_index(c) as usize;
+        let block = HostOffset::new(self.alloc.reftable[ri] & REFT_OFFSET_MASK);
         let i = self
             .caches
-            .get(&*self.storage, &self.name, Kind::Refblock, rbo, false)?;
-        let idx = (cluster % self.rb_entries) as usize;
+            .get(&mut self.file, Kind::Refblock, block, false)?;
         refcount::set(
             self.caches.data_mut(Kind::Refblock, i),
-            idx,
-            self.h.refcount_order,
+            self.geo.refcount_block_index(c),
+            self.geo.refcount_order(),
             value,
         );
         Ok(())
@@ -83,109 +141,86 @@ impl State {
 
     /// Add `delta` to a cluster's refcount. Increases create refcount blocks as needed.
     /// Decreases are ordered after the pointer removal (refcount cache depends on L2 cache).
-    pub(crate) fn change_refcount(&mut self, cluster: u64, delta: i64) -> Result<u64> {
+    pub(crate) fn change_refcount(&mut self, c: HostCluster, delta: i64) -> Result<u64> {
         if !mutant("dirty-bit") {
             self.mark_dirty()?;
         }
         if delta > 0 {
-            while self.ensure_refblock(cluster)? {}
+            while self.ensure_refblock(c)? {}
         }
-        let old = self.refcount(cluster)?;
+        let old = self.refcount(c)?;
+        let at = self.geo.host_offset(c).get();
+        let cluster = c.get();
         let new = if delta >= 0 {
             old.checked_add(delta as u64)
-                .filter(|&v| v <= refcount::max(self.h.refcount_order))
+                .filter(|&v| v <= refcount::max(self.geo.refcount_order()))
                 .ok_or_else(|| {
                     Error::corrupt(
-                        &self.name,
+                        self.name(),
                         format!(
                             "refcount of cluster {cluster} would overflow {} bits",
-                            self.h.refcount_bits()
+                            self.header.refcount_bits()
                         ),
-                        cluster * self.cs,
+                        at,
                     )
                 })?
         } else {
             old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
                 Error::corrupt(
-                    &self.name,
+                    self.name(),
                     format!("refcount of cluster {cluster} would drop below zero"),
-                    cluster * self.cs,
+                    at,
                 )
             })?
         };
         if delta > 0 {
-            self.incr_pending = true;
-            self.meta_epoch += 1;
+            self.pending.refcount_raised();
         }
-        self.store_refcount(cluster, new)?;
-        if new == 0 && cluster < self.free_cluster_index {
-            self.free_cluster_index = cluster;
+        self.store_refcount(c, new)?;
+        if new == 0 && c < self.alloc.free_cluster_index {
+            self.alloc.free_cluster_index = c;
         }
         Ok(new)
     }
 
-    /// Drop one reference to each of `n` clusters at `host`, once the pointer removal that
+    /// Drop one reference to each of the `n` clusters at `host`, once the pointer removal that
     /// dropped it is stable: the decrease is deferred to the end of the next flush ("free does
     /// not mean free"), so the cluster is not reused, nor its refcount lowered on disk, while a
     /// stable pointer may still name it. Clusters that become free are then punched out of the
     /// host file when `discard` is set, before anything can reuse them.
-    pub(crate) fn free_clusters(&mut self, host: u64, n: u64, discard: bool) -> Result<()> {
-        let first = host / self.cs;
+    pub(crate) fn free_clusters(&mut self, host: HostOffset, n: u64, discard: bool) -> Result<()> {
+        let first = self.geo.host_cluster(host);
         // No more compressed data is packed into a cluster that may become free.
-        if (first..first + n).contains(&(self.comp_pos / self.cs)) && !mutant("comp-pos") {
-            self.comp_pos = 0;
+        let packing = self.geo.host_cluster(self.alloc.comp_pos);
+        if first <= packing && packing < first + n && !mutant("comp-pos") {
+            self.alloc.comp_pos = HostOffset::new(0);
         }
         if mutant("deferred-frees") {
-            for c in first..first + n {
-                self.release_cluster(c, discard)?;
+            for i in 0..n {
+                self.release_cluster(first + i, discard)?;
             }
             return Ok(());
         }
-        for c in first..first + n {
-            self.deferred_frees.push((c, discard));
-            self.meta_epoch += 1;
+        for i in 0..n {
+            self.pending.defer_free(first + i, discard);
         }
         Ok(())
     }
 
     /// Drop one reference to cluster `c` now; if it became free, forget what the caches hold
     /// for it and punch it out of the file when `discard` is set.
-    fn release_cluster(&mut self, c: u64, discard: bool) -> Result<()> {
+    pub(crate) fn release_cluster(&mut self, c: HostCluster, discard: bool) -> Result<()> {
         let left = self.change_refcount(c, -1)?;
         if left == 0 {
-            self.caches.forget(Kind::L2, c * self.cs);
-            self.caches.forget(Kind::Refblock, c * self.cs);
+            let off = self.geo.host_offset(c);
+            self.caches.forget(Kind::L2, off);
+            self.caches.forget(Kind::Refblock, off);
             if !mutant("comp-cache") {
-                self.comp_cache = None;
+                self.decompressed.clear();
             }
-            if self.meta_clusters.as_ref().is_some_and(|m| m.contains(&c)) {
-                self.meta_clusters = None;
-            }
-            // A punch is a hint: if it fails the cluster keeps its old bytes, which is safe
-            // (a reused cluster below `written_end` is never taken as reading zeros).
+            self.meta.freed(c);
             if discard {
-                let _ = self.storage.discard(c * self.cs, self.cs);
-            }
-        }
-        Ok(())
-    }
-
-    /// Apply the deferred decreases. Call only right after a barrier that made every pointer
-    /// removal so far stable.
-    pub(crate) fn apply_deferred_frees(&mut self) -> Result<()> {
-        if self.deferred_frees.is_empty() {
-            return Ok(());
-        }
-        // Wait for data I/O running outside the lock: none may reach a cluster freed here.
-        let gate = self.io_gate.clone();
-        let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
-        let mut list = std::mem::take(&mut self.deferred_frees).into_iter();
-        while let Some((c, discard)) = list.next() {
-            if let Err(e) = self.release_cluster(c, discard) {
-                // Not applied (the refcount change failed): keep it and the rest for later.
-                self.deferred_frees.push((c, discard));
-                self.deferred_frees.extend(list);
-                return Err(e);
+                self.file.punch(off, self.geo.cluster_size());
             }
         }
         Ok(())
@@ -195,53 +230,71 @@ impl State {
     ///
     /// Batched allocation: a run's refcounts are raised together, so one refcount-block write
     /// and one barrier cover many allocations. A crash leaks at most the unused rest of the run.
-    pub(crate) fn alloc_run_cluster(&mut self) -> Result<u64> {
-        if self.run.is_empty() {
+    pub(crate) fn alloc_run_cluster(&mut self) -> Result<HostOffset> {
+        if self.alloc.run_is_empty() {
             // Reuse free gaps of any size: the run is the first free extent, up to its length.
-            let max = ((16u64 << 20) / self.cs).clamp(8, 1024);
+            let max = ((16u64 << 20) / self.geo.cluster_size()).clamp(8, 1024);
             let (start, n) = self.alloc_extent(1, max)?;
+            let first = self.geo.host_cluster(start);
             // Extend the file over the run now: its clusters then read as zeros, and the new
             // length is stable by the time any pointer to them is (the raised refcounts make
             // the L2 cache wait for a barrier issued after this).
-            let end = start + n * self.cs;
-            if end > self.known_len {
-                if let Err(e) = self.storage.set_len(end) {
+            let end = start + n * self.geo.cluster_size();
+            if end.get() > self.file.len() {
+                if let Err(e) = self.file.set_len(end.get(), "extend file") {
                     // Nothing points into the run yet: give it back at once.
-                    for c in (start / self.cs..start / self.cs + n).rev() {
-                        self.change_refcount(c, -1)?;
+                    for i in (0..n).rev() {
+                        self.change_refcount(first + i, -1)?;
                     }
-                    return Err(Error::io(&self.name, "extend file", e));
+                    return Err(e);
                 }
-                self.known_len = end;
-                self.len_pending = true;
-                self.meta_epoch += 1;
+                self.pending.file_grown();
             }
-            self.run = start / self.cs..start / self.cs + n;
+            self.alloc.run = (first, first + n);
         }
-        let c = self.run.start;
-        self.run.start += 1;
-        Ok(c * self.cs)
+        let c = self.alloc.run.0;
+        self.alloc.run.0 += 1;
+        Ok(self.geo.host_offset(c))
     }
 
     /// Give back the unused part of the run (nothing points there: the decrease is immediate).
     pub(crate) fn return_run(&mut self) -> Result<()> {
-        let run = std::mem::replace(&mut self.run, 0..0);
-        for c in run.rev() {
-            self.change_refcount(c, -1)?;
+        let (start, end) = std::mem::take(&mut self.alloc.run);
+        for i in (0..end - start).rev() {
+            self.change_refcount(start + i, -1)?;
+        }
+        Ok(())
+    }
+
+    /// At close: if the unused run sits at the end of the file, cut the file back to the end
+    /// of what was written (nothing points into the run).
+    pub(crate) fn trim_unused_run(&mut self) -> Result<()> {
+        let (start, end) = self.alloc.run;
+        if start >= end || self.geo.host_offset(end).get() != self.file.len() {
+            return Ok(());
+        }
+        let cluster_size = self.geo.cluster_size();
+        let keep = self
+            .geo
+            .host_offset(start)
+            .get()
+            .max(self.file.written_end().div_ceil(cluster_size) * cluster_size);
+        if keep < self.file.len() {
+            self.file.set_len(keep, "trim file")?;
         }
         Ok(())
     }
 
     /// Allocate `n` contiguous clusters, each with refcount 1. Returns the host offset.
-    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> Result<HostOffset> {
         Ok(self.alloc_extent(n, n)?.0)
     }
 
     /// First fit: the first run of at least `min` free clusters, taking up to `max` of them,
     /// each with refcount 1. Returns the host offset and the number of clusters.
-    pub(crate) fn alloc_extent(&mut self, min: u64, max: u64) -> Result<(u64, u64)> {
+    pub(crate) fn alloc_extent(&mut self, min: u64, max: u64) -> Result<(HostOffset, u64)> {
         'restart: loop {
-            let mut start = self.free_cluster_index.max(1);
+            let mut start = self.alloc.free_cluster_index.max(HostCluster::new(1));
             let mut run = 0;
             let mut c = start;
             while run < max {
@@ -258,52 +311,54 @@ impl State {
                 c += 1;
             }
             let n = run;
-            if (start + n) * self.cs > MAX_HOST_OFFSET {
+            if self.geo.host_offset(start + n).get() > MAX_HOST_OFFSET {
                 return Err(Error::NoSpace {
-                    file: self.name.clone(),
+                    file: self.name().to_string(),
                     context: "cluster allocation past the largest host offset".into(),
                 });
             }
             self.check_overlap(start, n)?;
-            for c in start..start + n {
-                if self.ensure_refblock(c)? {
+            for i in 0..n {
+                if self.ensure_refblock(start + i)? {
                     continue 'restart;
                 }
             }
-            for c in start..start + n {
-                self.store_refcount(c, 1)?;
+            for i in 0..n {
+                self.store_refcount(start + i, 1)?;
             }
-            self.incr_pending = true;
-            self.meta_epoch += 1;
-            if start == self.free_cluster_index || self.free_cluster_index == 0 {
-                self.free_cluster_index = start + n;
+            self.pending.refcount_raised();
+            let a = &mut self.alloc;
+            if start == a.free_cluster_index || a.free_cluster_index.get() == 0 {
+                a.free_cluster_index = start + n;
             }
-            self.alloc_end = self.alloc_end.max(start + n);
-            return Ok((start * self.cs, n));
+            a.alloc_end = a.alloc_end.max(start + n);
+            return Ok((self.geo.host_offset(start), n));
         }
     }
 
     /// Refuse to hand out clusters that hold metadata we know about: their refcounts are wrong,
     /// and writing there would destroy the image.
-    fn check_overlap(&self, start: u64, n: u64) -> Result<()> {
-        let cs = self.cs;
-        let (a, b) = (start * cs, (start + n) * cs);
+    fn check_overlap(&self, start: HostCluster, n: u64) -> Result<()> {
+        let cluster_size = self.geo.cluster_size();
+        let a = self.geo.host_offset(start).get();
+        let b = self.geo.host_offset(start + n).get();
+        let h = &*self.header;
         let tables = [
-            (0, cs),
-            (self.h.l1_table_offset, self.h.l1_size as u64 * 8),
+            (0, cluster_size),
+            (h.l1_table_offset, h.l1_size as u64 * 8),
             (
-                self.h.refcount_table_offset,
-                self.h.refcount_table_clusters as u64 * cs,
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * cluster_size,
             ),
             (
-                self.h.snapshots_offset,
+                h.snapshots_offset,
                 crate::format::snapshot::table_size(&self.snapshots),
             ),
         ];
         for (off, len) in tables {
             if len > 0 && off < b && a < off + len {
                 return Err(Error::corrupt(
-                    &self.name,
+                    self.name(),
                     format!(
                         "Preventing invalid allocation of clusters at {a:#x}: they hold metadata but their refcount is 0 (run check -r all)"
                     ),
@@ -314,72 +369,72 @@ impl State {
         Ok(())
     }
 
-    /// Make sure the refcount block covering `cluster` exists. Returns true if anything was
+    /// Make sure the refcount block covering `c` exists. Returns true if anything was
     /// allocated (callers that picked free clusters must pick again).
-    pub(crate) fn ensure_refblock(&mut self, cluster: u64) -> Result<bool> {
-        let ri = cluster / self.rb_entries;
-        if ri >= self.reftable.len() as u64 {
+    pub(crate) fn ensure_refblock(&mut self, c: HostCluster) -> Result<bool> {
+        let ri = self.geo.refcount_table_index(c);
+        if ri >= self.alloc.reftable.len() as u64 {
             self.grow_reftable(ri + 1)?;
             return Ok(true);
         }
-        if self.reftable[ri as usize] & REFT_OFFSET_MASK != 0 {
+        if self.alloc.reftable[ri as usize] & REFT_OFFSET_MASK != 0 {
             return Ok(false);
         }
         // Place the new block at the first free cluster.
-        let mut c = self.free_cluster_index.max(1);
-        while self.refcount(c)? != 0 {
-            c += 1;
+        let mut b = self.alloc.free_cluster_index.max(HostCluster::new(1));
+        while self.refcount(b)? != 0 {
+            b += 1;
         }
-        if c / self.rb_entries != ri {
+        let self_describing = self.geo.refcount_table_index(b) == ri;
+        if !self_describing {
             // The block lands in another range: that range needs its own block first.
-            if self.ensure_refblock(c)? {
+            if self.ensure_refblock(b)? {
                 return Ok(true);
             }
-            self.store_refcount(c, 1)?;
+            self.store_refcount(b, 1)?;
             // The refcount of the block's own cluster must be stable before the table names it.
-            self.caches
-                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+            self.caches.flush(&mut self.file, Kind::Refblock)?;
         }
-        let mut block = vec![0u8; self.cs as usize];
-        if c / self.rb_entries == ri {
-            // Self-describing block.
+        let mut block = vec![0u8; self.geo.cluster_size() as usize];
+        if self_describing {
             refcount::set(
                 &mut block,
-                (c % self.rb_entries) as usize,
-                self.h.refcount_order,
+                self.geo.refcount_block_index(b),
+                self.geo.refcount_order(),
                 1,
             );
         }
-        let off = c * self.cs;
-        self.write_meta(&block, off, "new refcount block")?;
+        let off = self.geo.host_offset(b);
+        self.file.write_meta(&block, off, "new refcount block")?;
         if !mutant("refblock-barrier") {
-            self.barrier()?;
+            self.file.barrier()?;
         }
-        let entry = fmt::u64_bytes(off);
         // In memory only once written: a failed write is retried by the next allocation (which
         // picks the same free cluster), instead of leaving a table that only memory knows.
-        self.write_meta(
-            &entry,
-            self.h.refcount_table_offset + ri * 8,
-            "refcount table entry",
-        )?;
-        self.note_meta_cluster(off);
-        self.reftable[ri as usize] = off;
-        self.alloc_end = self.alloc_end.max(c + 1);
+        let entry_at = HostOffset::new(self.header.refcount_table_offset + ri * 8);
+        self.file
+            .write_meta(&fmt::u64_bytes(off.get()), entry_at, "refcount table entry")?;
+        self.meta.note(b);
+        self.alloc.reftable[ri as usize] = off.get();
+        self.alloc.alloc_end = self.alloc.alloc_end.max(b + 1);
         Ok(true)
     }
 
     /// Grow the refcount table to at least `min_entries`, placing the new table and the refcount
     /// blocks that describe it in a fresh area past every allocation.
     fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
-        let cs = self.cs;
-        let per = self.rb_entries;
-        let area = self.alloc_end.max(self.file_len()?.div_ceil(cs));
-        let old_entries = self.reftable.len() as u64;
+        let cluster_size = self.geo.cluster_size();
+        let per = self.geo.refcounts_per_block();
+        let area = self
+            .alloc
+            .alloc_end
+            .get()
+            .max(self.geo.clusters_for(self.file.len()));
+        let old_entries = self.alloc.reftable.len() as u64;
         let mut table_entries = min_entries.max(old_entries);
         let (mut nb, mut nt);
         loop {
-            nt = (table_entries * 8).div_ceil(cs);
+            nt = (table_entries * 8).div_ceil(cluster_size);
             // Ranges covering [area, area+nb+nt) that lack a block.
             let mut guess = 0;
             loop {
@@ -388,7 +443,7 @@ impl State {
                 let last = (end - 1) / per;
                 let missing = (first..=last)
                     .filter(|&r| {
-                        r >= old_entries || self.reftable[r as usize] & REFT_OFFSET_MASK == 0
+                        r >= old_entries || self.alloc.reftable[r as usize] & REFT_OFFSET_MASK == 0
                     })
                     .count() as u64;
                 if missing == guess {
@@ -399,19 +454,19 @@ impl State {
             }
             let last_range = (area + nb + nt - 1) / per;
             let need = table_entries.max(last_range + 1);
-            if need == table_entries && (need * 8).div_ceil(cs) == nt {
+            if need == table_entries && (need * 8).div_ceil(cluster_size) == nt {
                 break;
             }
             table_entries = need;
         }
-        if nt > header::MAX_REFTABLE_BYTES / cs {
+        if nt > header::MAX_REFTABLE_BYTES / cluster_size {
             return Err(Error::NoSpace {
-                file: self.name.clone(),
+                file: self.name().to_string(),
                 context: "refcount table would exceed its 8 MiB limit".into(),
             });
         }
-        let table_entries = nt * cs / 8;
-        let mut new_table = self.reftable.clone();
+        let table_entries = nt * cluster_size / 8;
+        let mut new_table = self.alloc.reftable.clone();
         new_table.resize(table_entries as usize, 0);
         // Assign blocks to the missing ranges, in order, at the start of the area.
         let first = area / per;
@@ -420,52 +475,91 @@ impl State {
         let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
         for r in first..=last {
             if new_table[r as usize] & REFT_OFFSET_MASK == 0 {
-                new_table[r as usize] = next * cs;
-                new_blocks.push((r, vec![0u8; cs as usize]));
+                new_table[r as usize] = next * cluster_size;
+                new_blocks.push((r, vec![0u8; cluster_size as usize]));
                 next += 1;
             }
         }
-        let table_off = next * cs;
+        let table_off = HostOffset::new(next * cluster_size);
         // Refcounts of the area: in new blocks directly, in existing blocks through the cache.
         for c in area..area + nb + nt {
             let r = c / per;
             if let Some((_, b)) = new_blocks.iter_mut().find(|(br, _)| *br == r) {
-                refcount::set(b, (c % per) as usize, self.h.refcount_order, 1);
+                refcount::set(b, (c % per) as usize, self.geo.refcount_order(), 1);
             } else {
-                self.store_refcount(c, 1)?;
+                self.store_refcount(HostCluster::new(c), 1)?;
             }
         }
         for (r, b) in &new_blocks {
-            self.write_meta(b, new_table[*r as usize], "new refcount block")?;
+            let at = HostOffset::new(new_table[*r as usize]);
+            self.file.write_meta(b, at, "new refcount block")?;
         }
-        self.write_meta(
+        self.file.write_meta(
             &fmt::encode_table(&new_table),
             table_off,
             "new refcount table",
         )?;
         if mutant("reftable-barrier") {
-            self.caches
-                .write_all(&*self.storage, &self.name, Kind::Refblock)?;
+            self.caches.write_all(&mut self.file, Kind::Refblock)?;
         } else {
-            self.caches
-                .flush(&*self.storage, &self.name, Kind::Refblock)?;
+            self.caches.flush(&mut self.file, Kind::Refblock)?;
         }
         // Switch: one write inside sector 0.
-        let old_off = self.h.refcount_table_offset;
-        let old_clusters = self.h.refcount_table_clusters as u64;
+        let old_off = HostOffset::new(self.header.refcount_table_offset);
+        let old_clusters = self.header.refcount_table_clusters as u64;
         self.write_header(
             header::REFTABLE_FIELDS,
             "header (refcount table switch)",
             |h| {
-                h.refcount_table_offset = table_off;
+                h.refcount_table_offset = table_off.get();
                 h.refcount_table_clusters = nt as u32;
             },
         )?;
-        self.reftable = new_table;
-        self.meta_clusters = None;
-        self.alloc_end = self.alloc_end.max(area + nb + nt);
-        self.barrier()?;
+        self.alloc.reftable = new_table;
+        self.meta.invalidate();
+        self.alloc.alloc_end = self.alloc.alloc_end.max(HostCluster::new(area + nb + nt));
+        self.file.barrier()?;
         self.free_clusters(old_off, old_clusters, true)?;
         Ok(())
+    }
+
+    /// Where `len` bytes of compressed data go: packed after the last compressed cluster when
+    /// they fit in its host cluster (and that cluster's refcount can count one more), else at
+    /// the start of a new cluster. Call [`State::compressed_written`] once they are written.
+    pub(crate) fn alloc_compressed(&mut self, len: u64) -> Result<HostOffset> {
+        let cluster_size = self.geo.cluster_size();
+        let pos = self.alloc.comp_pos;
+        let packing = self.geo.host_cluster(pos);
+        let pack = !self.geo.is_cluster_aligned(pos)
+            && pos.get() % cluster_size + len <= cluster_size
+            && l2::compressed_fits(pos.get(), len, self.geo.cluster_bits())
+            && self.refcount(packing)? < refcount::max(self.geo.refcount_order());
+        let off = if pack {
+            self.change_refcount(packing, 1)?;
+            pos
+        } else {
+            self.alloc_run_cluster()?
+        };
+        // Until the data is written, nothing more is packed there.
+        self.alloc.comp_pos = HostOffset::new(0);
+        Ok(off)
+    }
+
+    /// Compressed data now ends at `end`: the next compressed cluster may be packed there.
+    pub(crate) fn compressed_written(&mut self, end: HostOffset) {
+        self.alloc.comp_pos = end;
+    }
+
+    /// After repair rebuilt the refcount structures: the new table, and the end of the area
+    /// it was placed in.
+    pub(crate) fn install_rebuilt_reftable(&mut self, table: Vec<u64>, end: HostCluster) {
+        self.alloc.reftable = table;
+        self.alloc.alloc_end = end;
+        self.alloc.free_cluster_index = HostCluster::new(0);
+    }
+
+    /// Repair may rewrite anything: forget where compressed data was being packed.
+    pub(crate) fn forget_packing(&mut self) {
+        self.alloc.comp_pos = HostOffset::new(0);
     }
 }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::{Image, MapEntry};
+use crate::image::Image;
+use crate::map::MapEntry;
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage};
 use crate::Format;

@@ -15,8 +15,9 @@
 
 use std::collections::HashMap;
 
-use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::error::Result;
+use crate::host::HostFile;
+use crate::offset::HostOffset;
 
 /// Which cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,7 @@ impl Kind {
 
 #[derive(Debug)]
 struct Entry {
-    offset: u64,
+    offset: HostOffset,
     data: Vec<u8>,
     dirty: bool,
     /// A new table that nothing on disk points to yet: it may be written at any time, with no
@@ -54,7 +55,7 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct Cache {
     entries: Vec<Entry>,
-    index: HashMap<u64, usize>,
+    index: HashMap<HostOffset, usize>,
     capacity: usize,
     tick: u64,
     /// The other cache must be written and a barrier issued before our dirty entries are written.
@@ -76,20 +77,12 @@ impl Cache {
     }
 }
 
-/// Both caches plus the storage they write to.
+/// Both caches. They read and write through the [`HostFile`] each call is given.
 #[derive(Debug)]
 pub(crate) struct Caches {
     l2: Cache,
     rb: Cache,
     entry_size: usize,
-    /// Barriers are skipped (cache=unsafe).
-    pub no_barriers: bool,
-    /// Barriers issued by the caches.
-    pub barriers: u64,
-    /// An fdatasync failed (with this OS error, if it had one): see `State::poisoned`.
-    poisoned: Option<Option<i32>>,
-    /// End of the highest entry ever written by the caches (see `State::written_end`).
-    pub written_end: u64,
 }
 
 impl Caches {
@@ -98,24 +91,7 @@ impl Caches {
             l2: Cache::new(l2_capacity),
             rb: Cache::new(rb_capacity),
             entry_size,
-            no_barriers: false,
-            barriers: 0,
-            poisoned: None,
-            written_end: 0,
         }
-    }
-
-    /// Record that an fdatasync failed: from now on the image refuses writes and flushes.
-    pub fn poison(&mut self, e: &std::io::Error) {
-        if crate::mutants::active("failed-flush") {
-            return;
-        }
-        self.poisoned.get_or_insert(e.raw_os_error());
-    }
-
-    /// Whether an fdatasync failed (and with which OS error).
-    pub fn poisoned(&self) -> Option<Option<i32>> {
-        self.poisoned
     }
 
     fn cache(&mut self, k: Kind) -> &mut Cache {
@@ -125,15 +101,8 @@ impl Caches {
         }
     }
 
-    fn barrier(&mut self, st: &dyn Storage, file: &str) -> Result<()> {
-        if self.no_barriers {
-            return Ok(());
-        }
-        self.barriers += 1;
-        st.flush().map_err(|e| {
-            self.poison(&e);
-            Error::io(file, "flush (metadata ordering barrier)", e)
-        })
+    fn barrier(f: &mut HostFile) -> Result<()> {
+        f.barrier_for("flush (metadata ordering barrier)")
     }
 
     /// Whether any entry of `k` is dirty.
@@ -145,43 +114,33 @@ impl Caches {
     }
 
     /// Write one entry if dirty, honouring the dependencies first.
-    fn entry_flush(&mut self, st: &dyn Storage, file: &str, k: Kind, i: usize) -> Result<()> {
+    fn entry_flush(&mut self, f: &mut HostFile, k: Kind, i: usize) -> Result<()> {
         if !self.cache(k).entries[i].dirty {
             return Ok(());
         }
         if self.cache(k).entries[i].unlinked {
             // Unreachable until linked: no ordering needed.
         } else if self.cache(k).depends {
-            self.flush(st, file, k.other())?;
+            self.flush(f, k.other())?;
             self.cache(k).depends = false;
             self.cache(k).depends_on_flush = false;
         } else if self.cache(k).depends_on_flush {
-            self.barrier(st, file)?;
+            Self::barrier(f)?;
             self.cache(k).depends_on_flush = false;
         }
         let e = &self.cache(k).entries[i];
-        st.write_at(&e.data, e.offset).map_err(|err| {
-            Error::io(file, format!("write {} at {:#x}", k.name(), e.offset), err)
-        })?;
+        f.write_meta(&e.data, e.offset, k.name())?;
         self.cache(k).entries[i].dirty = false;
-        let end = self.cache(k).entries[i].offset + self.entry_size as u64;
-        self.written_end = self.written_end.max(end);
         Ok(())
     }
 
     /// Write every dirty entry of `k` (no barrier after).
-    pub fn write_all(&mut self, st: &dyn Storage, file: &str, k: Kind) -> Result<()> {
-        self.write_some(st, file, k, false)
+    pub fn write_all(&mut self, f: &mut HostFile, k: Kind) -> Result<()> {
+        self.write_some(f, k, false)
     }
 
     /// Write the dirty entries of `k`; with `only_unlinked`, just the unlinked new tables.
-    pub fn write_some(
-        &mut self,
-        st: &dyn Storage,
-        file: &str,
-        k: Kind,
-        only_unlinked: bool,
-    ) -> Result<()> {
+    pub fn write_some(&mut self, f: &mut HostFile, k: Kind, only_unlinked: bool) -> Result<()> {
         // Write in offset order: friendlier to the disk.
         let mut order: Vec<usize> = (0..self.cache(k).entries.len())
             .filter(|&i| {
@@ -191,23 +150,23 @@ impl Caches {
             .collect();
         order.sort_by_key(|&i| self.cache(k).entries[i].offset);
         for i in order {
-            self.entry_flush(st, file, k, i)?;
+            self.entry_flush(f, k, i)?;
         }
         Ok(())
     }
 
     /// Write every dirty entry of `k`, then a barrier.
-    pub fn flush(&mut self, st: &dyn Storage, file: &str, k: Kind) -> Result<()> {
-        self.write_all(st, file, k)?;
-        self.barrier(st, file)
+    pub fn flush(&mut self, f: &mut HostFile, k: Kind) -> Result<()> {
+        self.write_all(f, k)?;
+        Self::barrier(f)
     }
 
     /// Declare that `c`'s dirty entries may only be written after the other cache is stable.
-    pub fn set_dependency(&mut self, st: &dyn Storage, file: &str, c: Kind) -> Result<()> {
+    pub fn set_dependency(&mut self, f: &mut HostFile, c: Kind) -> Result<()> {
         let dep = c.other();
         if self.cache(dep).depends {
             // The other cache waits for us: make ourselves stable first (no cycles).
-            self.flush(st, file, c)?;
+            self.flush(f, c)?;
             self.cache(dep).depends = false;
             self.cache(dep).depends_on_flush = false;
         }
@@ -250,7 +209,7 @@ impl Caches {
     }
 
     /// Offsets of the new, unlinked entries of `k`.
-    pub fn unlinked_offsets(&self, k: Kind) -> Vec<u64> {
+    pub fn unlinked_offsets(&self, k: Kind) -> Vec<HostOffset> {
         let c = match k {
             Kind::L2 => &self.l2,
             Kind::Refblock => &self.rb,
@@ -263,7 +222,7 @@ impl Caches {
     }
 
     /// The tables at `offs` are now linked from stable metadata.
-    pub fn link_offsets(&mut self, k: Kind, offs: &[u64]) {
+    pub fn link_offsets(&mut self, k: Kind, offs: &[HostOffset]) {
         for e in &mut self.cache(k).entries {
             if offs.contains(&e.offset) {
                 e.unlinked = false;
@@ -275,10 +234,9 @@ impl Caches {
     /// instead of being read. Returns its index, valid until the next `get` on the same cache.
     pub fn get(
         &mut self,
-        st: &dyn Storage,
-        file: &str,
+        f: &mut HostFile,
         k: Kind,
-        offset: u64,
+        offset: HostOffset,
         fresh: bool,
     ) -> Result<usize> {
         let c = self.cache(k);
@@ -294,8 +252,7 @@ impl Caches {
         }
         let mut data = vec![0u8; self.entry_size];
         if !fresh {
-            st.read_at(&mut data, offset)
-                .map_err(|e| Error::io(file, format!("read {} at {offset:#x}", k.name()), e))?;
+            f.read(&mut data, offset, &format!("{} at {offset:#x}", k.name()))?;
         }
         let slot = if self.cache(k).entries.len() < self.cache(k).capacity {
             self.cache(k).entries.push(Entry {
@@ -315,7 +272,7 @@ impl Caches {
                 .min_by_key(|(_, e)| e.lru)
                 .map(|(i, _)| i)
                 .expect("cache has entries");
-            self.entry_flush(st, file, k, victim)?;
+            self.entry_flush(f, k, victim)?;
             let c = self.cache(k);
             let old = c.entries[victim].offset;
             c.index.remove(&old);
@@ -344,7 +301,7 @@ impl Caches {
     }
 
     /// Drop the entry for `offset` without writing it (its cluster was freed or rewritten).
-    pub fn forget(&mut self, k: Kind, offset: u64) {
+    pub fn forget(&mut self, k: Kind, offset: HostOffset) {
         let c = self.cache(k);
         if let Some(i) = c.index.remove(&offset) {
             c.entries.swap_remove(i);

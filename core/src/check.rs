@@ -12,7 +12,8 @@ use crate::format::header;
 use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED};
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::format::{self as fmt};
-use crate::image::State;
+use crate::offset::{HostCluster, HostOffset};
+use crate::state::State;
 
 /// What `check` may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,15 +115,13 @@ impl Walk {
 
 fn read_bytes(s: &State, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     let mut b = vec![0u8; len as usize];
-    s.storage
-        .read_at(&mut b, off)
-        .map_err(|e| Error::io(&s.name, format!("read {what}"), e))?;
+    s.file.read(&mut b, HostOffset::new(off), what)?;
     Ok(b)
 }
 
 /// Walk one L1 tree (active or snapshot) and count its references.
 fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
-    let cs = s.cs;
+    let cs = s.geo.cluster_size();
     for (i, &e) in l1.iter().enumerate() {
         // Contiguity is tracked per L2 table, as qemu-img does.
         let mut prev_host = 0u64;
@@ -148,11 +147,13 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
         if active {
             w.active_l2.push((i, off));
         }
-        let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
+        let idx = s
+            .caches
+            .get(&mut s.file, Kind::L2, HostOffset::new(off), false)?;
         let table = s.caches.data(Kind::L2, idx).to_vec();
-        let n = s.l2_entries as usize;
+        let n = s.geo.l2_entries() as usize;
         for j in 0..n {
-            let (e2, bm) = if s.extended {
+            let (e2, bm) = if s.geo.extended_l2() {
                 (
                     fmt::table_get(&table, 2 * j),
                     fmt::table_get(&table, 2 * j + 1),
@@ -163,7 +164,7 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             if e2 == 0 && bm == 0 {
                 continue;
             }
-            let reserved = if s.extended {
+            let reserved = if s.geo.extended_l2() {
                 l2::L2E_RESERVED_MASK | l2::OFLAG_ZERO
             } else {
                 l2::L2E_RESERVED_MASK
@@ -173,7 +174,7 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
                     "ERROR found l2 entry with reserved bits set: {e2:x}"
                 ));
             }
-            let d = l2::decode(e2, s.cluster_bits, s.extended);
+            let d = l2::decode(e2, s.geo.cluster_bits(), s.geo.extended_l2());
             match d {
                 Desc::Normal { host } | Desc::ZeroAlloc { host } => {
                     if host % cs != 0 {
@@ -182,7 +183,7 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
                         ));
                         continue;
                     }
-                    if s.extended && l2::sub::invalid(bm) {
+                    if s.geo.extended_l2() && l2::sub::invalid(bm) {
                         w.error(format!(
                             "ERROR: Invalid subcluster allocation bitmap {bm:#x} in L2 table at {off:#x}"
                         ));
@@ -205,7 +206,7 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
                     }
                 }
                 Desc::Unallocated => {
-                    if s.extended && bm & 0xffff_ffff != 0 {
+                    if s.geo.extended_l2() && bm & 0xffff_ffff != 0 {
                         w.error(format!(
                             "ERROR: subclusters allocated without a host cluster in L2 table at {off:#x}"
                         ));
@@ -219,7 +220,7 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
 }
 
 fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
-    let Some(ext) = s.h.extension(header::EXT_BITMAPS) else {
+    let Some(ext) = s.header.extension(header::EXT_BITMAPS) else {
         return Ok(());
     };
     if ext.len() < 24 {
@@ -253,7 +254,7 @@ fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
         for e in fmt::decode_table(&t) {
             let off = e & 0x00ff_ffff_ffff_fe00;
             if off != 0 {
-                w.add(off, s.cs);
+                w.add(off, s.geo.cluster_size());
             }
         }
     }
@@ -264,15 +265,15 @@ fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
 /// themselves are left out (for a rebuild, which replaces them).
 fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Result<Walk> {
     let mut w = Walk {
-        cs: s.cs,
+        cs: s.geo.cluster_size(),
         refs: vec![0u32; nb_clusters as usize],
         report: CheckReport::default(),
         active_l2: Vec::new(),
         need_rebuild: false,
     };
-    w.add(0, s.cs);
-    w.add(s.h.l1_table_offset, s.h.l1_size as u64 * 8);
-    let l1 = s.l1.clone();
+    w.add(0, s.geo.cluster_size());
+    w.add(s.header.l1_table_offset, s.header.l1_size as u64 * 8);
+    let l1 = s.tables.l1().to_vec();
     walk_l1(s, &mut w, &l1, true)?;
     for snap in s.snapshots.clone() {
         w.add(snap.l1_table_offset, snap.l1_size as u64 * 8);
@@ -284,55 +285,57 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         )?;
         walk_l1(s, &mut w, &fmt::decode_table(&t), false)?;
     }
-    if s.h.nb_snapshots > 0 {
+    if s.header.nb_snapshots > 0 {
         let size = crate::format::snapshot::table_size(&s.snapshots);
-        w.add(s.h.snapshots_offset, size);
+        w.add(s.header.snapshots_offset, size);
     }
     if count_refcount_structures {
         w.add(
-            s.h.refcount_table_offset,
-            s.h.refcount_table_clusters as u64 * s.cs,
+            s.header.refcount_table_offset,
+            s.header.refcount_table_clusters as u64 * s.geo.cluster_size(),
         );
     }
-    for (i, &e) in s.reftable.clone().iter().enumerate() {
+    for (i, &e) in s.alloc.reftable().to_vec().iter().enumerate() {
         let off = e & REFT_OFFSET_MASK;
         if off == 0 {
             continue;
         }
-        if !off.is_multiple_of(s.cs) {
+        if !off.is_multiple_of(s.geo.cluster_size()) {
             w.error(format!(
                 "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
             ));
             w.need_rebuild = true;
             continue;
         }
-        if off / s.cs >= nb_clusters {
+        if off / s.geo.cluster_size() >= nb_clusters {
             w.error(format!("ERROR refcount block {i} is outside image"));
             w.need_rebuild = true;
             continue;
         }
         if count_refcount_structures {
-            w.add(off, s.cs);
+            w.add(off, s.geo.cluster_size());
         }
     }
-    if let Some(ext) = s.h.extension(header::EXT_CRYPTO) {
+    if let Some(ext) = s.header.extension(header::EXT_CRYPTO) {
         if ext.len() >= 16 {
             let (off, len) = (fmt::be64(ext, 0), fmt::be64(ext, 8));
             w.add(off, len);
         }
     }
     walk_bitmaps(s, &mut w)?;
-    w.report.total_clusters = s.h.size.div_ceil(s.cs);
+    w.report.total_clusters = s.header.size.div_ceil(s.geo.cluster_size());
     Ok(w)
 }
 
 /// Whether the refcount block covering `c` is usable for an in-place fix.
 fn block_ok(s: &State, c: u64, nb_clusters: u64) -> bool {
-    let ri = (c / s.rb_entries) as usize;
-    match s.reftable.get(ri) {
+    let ri = (c / s.geo.refcounts_per_block()) as usize;
+    match s.alloc.reftable().get(ri) {
         Some(&e) => {
             let off = e & REFT_OFFSET_MASK;
-            off != 0 && off.is_multiple_of(s.cs) && off / s.cs < nb_clusters
+            off != 0
+                && off.is_multiple_of(s.geo.cluster_size())
+                && off / s.geo.cluster_size() < nb_clusters
         }
         None => false,
     }
@@ -342,22 +345,11 @@ fn stored_refcount(s: &mut State, c: u64, nb_clusters: u64) -> Result<u64> {
     if !block_ok(s, c, nb_clusters) {
         return Ok(0);
     }
-    s.refcount(c)
+    s.refcount(HostCluster::new(c))
 }
 
 fn set_refcount(s: &mut State, c: u64, v: u64) -> Result<()> {
-    let ri = (c / s.rb_entries) as usize;
-    let rbo = s.reftable[ri] & REFT_OFFSET_MASK;
-    let i = s
-        .caches
-        .get(&*s.storage, &s.name, Kind::Refblock, rbo, false)?;
-    refcount::set(
-        s.caches.data_mut(Kind::Refblock, i),
-        (c % s.rb_entries) as usize,
-        s.h.refcount_order,
-        v,
-    );
-    Ok(())
+    s.store_refcount(HostCluster::new(c), v)
 }
 
 /// Run the check, repairing as `repair` allows.
@@ -365,9 +357,9 @@ pub(crate) fn run(s: &mut State, repair: Option<RepairMode>) -> Result<CheckRepo
     if repair.is_some() {
         // Repair may move the refcount structures and free clusters: forget what was derived
         // from the old layout.
-        s.meta_clusters = None;
-        s.comp_pos = 0;
-        s.comp_cache = None;
+        s.meta.invalidate();
+        s.forget_packing();
+        s.decompressed.clear();
     }
     let (first, fixed) = check_once(s, repair)?;
     if repair.is_none() || !fixed {
@@ -385,15 +377,11 @@ pub(crate) fn run(s: &mut State, repair: Option<RepairMode>) -> Result<CheckRepo
 }
 
 fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport, bool)> {
-    let file_len = s
-        .storage
-        .len()
-        .map_err(|e| Error::io(&s.name, "stat", e))?
-        .max(s.known_len);
-    let mut nb_clusters = file_len.div_ceil(s.cs);
+    let file_len = s.file.stat_len()?.max(s.file.len());
+    let mut nb_clusters = file_len.div_ceil(s.geo.cluster_size());
     if nb_clusters > MAX_CHECK_CLUSTERS {
         return Err(Error::unsupported(
-            &s.name,
+            s.name(),
             format!("checking an image file of {nb_clusters} clusters"),
         ));
     }
@@ -401,7 +389,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     let mut fixed = false;
     let mut highest_stored = 0u64;
     let all = repair == Some(RepairMode::All);
-    let max = refcount::max(s.h.refcount_order);
+    let max = refcount::max(s.header.refcount_order);
     for c in 0..nb_clusters {
         let computed = w.refs[c as usize] as u64;
         let stored = stored_refcount(s, c, nb_clusters)?;
@@ -414,8 +402,8 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         if computed > max {
             w.error(format!(
                 "ERROR overflow cluster offset={:#x} (refcount {computed} does not fit in {} bits); use qemu-img amend to increase the refcount entry width",
-                c * s.cs,
-                s.h.refcount_bits()
+                c * s.geo.cluster_size(),
+                s.header.refcount_bits()
             ));
             continue;
         }
@@ -457,7 +445,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     if all && w.need_rebuild {
         rebuild(s, nb_clusters)?;
         // The new structures lie past the old end of the file.
-        nb_clusters = s.known_len.div_ceil(s.cs);
+        nb_clusters = s.file.len().div_ceil(s.geo.cluster_size());
         w.report
             .messages
             .push("Rebuilding refcount structure".into());
@@ -470,8 +458,8 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     }
     // COPIED flags of the active tree.
     for (l1i, off) in std::mem::take(&mut w.active_l2) {
-        let rc = stored_refcount(s, off / s.cs, nb_clusters)?;
-        let e = s.l1[l1i];
+        let rc = stored_refcount(s, off / s.geo.cluster_size(), nb_clusters)?;
+        let e = s.tables.l1()[l1i];
         let want = rc == 1;
         if (e & OFLAG_COPIED != 0) != want {
             if all {
@@ -480,9 +468,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
                 } else {
                     e & !OFLAG_COPIED
                 };
-                let b = fmt::u64_bytes(ne);
-                s.write_meta(&b, s.h.l1_table_offset + l1i as u64 * 8, "L1 entry")?;
-                s.l1[l1i] = ne;
+                s.rewrite_l1_entry(l1i, ne)?;
                 w.report.corruptions_fixed += 1;
                 fixed = true;
             } else {
@@ -491,15 +477,21 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
                 ));
             }
         }
-        for j in 0..s.l2_entries as usize {
-            let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
-            let pos = if s.extended { 2 * j } else { j };
+        for j in 0..s.geo.l2_entries() as usize {
+            let idx = s
+                .caches
+                .get(&mut s.file, Kind::L2, HostOffset::new(off), false)?;
+            let pos = if s.geo.extended_l2() { 2 * j } else { j };
             let e2 = fmt::table_get(s.caches.data(Kind::L2, idx), pos);
-            let host = match l2::decode(e2, s.cluster_bits, s.extended) {
-                Desc::Normal { host } | Desc::ZeroAlloc { host } if host % s.cs == 0 => host,
+            let host = match l2::decode(e2, s.geo.cluster_bits(), s.geo.extended_l2()) {
+                Desc::Normal { host } | Desc::ZeroAlloc { host }
+                    if host % s.geo.cluster_size() == 0 =>
+                {
+                    host
+                }
                 _ => continue,
             };
-            let rc = stored_refcount(s, host / s.cs, nb_clusters)?;
+            let rc = stored_refcount(s, host / s.geo.cluster_size(), nb_clusters)?;
             let want = rc == 1;
             if (e2 & OFLAG_COPIED != 0) != want {
                 if all {
@@ -508,7 +500,9 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
                     } else {
                         e2 & !OFLAG_COPIED
                     };
-                    let idx = s.caches.get(&*s.storage, &s.name, Kind::L2, off, false)?;
+                    let idx = s
+                        .caches
+                        .get(&mut s.file, Kind::L2, HostOffset::new(off), false)?;
                     fmt::table_set(s.caches.data_mut(Kind::L2, idx), pos, ne);
                     w.report.corruptions_fixed += 1;
                     fixed = true;
@@ -526,25 +520,22 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         .rposition(|&r| r > 0)
         .map_or(0, |c| c as u64 + 1)
         .max(highest_stored)
-        * s.cs;
-    if repair.is_some() && s.writable_storage {
+        * s.geo.cluster_size();
+    if repair.is_some() && s.access.writable_storage() {
         if fixed {
-            s.caches.flush(&*s.storage, &s.name, Kind::L2)?;
-            s.caches.flush(&*s.storage, &s.name, Kind::Refblock)?;
+            s.caches.flush(&mut s.file, Kind::L2)?;
+            s.caches.flush(&mut s.file, Kind::Refblock)?;
         }
         if all {
             let bits = header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT;
-            if s.h.incompatible_features & bits != 0 {
+            if s.header.incompatible_features & bits != 0 {
                 s.write_header(
                     header::INCOMPAT_FIELD,
                     "header (clear dirty/corrupt)",
                     |h| h.incompatible_features &= !bits,
                 )?;
-                s.barrier()?;
-                if s.read_only && s.writable_storage {
-                    s.read_only = false;
-                    s.ro_reason.clear();
-                }
+                s.file.barrier()?;
+                s.access.allow_writes();
             }
         }
     }
@@ -559,9 +550,9 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
 fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     let w = walk(s, nb_clusters, false)?;
     let mut refs: Vec<u64> = w.refs.iter().map(|&r| r as u64).collect();
-    let cs = s.cs;
-    let per = s.rb_entries;
-    let area = nb_clusters.max(s.alloc_end);
+    let cs = s.geo.cluster_size();
+    let per = s.geo.refcounts_per_block();
+    let area = nb_clusters.max(s.alloc.alloc_end().get());
     let (mut nb, mut nt) = (0u64, 1u64);
     loop {
         let total = area + nb + nt;
@@ -575,7 +566,7 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     }
     if nt > header::MAX_REFTABLE_BYTES / cs {
         return Err(Error::unsupported(
-            &s.name,
+            s.name(),
             "rebuilding a refcount table larger than 8 MiB",
         ));
     }
@@ -583,7 +574,7 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     for c in area..area + nb + nt {
         refs[c as usize] = 1;
     }
-    let max = refcount::max(s.h.refcount_order);
+    let max = refcount::max(s.header.refcount_order);
     let mut table = vec![0u64; (nt * cs / 8) as usize];
     for r in 0..nb {
         let mut block = vec![0u8; cs as usize];
@@ -592,22 +583,27 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
             if let Some(&v) = refs.get(c as usize) {
                 if v > max {
                     return Err(Error::corrupt(
-                        &s.name,
+                        s.name(),
                         format!("refcount of cluster {c} overflows"),
                         c * cs,
                     ));
                 }
-                refcount::set(&mut block, i as usize, s.h.refcount_order, v);
+                refcount::set(&mut block, i as usize, s.header.refcount_order, v);
             }
         }
         let off = (area + r) * cs;
-        s.write_meta(&block, off, "rebuilt refcount block")?;
+        s.file
+            .write_meta(&block, HostOffset::new(off), "rebuilt refcount block")?;
         table[r as usize] = off;
     }
     let toff = (area + nb) * cs;
-    s.write_meta(&fmt::encode_table(&table), toff, "rebuilt refcount table")?;
-    s.caches.flush(&*s.storage, &s.name, Kind::L2)?;
-    s.barrier()?;
+    s.file.write_meta(
+        &fmt::encode_table(&table),
+        HostOffset::new(toff),
+        "rebuilt refcount table",
+    )?;
+    s.caches.flush(&mut s.file, Kind::L2)?;
+    s.file.barrier()?;
     s.write_header(
         header::REFTABLE_FIELDS,
         "header (refcount table switch)",
@@ -617,9 +613,7 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
         },
     )?;
     s.caches.clear(Kind::Refblock);
-    s.barrier()?;
-    s.reftable = table;
-    s.alloc_end = area + nb + nt;
-    s.free_cluster_index = 0;
+    s.file.barrier()?;
+    s.install_rebuilt_reftable(table, HostCluster::new(area + nb + nt));
     Ok(())
 }

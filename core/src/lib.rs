@@ -26,19 +26,29 @@ mod backing;
 mod cache;
 mod check;
 mod compress;
+mod datapath;
 mod error;
+mod flush;
 pub mod format;
+mod host;
 mod image;
+mod map;
+mod mapping;
 #[cfg(feature = "testing")]
 pub mod mutants;
 #[cfg(not(feature = "testing"))]
 mod mutants;
+mod offset;
+mod open;
 mod options;
+mod resize;
+mod state;
 pub mod storage;
 
 pub use check::{CheckReport, RepairMode};
 pub use error::{Error, Result};
-pub use image::{Image, ImageInfo, MapEntry};
+pub use image::Image;
+pub use map::{ImageInfo, MapEntry};
 pub use options::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
 pub use storage::{FileStorage, MemStorage, Storage};
 

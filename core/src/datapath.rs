@@ -1,0 +1,790 @@
+//! The data path: every byte of guest data that moves between the guest and the host file
+//! passes through this module: allocated clusters, compressed clusters, backing-file reads,
+//! copy-on-write, zero fill, subclusters, discard, and the lock-free read and overwrite paths.
+//! Nothing else reads or writes guest data in the host file.
+//!
+//! The cipher will sit here, at the four places where guest data meets the host file:
+//! [`host_read`] and [`State::host_read`] (decrypt after reading), [`State::host_write`] and the
+//! unlocked overwrite in [`write`] (encrypt before writing). Each of them knows both the guest
+//! offset and the host offset of the bytes it moves, so the IV can be taken from the right one:
+//! the HOST sector for LUKS, the GUEST sector for legacy AES.
+//!
+//! A write to guest cluster `c` (see `mapping.rs` for the tables, `flush.rs` for the ordering):
+//! an in-place overwrite of a cluster we own exclusively goes straight to its host cluster;
+//! anything else allocates a new host cluster from the run, fills in what the guest did not
+//! write (copy-on-write from the old cluster, the backing file, or zeros), writes the data, and
+//! then points the L2 entry at it ([`State::link`]), recording what the entry must wait for.
+//! The old cluster's reference is dropped afterwards (deferred until the change is stable).
+
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::format::l2;
+use crate::mapping::{Desc, L2Entry};
+use crate::mutants::active as mutant;
+use crate::offset::{GuestCluster, GuestOffset, HostOffset};
+use crate::state::State;
+
+/// The last decompressed cluster: (host offset of the compressed data, the cluster). Dropped
+/// whenever a cluster is freed (the bytes at that offset may be rewritten).
+#[derive(Default)]
+pub(crate) struct Decompressed(Option<(HostOffset, Vec<u8>)>);
+
+impl Decompressed {
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// One piece of a guest request that the lock-free path moves: `len` bytes at `start` in the
+/// caller's buffer, at host offset `host`.
+struct Piece {
+    start: usize,
+    len: usize,
+    host: HostOffset,
+}
+
+/// Add a piece, merging it with the previous one when both buffer and host ranges are
+/// contiguous.
+fn push_piece(plan: &mut Vec<Piece>, start: usize, len: usize, host: HostOffset) {
+    match plan.last_mut() {
+        Some(last) if last.start + last.len == start && last.host + last.len as u64 == host => {
+            last.len += len
+        }
+        _ => plan.push(Piece { start, len, host }),
+    }
+}
+
+/// Read guest data from the host file, outside the state lock (`cluster` names the host
+/// cluster in an error). Decryption goes here.
+fn host_read(
+    storage: &dyn crate::storage::Storage,
+    name: &str,
+    buf: &mut [u8],
+    host: HostOffset,
+) -> Result<()> {
+    storage
+        .read_at(buf, host.get())
+        .map_err(|e| Error::io(name, format!("read data at {host:#x}"), e))
+}
+
+/// Read `buf.len()` bytes at guest `offset` (already checked against the virtual size).
+/// Lookups run under the lock; allocated data is read after the lock is released, so readers
+/// on several threads scale. The I/O gate, taken before the lock is released, keeps a flush
+/// from freeing and reusing a cluster while it is read.
+pub(crate) fn read(
+    mut s: MutexGuard<'_, State>,
+    buf: &mut [u8],
+    offset: GuestOffset,
+) -> Result<()> {
+    if s.geo.extended_l2() {
+        return s.read_inner(buf, offset);
+    }
+    let geo = s.geo;
+    let mut plan: Vec<Piece> = Vec::new();
+    let mut done = 0usize;
+    let mut off = offset;
+    while done < buf.len() {
+        let (c, in_cluster) = geo.split(off);
+        let n = ((geo.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+        let e = s.lookup(c)?;
+        match e.desc(&geo) {
+            Desc::Normal { host } => {
+                s.check_data_in_file(host, c)?;
+                push_piece(&mut plan, done, n, host + in_cluster);
+            }
+            d => s.read_desc(c, in_cluster, &mut buf[done..done + n], d)?,
+        }
+        done += n;
+        off += n as u64;
+    }
+    let gate = s.file.io_gate();
+    let storage = s.file.storage().clone();
+    let name = s.file.shared_name();
+    let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
+    drop(s);
+    for p in plan {
+        host_read(&*storage, &name, &mut buf[p.start..p.start + p.len], p.host)?;
+    }
+    Ok(())
+}
+
+/// Write `buf` at guest `offset` (already checked). Overwrites of clusters we own exclusively
+/// run after the lock is released (under the I/O gate); everything else runs under it.
+pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffset) -> Result<()> {
+    if s.geo.extended_l2() {
+        return s.write_inner(buf, offset);
+    }
+    let geo = s.geo;
+    let mut plan: Vec<Piece> = Vec::new();
+    let mut done = 0usize;
+    let mut off = offset;
+    while done < buf.len() {
+        let (c, in_cluster) = geo.split(off);
+        let n = ((geo.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+        let e = s.lookup(c)?;
+        match e.desc(&geo) {
+            Desc::Normal { host } if e.copied() => {
+                s.check_write_target(host, c)?;
+                plan.push(Piece {
+                    start: done,
+                    len: n,
+                    host: host + in_cluster,
+                });
+            }
+            _ => return s.write_inner(buf, offset),
+        }
+        done += n;
+        off += n as u64;
+    }
+    let gate = s.file.io_gate();
+    let storage = s.file.storage().clone();
+    let name = s.file.shared_name();
+    let flag = s.file.data_written_flag().clone();
+    let end = plan
+        .iter()
+        .map(|p| p.host.get() + p.len as u64)
+        .max()
+        .unwrap_or(0);
+    s.file.reserve_unlocked_write(end);
+    let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
+    drop(s);
+    for p in plan {
+        // Encryption goes here.
+        storage
+            .write_at(&buf[p.start..p.start + p.len], p.host.get())
+            .map_err(|e| Error::io(&name, format!("write data at {:#x}", p.host), e))?;
+    }
+    flag.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+impl State {
+    /// Read guest data at `host` under the lock (`cluster` names it in an error). Decryption
+    /// goes here.
+    fn host_read(&self, buf: &mut [u8], host: HostOffset, cluster: HostOffset) -> Result<()> {
+        self.file.read_data(buf, host, cluster)
+    }
+
+    /// Write guest data at `host`. Encryption goes here.
+    fn host_write(&mut self, buf: &[u8], host: HostOffset) -> Result<()> {
+        self.file.write_data(buf, host)
+    }
+
+    /// Validate the host cluster an L2 entry names before guest data is written there: aligned,
+    /// inside the file, and not holding metadata (a crafted or damaged image must not steer a
+    /// guest write into its own header or tables).
+    pub(crate) fn check_write_target(&mut self, host: HostOffset, c: GuestCluster) -> Result<()> {
+        self.check_data_in_file(host, c)?;
+        if self.is_metadata(self.geo.host_cluster(host)) {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "Preventing write of guest data at guest offset {:#x} into metadata at {host:#x} (the L2 entry points at the image's own tables; run check -r all)",
+                    self.geo.guest_offset(c)
+                ),
+                host.get(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validate a host data cluster offset from an L2 entry: aligned and inside the file.
+    pub(crate) fn check_data_in_file(&self, host: HostOffset, c: GuestCluster) -> Result<()> {
+        if !self.geo.is_cluster_aligned(host) {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "cluster allocation offset {host:#x} unaligned (guest offset {:#x})",
+                    self.geo.guest_offset(c)
+                ),
+                host.get(),
+            ));
+        }
+        if host.get() >= self.file.len() {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "data cluster at {host:#x} (guest offset {:#x}) lies past the end of the file",
+                    self.geo.guest_offset(c)
+                ),
+                host.get(),
+            ));
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Read guest bytes under the lock, without a bounds check against the virtual size.
+    pub(crate) fn read_inner(&mut self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        let geo = self.geo;
+        let mut done = 0usize;
+        let mut off = offset;
+        while done < buf.len() {
+            let (c, in_cluster) = geo.split(off);
+            let n = ((geo.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            let e = self.lookup(c)?;
+            if geo.extended_l2() {
+                self.read_ext(c, in_cluster, out, e)?;
+            } else {
+                self.read_desc(c, in_cluster, out, e.desc(&geo))?;
+            }
+            done += n;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Read `out.len()` bytes at `in_cluster` of guest cluster `c`, described by `d`.
+    fn read_desc(
+        &mut self,
+        c: GuestCluster,
+        in_cluster: u64,
+        out: &mut [u8],
+        d: Desc,
+    ) -> Result<()> {
+        match d {
+            Desc::Unallocated => self.read_backing(out, self.geo.guest_offset(c) + in_cluster),
+            Desc::ZeroPlain | Desc::ZeroAlloc { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            Desc::Normal { host } => {
+                self.check_data_in_file(host, c)?;
+                self.host_read(out, host + in_cluster, host)
+            }
+            Desc::Compressed { offset, len } => {
+                let data = self.decompressed(c, offset, len)?;
+                let at = in_cluster as usize;
+                out.copy_from_slice(&data[at..at + out.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    /// `read_desc` for an extended L2 entry: subcluster by subcluster.
+    fn read_ext(
+        &mut self,
+        c: GuestCluster,
+        in_cluster: u64,
+        out: &mut [u8],
+        e: L2Entry,
+    ) -> Result<()> {
+        let d = e.desc(&self.geo);
+        if let Desc::Compressed { .. } = d {
+            return self.read_desc(c, in_cluster, out, d);
+        }
+        let bm = e.bitmap;
+        if l2::sub::invalid(bm) {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "invalid subcluster bitmap {bm:#x} for guest offset {:#x}",
+                    self.geo.guest_offset(c)
+                ),
+                0,
+            ));
+        }
+        let host = e.host();
+        if host.get() == 0 && bm & 0xffff_ffff != 0 {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "subclusters allocated without a host cluster at guest offset {:#x}",
+                    self.geo.guest_offset(c)
+                ),
+                0,
+            ));
+        }
+        let sub_size = self.geo.subcluster_size();
+        let mut pos = 0usize;
+        while pos < out.len() {
+            let o = in_cluster + pos as u64;
+            let sc = (o / sub_size) as u32;
+            // Extend over following subclusters of the same kind.
+            let kind = |s: u32| {
+                if l2::sub::allocated(bm, s) {
+                    1
+                } else if l2::sub::zero(bm, s) {
+                    2
+                } else {
+                    0
+                }
+            };
+            let k = kind(sc);
+            let mut end_sc = sc + 1;
+            while end_sc < l2::sub::COUNT && kind(end_sc) == k {
+                end_sc += 1;
+            }
+            let n = ((end_sc as u64 * sub_size - o) as usize).min(out.len() - pos);
+            let part = &mut out[pos..pos + n];
+            match k {
+                1 => {
+                    self.check_data_in_file(host, c)?;
+                    self.host_read(part, host + o, host)?
+                }
+                2 => part.fill(0),
+                _ => self.read_backing(part, self.geo.guest_offset(c) + o)?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Read from the backing file (zeros without one).
+    fn read_backing(&mut self, out: &mut [u8], guest: GuestOffset) -> Result<()> {
+        match &self.backing {
+            Some(b) => b.read(out, guest.get(), self.file.name()),
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The guest cluster `c` stored compressed at `offset` (`len` bytes), decompressed.
+    fn decompressed(&mut self, c: GuestCluster, offset: HostOffset, len: u64) -> Result<Vec<u8>> {
+        if let Some((o, d)) = &self.decompressed.0 {
+            if *o == offset {
+                return Ok(d.clone());
+            }
+        }
+        let cluster_size = self.geo.cluster_size();
+        if offset.get() >= self.file.len() || len > 2 * cluster_size {
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "compressed cluster for guest offset {:#x} lies past the end of the file",
+                    self.geo.guest_offset(c)
+                ),
+                offset.get(),
+            ));
+        }
+        let mut input = vec![0u8; len as usize];
+        self.file.read(&mut input, offset, "compressed cluster")?;
+        let mut out = vec![0u8; cluster_size as usize];
+        compress::decompress(&input, &mut out, self.compression).map_err(|w| {
+            Error::corrupt(
+                self.name(),
+                format!(
+                    "compressed cluster for guest offset {:#x}: {w}",
+                    self.geo.guest_offset(c)
+                ),
+                offset.get(),
+            )
+        })?;
+        self.decompressed.0 = Some((offset, out.clone()));
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- writes
+
+    /// Write guest bytes under the lock.
+    pub(crate) fn write_inner(&mut self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+        let geo = self.geo;
+        let mut done = 0usize;
+        // Guest bytes whose write was left to us, merged while their host clusters are
+        // contiguous: one pwrite for a long sequential write instead of one per cluster.
+        let mut pend: Option<Piece> = None;
+        let mut off = offset;
+        while done < buf.len() {
+            let (c, in_cluster) = geo.split(off);
+            let n = ((geo.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+            if let Some(host) = self.write_cluster(c, in_cluster, &buf[done..done + n])? {
+                match &mut pend {
+                    Some(p) if p.start + p.len == done && p.host + p.len as u64 == host => {
+                        p.len += n
+                    }
+                    _ => {
+                        if let Some(p) = pend.take() {
+                            self.host_write(&buf[p.start..p.start + p.len], p.host)?;
+                        }
+                        pend = Some(Piece {
+                            start: done,
+                            len: n,
+                            host,
+                        });
+                    }
+                }
+            }
+            done += n;
+            off += n as u64;
+        }
+        if let Some(p) = pend {
+            self.host_write(&buf[p.start..p.start + p.len], p.host)?;
+        }
+        self.file.data_written_flag().store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// `write_cluster`, doing the data write itself.
+    pub(crate) fn write_cluster_now(
+        &mut self,
+        c: GuestCluster,
+        in_cluster: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        if let Some(host) = self.write_cluster(c, in_cluster, data)? {
+            self.host_write(data, host)?;
+        }
+        Ok(())
+    }
+
+    /// Drop the reference an old descriptor held (after its L2 entry was replaced).
+    fn release(&mut self, d: Desc, discard: bool) -> Result<()> {
+        match d {
+            Desc::Normal { host } | Desc::ZeroAlloc { host } => {
+                self.free_clusters(host, 1, discard)
+            }
+            Desc::Compressed { offset, len } => {
+                let first = self.geo.host_cluster(offset.sector_floor());
+                let last = self.geo.host_cluster(offset + (len - 1));
+                self.free_clusters(self.geo.host_offset(first), last - first + 1, discard)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Write `data` into guest cluster `c` at `in_cluster`. Returns `Some(host)` when the
+    /// caller is to write `data` at `host` itself, which is only done where the data write has
+    /// no ordering constraint (an in-place overwrite, or a never-written cluster of a zero guest
+    /// cluster).
+    fn write_cluster(
+        &mut self,
+        c: GuestCluster,
+        in_cluster: u64,
+        data: &[u8],
+    ) -> Result<Option<HostOffset>> {
+        let e = self.lookup(c)?;
+        if self.geo.extended_l2() {
+            self.write_cluster_ext(c, in_cluster, data, e)?;
+            return Ok(None);
+        }
+        let cluster_size = self.geo.cluster_size();
+        let d = e.desc(&self.geo);
+        match d {
+            Desc::Normal { host } if e.copied() => {
+                self.check_write_target(host, c)?;
+                return Ok(Some(host + in_cluster));
+            }
+            Desc::ZeroAlloc { host } if e.copied() => {
+                self.check_write_target(host, c)?;
+                let mut full = vec![0u8; cluster_size as usize];
+                full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+                self.prepare_l2(c)?;
+                self.host_write(&full, host)?;
+                // The zeroed cluster must be stable before the entry stops saying "zero".
+                if !mutant("zero-alloc-barrier") {
+                    self.order_after_data();
+                } else {
+                    self.pending.changed();
+                }
+                self.set_entry(c, L2Entry::owned(host, 0))?;
+                return Ok(None);
+            }
+            _ => {}
+        }
+        // Allocating write, with copy-on-write of the parts the guest did not write.
+        let old_zero = match d {
+            Desc::Unallocated => self.backing.is_none(),
+            Desc::ZeroPlain => true,
+            _ => false,
+        };
+        self.prepare_l2(c)?;
+        let new = self.alloc_run_cluster()?;
+        let virgin = self.file.never_written(new) || mutant("virgin-check");
+        let mut deferred = None;
+        if virgin && old_zero {
+            // The cluster reads as zeros already (the file was extended over it and nothing
+            // was ever written there): write only the guest's bytes, no zero copy-on-write.
+            // The caller may merge the write with its neighbours: if the entry reached the
+            // disk before the data, the guest would read zeros, its old contents.
+            deferred = Some(new + in_cluster);
+        } else if data.len() as u64 != cluster_size {
+            let mut full = vec![0u8; cluster_size as usize];
+            self.read_desc(c, 0, &mut full, d)?;
+            full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+            self.host_write(&full, new)?;
+        } else {
+            self.host_write(data, new)?;
+        }
+        self.link(c, L2Entry::owned(new, 0), !(virgin && old_zero))?;
+        self.release(d, false)?;
+        Ok(deferred)
+    }
+
+    /// Point `c` at newly written data. The entry waits for the new cluster's refcount and the
+    /// file length, and with `data_barrier` for the data (see `flush.rs`, rules 1, 3 and 4). A
+    /// crash can skip the data barrier only where it could reveal nothing but what the guest
+    /// saw before: a cluster past every byte ever written reads as zeros, and if the guest
+    /// cluster read as zeros before, zeros are its old version.
+    fn link(&mut self, c: GuestCluster, e: L2Entry, data_barrier: bool) -> Result<()> {
+        self.order_entry_update(data_barrier)?;
+        self.set_entry(c, e)
+    }
+
+    /// `write_cluster` for extended L2 entries: subcluster granularity.
+    fn write_cluster_ext(
+        &mut self,
+        c: GuestCluster,
+        in_cluster: u64,
+        data: &[u8],
+        e: L2Entry,
+    ) -> Result<()> {
+        let d = e.desc(&self.geo);
+        let bm = e.bitmap;
+        let sub_size = self.geo.subcluster_size();
+        let s0 = in_cluster / sub_size;
+        let s1 = (in_cluster + data.len() as u64).div_ceil(sub_size);
+        let mut touched = 0u64;
+        for s in s0..s1 {
+            touched |= 1u64 << s;
+        }
+        let new_bitmap = (bm | touched) & !(touched << 32);
+        match d {
+            Desc::Normal { host } if e.copied() => {
+                self.check_write_target(host, c)?;
+                if bm & touched == touched {
+                    return self.host_write(data, host + in_cluster);
+                }
+                let span = self.span_buffer(c, s0 * sub_size, s1 * sub_size, in_cluster, data)?;
+                self.prepare_l2(c)?;
+                self.host_write(&span, host + s0 * sub_size)?;
+                self.order_after_data();
+                self.set_entry(c, e.with_bitmap(new_bitmap))
+            }
+            Desc::Unallocated => {
+                let span = self.span_buffer(c, s0 * sub_size, s1 * sub_size, in_cluster, data)?;
+                self.prepare_l2(c)?;
+                let new = self.alloc_run_cluster()?;
+                let virgin = self.file.never_written(new) || mutant("virgin-check");
+                self.host_write(&span, new + s0 * sub_size)?;
+                let old_zero = self.backing.is_none();
+                self.link(c, L2Entry::owned(new, new_bitmap), !(virgin && old_zero))
+            }
+            _ => {
+                // Compressed or shared: copy the whole cluster.
+                let full = self.span_buffer(c, 0, self.geo.cluster_size(), in_cluster, data)?;
+                self.prepare_l2(c)?;
+                let new = self.alloc_run_cluster()?;
+                self.host_write(&full, new)?;
+                let bitmap = if matches!(d, Desc::Compressed { .. }) {
+                    0xffff_ffff
+                } else {
+                    new_bitmap
+                };
+                self.link(c, L2Entry::owned(new, bitmap), true)?;
+                self.release(d, false)
+            }
+        }
+    }
+
+    /// Current guest contents of `[start, end)` within cluster `c`, with `data` laid over at
+    /// `in_cluster`.
+    fn span_buffer(
+        &mut self,
+        c: GuestCluster,
+        start: u64,
+        end: u64,
+        in_cluster: u64,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
+        let base = self.geo.guest_offset(c);
+        let mut span = vec![0u8; (end - start) as usize];
+        let rel = (in_cluster - start) as usize;
+        if rel > 0 {
+            self.read_inner(&mut span[..rel], base + start)?;
+        }
+        let tail = rel + data.len();
+        if tail < span.len() {
+            self.read_inner(&mut span[tail..], base + start + tail as u64)?;
+        }
+        span[rel..tail].copy_from_slice(data);
+        Ok(span)
+    }
+
+    /// Whether guest cluster `c` reads as zeros without looking at data.
+    pub(crate) fn known_zero(&mut self, c: GuestCluster) -> Result<bool> {
+        let e = self.lookup(c)?;
+        if self.geo.extended_l2() {
+            return Ok(e.word == 0 && (e.bitmap >> 32) == 0xffff_ffff
+                || (e.is_empty() && self.backing.is_none()));
+        }
+        Ok(match e.desc(&self.geo) {
+            Desc::ZeroPlain | Desc::ZeroAlloc { .. } => true,
+            Desc::Unallocated => self.backing.is_none(),
+            _ => false,
+        })
+    }
+
+    /// Make `[offset, offset+len)` read as zeros. A partial cluster that ends at `disk_end`
+    /// counts as whole.
+    pub(crate) fn zero_inner(
+        &mut self,
+        offset: GuestOffset,
+        len: u64,
+        disk_end: GuestOffset,
+    ) -> Result<()> {
+        let geo = self.geo;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let (c, in_cluster) = geo.split(off);
+            let n = (geo.cluster_size() - in_cluster).min(end - off);
+            let whole = in_cluster == 0 && (n == geo.cluster_size() || off + n >= disk_end);
+            if geo.extended_l2() {
+                self.zero_ext(c, in_cluster, n, whole)?;
+            } else if whole && self.header.version >= 3 {
+                self.zero_cluster(c)?;
+            } else if !self.known_zero(c)? {
+                let zeros = vec![0u8; n as usize];
+                self.write_cluster_now(c, in_cluster, &zeros)?;
+            }
+            off += n;
+        }
+        self.file.data_written_flag().store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Make a whole standard cluster a zero cluster (v3).
+    fn zero_cluster(&mut self, c: GuestCluster) -> Result<()> {
+        let e = self.lookup(c)?;
+        let d = e.desc(&self.geo);
+        let (entry, release) = match d {
+            Desc::ZeroPlain => return Ok(()),
+            Desc::ZeroAlloc { .. } if e.copied() => return Ok(()),
+            Desc::Unallocated if self.backing.is_none() => return Ok(()),
+            Desc::Normal { host } if e.copied() => (L2Entry::zero_at(host), false),
+            _ => (L2Entry::ZERO, true),
+        };
+        self.prepare_l2(c)?;
+        self.set_entry(c, entry)?;
+        if release {
+            self.release(d, false)?;
+        }
+        Ok(())
+    }
+
+    /// Zero `n` bytes at `in_cluster` of cluster `c` with extended L2 entries.
+    fn zero_ext(&mut self, c: GuestCluster, in_cluster: u64, n: u64, whole: bool) -> Result<()> {
+        let sub_size = self.geo.subcluster_size();
+        let e = self.lookup(c)?;
+        let d = e.desc(&self.geo);
+        if whole {
+            let (entry, release) = match d {
+                Desc::Normal { .. } if e.copied() => (e.word, false),
+                Desc::Unallocated => (0, false),
+                _ => (0, true),
+            };
+            self.prepare_l2(c)?;
+            self.set_entry(c, L2Entry::new(entry, 0xffff_ffffu64 << 32))?;
+            if release {
+                self.release(d, false)?;
+            }
+            return Ok(());
+        }
+        // Whole subclusters become zero; partial ones get explicit zeros.
+        let first = in_cluster.div_ceil(sub_size);
+        let last = (in_cluster + n) / sub_size;
+        if matches!(d, Desc::Compressed { .. })
+            || (matches!(d, Desc::Normal { .. }) && !e.copied())
+            || first >= last
+        {
+            let zeros = vec![0u8; n as usize];
+            return self.write_cluster_now(c, in_cluster, &zeros);
+        }
+        if in_cluster < first * sub_size {
+            let zeros = vec![0u8; (first * sub_size - in_cluster) as usize];
+            self.write_cluster_now(c, in_cluster, &zeros)?;
+        }
+        if in_cluster + n > last * sub_size {
+            let zeros = vec![0u8; (in_cluster + n - last * sub_size) as usize];
+            self.write_cluster_now(c, last * sub_size, &zeros)?;
+        }
+        let now = self.lookup(c)?;
+        let mut mask = 0u64;
+        for s in first..last {
+            mask |= 1u64 << s;
+        }
+        self.prepare_l2(c)?;
+        self.set_entry(c, now.with_bitmap((now.bitmap & !mask) | (mask << 32)))
+    }
+
+    /// Discard the whole clusters of `[offset, offset+len)` (a partial cluster that ends at
+    /// `disk_end` counts as whole).
+    pub(crate) fn discard_inner(
+        &mut self,
+        offset: GuestOffset,
+        len: u64,
+        disk_end: GuestOffset,
+    ) -> Result<()> {
+        let end = offset + len;
+        let first = self.geo.guest_cluster_ceil(offset);
+        let last = if end >= disk_end {
+            self.geo.guest_cluster_ceil(disk_end)
+        } else {
+            self.geo.guest_cluster(end)
+        };
+        for i in 0..last.get().saturating_sub(first.get()) {
+            self.discard_cluster(first + i, self.backing.is_some())?;
+        }
+        Ok(())
+    }
+
+    /// Free guest cluster `c`; with `keep_zero` (v3) it becomes a zero cluster instead of
+    /// unallocated (the backing file must not show through).
+    pub(crate) fn discard_cluster(&mut self, c: GuestCluster, keep_zero: bool) -> Result<()> {
+        let e = self.lookup(c)?;
+        let d = e.desc(&self.geo);
+        let v3 = self.header.version >= 3;
+        let entry = if keep_zero && v3 {
+            if self.geo.extended_l2() {
+                L2Entry::ALL_ZERO_SUBCLUSTERS
+            } else {
+                L2Entry::ZERO
+            }
+        } else {
+            L2Entry::EMPTY
+        };
+        if e == entry {
+            return Ok(());
+        }
+        if d == Desc::Unallocated && e.is_empty() && !(keep_zero && v3) {
+            return Ok(());
+        }
+        self.prepare_l2(c)?;
+        self.set_entry(c, entry)?;
+        self.release(d, true)
+    }
+
+    /// Write one compressed cluster `comp` (the compressed form of `data`) to guest cluster
+    /// `c`. Clusters that did not compress (`None`) and targets that are allocated are written
+    /// normally.
+    pub(crate) fn write_compressed_inner(
+        &mut self,
+        c: GuestCluster,
+        data: &[u8],
+        comp: Option<Vec<u8>>,
+    ) -> Result<()> {
+        let e = self.lookup(c)?;
+        let d = e.desc(&self.geo);
+        let comp = match comp {
+            Some(comp) if matches!(d, Desc::Unallocated | Desc::ZeroPlain) => comp,
+            _ => return self.write_inner(data, self.geo.guest_offset(c)),
+        };
+        self.prepare_l2(c)?;
+        let len = comp.len() as u64;
+        let off = self.alloc_compressed(len)?;
+        self.host_write(&comp, off)?;
+        self.compressed_written(off + len);
+        let entry = L2Entry::compressed(&self.geo, off, len);
+        // Compressed data must always be stable first: a torn stream does not decompress.
+        self.link(c, entry, !mutant("compressed-barrier"))?;
+        self.file.data_written_flag().store(true, Ordering::SeqCst);
+        self.release(d, false)
+    }
+}

@@ -1,0 +1,215 @@
+//! The image file as the engine sees it: every read, write, length change and barrier on the
+//! host file goes through [`HostFile`], which keeps the file's extent (its length and how much
+//! of it was ever written) and remembers a failed fdatasync.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::error::{Error, Result};
+use crate::offset::HostOffset;
+use crate::storage::Storage;
+
+/// The host file of an open image.
+pub(crate) struct HostFile {
+    name: Arc<str>,
+    storage: Arc<dyn Storage>,
+    /// The file length as far as we know it (grown by our writes and set_len calls).
+    len: u64,
+    /// End of everything ever written to the file (the file length at open counts as
+    /// written). Clusters past it read as zeros.
+    written_end: u64,
+    /// Barriers are skipped (cache=unsafe; and while an image is being created).
+    no_barriers: bool,
+    /// An fdatasync failed (with this OS error, if it had one): see [`HostFile::poisoned`].
+    poisoned: Option<Option<i32>>,
+    /// Data was written since the last barrier (set after the write completes, by threads
+    /// writing outside the state lock too).
+    data_written: Arc<AtomicBool>,
+    /// Held shared by data I/O running outside the state lock; held exclusively while freed
+    /// clusters are released, so that no such I/O can reach a cluster that is being reused.
+    io_gate: Arc<RwLock<()>>,
+}
+
+impl HostFile {
+    pub(crate) fn new(name: &str, storage: Arc<dyn Storage>, len: u64, no_barriers: bool) -> Self {
+        HostFile {
+            name: name.into(),
+            storage,
+            len,
+            written_end: len,
+            no_barriers,
+            poisoned: None,
+            data_written: Arc::new(AtomicBool::new(false)),
+            io_gate: Arc::new(RwLock::new(())),
+        }
+    }
+
+    /// The file name, for messages.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+    /// The file name, shared (for I/O that runs after the state lock is released).
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+    /// The storage, shared (for I/O that runs after the state lock is released).
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+    /// The data-written flag, shared with writers outside the state lock.
+    pub(crate) fn data_written_flag(&self) -> &Arc<AtomicBool> {
+        &self.data_written
+    }
+    /// The I/O gate (see the field).
+    pub(crate) fn io_gate(&self) -> Arc<RwLock<()>> {
+        self.io_gate.clone()
+    }
+
+    /// The file length as far as we know it.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was ever written at `off` (nor after it): the file was only extended
+    /// over it, so it reads as zeros.
+    pub(crate) fn never_written(&self, off: HostOffset) -> bool {
+        off.get() >= self.written_end
+    }
+
+    /// Round the file's written extent up to `cluster_size`: the smallest length that keeps
+    /// every byte written.
+    pub(crate) fn written_end(&self) -> u64 {
+        self.written_end
+    }
+
+    fn note_written(&mut self, end: u64) {
+        self.len = self.len.max(end);
+        self.written_end = self.written_end.max(end);
+    }
+
+    /// Read `buf.len()` bytes at `off`; `what` names them in an error.
+    pub(crate) fn read(&self, buf: &mut [u8], off: HostOffset, what: &str) -> Result<()> {
+        self.storage
+            .read_at(buf, off.get())
+            .map_err(|e| Error::io(&self.name, format!("read {what}"), e))
+    }
+
+    /// Read guest data at `off` (of the host cluster at `cluster`, named in an error).
+    pub(crate) fn read_data(
+        &self,
+        buf: &mut [u8],
+        off: HostOffset,
+        cluster: HostOffset,
+    ) -> Result<()> {
+        self.storage
+            .read_at(buf, off.get())
+            .map_err(|e| Error::io(&self.name, format!("read data at {cluster:#x}"), e))
+    }
+
+    /// Write metadata (`what` names it in an error).
+    pub(crate) fn write_meta(&mut self, buf: &[u8], off: HostOffset, what: &str) -> Result<()> {
+        self.storage
+            .write_at(buf, off.get())
+            .map_err(|e| Error::io(&self.name, format!("write {what} at {off:#x}"), e))?;
+        self.note_written(off.get() + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Write guest data. The next flush owes a barrier for it, whoever the caller.
+    pub(crate) fn write_data(&mut self, buf: &[u8], off: HostOffset) -> Result<()> {
+        self.storage
+            .write_at(buf, off.get())
+            .map_err(|e| Error::io(&self.name, format!("write data at {off:#x}"), e))?;
+        self.note_written(off.get() + buf.len() as u64);
+        self.data_written.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Account for data that a writer outside the lock is about to write up to `end`.
+    pub(crate) fn reserve_unlocked_write(&mut self, end: u64) {
+        self.note_written(end);
+    }
+
+    /// Change the file length (`what` names the reason in an error).
+    pub(crate) fn set_len(&mut self, len: u64, what: &str) -> Result<()> {
+        self.storage
+            .set_len(len)
+            .map_err(|e| Error::io(&self.name, what, e))?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// Punch a hole (a hint: if it fails the range keeps its old bytes, which is safe, since a
+    /// reused cluster below the written extent is never taken as reading zeros).
+    pub(crate) fn punch(&self, off: HostOffset, len: u64) {
+        let _ = self.storage.discard(off.get(), len);
+    }
+
+    /// Durability barrier (fdatasync), unless barriers are off.
+    pub(crate) fn barrier(&mut self) -> Result<()> {
+        self.barrier_for("flush")
+    }
+
+    /// `barrier`, with `what` naming it in an error.
+    pub(crate) fn barrier_for(&mut self, what: &str) -> Result<()> {
+        if self.no_barriers {
+            return Ok(());
+        }
+        self.storage.flush().map_err(|e| {
+            self.poison(&e);
+            Error::io(&self.name, what, e)
+        })
+    }
+
+    /// Whether barriers are skipped (cache=unsafe).
+    pub(crate) fn barriers_off(&self) -> bool {
+        self.no_barriers
+    }
+    /// Turn barriers back on (close in unsafe mode syncs once at the end).
+    pub(crate) fn enable_barriers(&mut self) {
+        self.no_barriers = false;
+    }
+
+    /// Record that an fdatasync failed: from now on the image refuses writes and flushes.
+    pub(crate) fn poison(&mut self, e: &std::io::Error) {
+        if crate::mutants::active("failed-flush") {
+            return;
+        }
+        self.poisoned.get_or_insert(e.raw_os_error());
+    }
+
+    /// The error every write and flush returns once an fdatasync failed: the kernel may have
+    /// dropped the pages it could not write and will not report that again, so nothing written
+    /// since the last successful flush can be trusted to be on disk. Like a database after a
+    /// failed fsync, the image refuses to go on until it is reopened.
+    pub(crate) fn poisoned(&self) -> Result<()> {
+        match self.poisoned {
+            None => Ok(()),
+            Some(errno) => Err(Error::Io {
+                file: self.name.to_string(),
+                context: "refusing to write: an earlier flush (fdatasync) failed, so data written \
+                          since the last successful flush may not be on disk; close and reopen \
+                          the image"
+                    .into(),
+                source: match errno {
+                    Some(n) => std::io::Error::from_raw_os_error(n),
+                    None => std::io::Error::other("earlier flush failed"),
+                },
+            }),
+        }
+    }
+
+    /// Bytes the file occupies on the host.
+    pub(crate) fn allocated_size(&self) -> Result<u64> {
+        self.storage
+            .allocated_size()
+            .map_err(|e| Error::io(&self.name, "stat", e))
+    }
+
+    /// The file's real length, asked of the storage.
+    pub(crate) fn stat_len(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| Error::io(&self.name, "stat", e))
+    }
+}

@@ -1,0 +1,262 @@
+//! The mutable state of an open image, behind the image's lock, split into parts that say what
+//! they are. Each part's fields are private to the module that owns it; the others call its
+//! methods:
+//!
+//! | part | type | owner |
+//! |---|---|---|
+//! | shape (cluster size, entry formats) | [`Geometry`] | `offset.rs` (fixed at open) |
+//! | the host file, its extent, barriers | [`HostFile`] | `host.rs` |
+//! | the header as stored | [`StoredHeader`] | here |
+//! | the active L1 table | [`Tables`] | `mapping.rs` |
+//! | refcount table, free space, reserved run | [`Allocator`] | `alloc.rs` |
+//! | what the next flush owes | [`Pending`] | `flush.rs` |
+//! | L2 and refcount-block caches | [`Caches`] | `cache.rs` |
+//! | the last decompressed cluster | [`Decompressed`] | `datapath.rs` |
+//! | the metadata clusters guest data must not hit | [`MetaClusters`] | here |
+//! | read-only or writable, closed | [`Access`] | here |
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use crate::alloc::Allocator;
+use crate::backing::Backing;
+use crate::cache::Caches;
+use crate::datapath::Decompressed;
+use crate::error::{Error, Result};
+use crate::flush::Pending;
+use crate::format::header::Header;
+use crate::format::l2::L1E_OFFSET_MASK;
+use crate::format::refcount::REFT_OFFSET_MASK;
+use crate::format::snapshot::{self, SnapshotEntry};
+use crate::host::HostFile;
+use crate::mapping::Tables;
+use crate::offset::{Geometry, GuestOffset, HostCluster, HostOffset};
+use crate::options::{CacheMode, CompressionType};
+
+/// The mutable state of an open image.
+pub(crate) struct State {
+    pub geo: Geometry,
+    pub file: HostFile,
+    pub header: StoredHeader,
+    pub tables: Tables,
+    pub alloc: Allocator,
+    pub pending: Pending,
+    pub caches: Caches,
+    pub decompressed: Decompressed,
+    pub meta: MetaClusters,
+    pub access: Access,
+    /// Fixed at open.
+    pub backing: Option<Backing>,
+    /// Fixed at open (read, kept and refcounted; not yet created or applied).
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Fixed at open.
+    pub compression: CompressionType,
+}
+
+impl State {
+    /// The file name, for messages.
+    pub(crate) fn name(&self) -> &str {
+        self.file.name()
+    }
+
+    /// Refuse writes to a read-only or poisoned image.
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        self.access.check_writable(self.file.name())?;
+        self.file.poisoned()
+    }
+
+    /// Refuse a guest range past the virtual size.
+    pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.header.size => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "{}: range {off}+{len} is past the end of the disk ({} bytes)",
+                self.name(),
+                self.header.size
+            ))),
+        }
+    }
+
+    /// The end of the guest disk.
+    pub(crate) fn disk_end(&self) -> GuestOffset {
+        GuestOffset::new(self.header.size)
+    }
+
+    /// Change header fields: `change` is applied to a copy, the bytes of `field` are written
+    /// from it, and only once that write succeeded does the in-memory header take the change.
+    pub(crate) fn write_header(
+        &mut self,
+        field: Range<usize>,
+        what: &str,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        self.header.write(&mut self.file, field, what, change)
+    }
+
+    /// Whether host cluster `c` holds metadata (header, L1, refcount table and blocks, active
+    /// L2 tables, snapshot table). The set is built when first needed.
+    pub(crate) fn is_metadata(&mut self, c: HostCluster) -> bool {
+        if self.meta.set.is_none() {
+            let geo = self.geo;
+            let mut m = HashSet::new();
+            let mut range = |off: u64, len: u64| {
+                if len > 0 {
+                    let first = geo.host_cluster(HostOffset::new(off));
+                    for i in 0..geo.clusters_for(off % geo.cluster_size() + len) {
+                        m.insert(first + i);
+                    }
+                }
+            };
+            let h = &*self.header;
+            range(0, geo.cluster_size());
+            range(h.l1_table_offset, h.l1_size as u64 * 8);
+            range(
+                h.refcount_table_offset,
+                h.refcount_table_clusters as u64 * geo.cluster_size(),
+            );
+            range(h.snapshots_offset, snapshot::table_size(&self.snapshots));
+            for &e in self.alloc.reftable() {
+                let o = e & REFT_OFFSET_MASK;
+                if o != 0 {
+                    m.insert(geo.host_cluster(HostOffset::new(o)));
+                }
+            }
+            for &e in self.tables.l1() {
+                let o = e & L1E_OFFSET_MASK;
+                if o != 0 {
+                    m.insert(geo.host_cluster(HostOffset::new(o)));
+                }
+            }
+            self.meta.set = Some(m);
+        }
+        self.meta.set.as_ref().is_some_and(|m| m.contains(&c))
+    }
+}
+
+/// The header as stored in the file. Read it through `Deref`; change it only with
+/// [`StoredHeader::write`], which writes first and changes memory after.
+pub(crate) struct StoredHeader(Header);
+
+impl StoredHeader {
+    pub(crate) fn new(h: Header) -> StoredHeader {
+        StoredHeader(h)
+    }
+
+    /// Write the bytes of `field` with `change` applied; keep the change once written.
+    pub(crate) fn write(
+        &mut self,
+        file: &mut HostFile,
+        field: Range<usize>,
+        what: &str,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut h = self.0.clone();
+        change(&mut h);
+        let b = h.field_bytes(field.clone());
+        file.write_meta(&b, HostOffset::new(field.start as u64), what)?;
+        self.0 = h;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for StoredHeader {
+    type Target = Header;
+    fn deref(&self) -> &Header {
+        &self.0
+    }
+}
+
+/// The host clusters that hold metadata, so that no guest write lands there (a crafted or
+/// damaged image must not steer a guest write into its own header or tables). Built on demand;
+/// dropped after any change of the metadata layout that is not tracked one cluster at a time.
+#[derive(Default)]
+pub(crate) struct MetaClusters {
+    set: Option<HashSet<HostCluster>>,
+}
+
+impl MetaClusters {
+    /// A new metadata cluster (a new L2 table or refcount block).
+    pub(crate) fn note(&mut self, c: HostCluster) {
+        if let Some(m) = &mut self.set {
+            m.insert(c);
+        }
+    }
+    /// The layout changed: rebuild the set when next needed.
+    pub(crate) fn invalidate(&mut self) {
+        self.set = None;
+    }
+    /// Cluster `c` was freed: if it held metadata, the set is stale.
+    pub(crate) fn freed(&mut self, c: HostCluster) {
+        if self.set.as_ref().is_some_and(|m| m.contains(&c)) {
+            self.set = None;
+        }
+    }
+}
+
+/// Whether the image may be written, and why not; whether it was closed.
+pub(crate) struct Access {
+    read_only: bool,
+    reason: String,
+    /// The file was opened for writing (repair may make a corrupt-marked image writable).
+    writable_storage: bool,
+    cache_mode: CacheMode,
+    lazy_refcounts: bool,
+    closed: bool,
+}
+
+impl Access {
+    pub(crate) fn new(
+        read_only: bool,
+        reason: String,
+        writable_storage: bool,
+        cache_mode: CacheMode,
+        lazy_refcounts: bool,
+    ) -> Access {
+        Access {
+            read_only,
+            reason,
+            writable_storage,
+            cache_mode,
+            lazy_refcounts,
+            closed: false,
+        }
+    }
+    pub(crate) fn read_only(&self) -> bool {
+        self.read_only
+    }
+    pub(crate) fn writable_storage(&self) -> bool {
+        self.writable_storage
+    }
+    pub(crate) fn cache_mode(&self) -> CacheMode {
+        self.cache_mode
+    }
+    /// Lazy refcounts are in use this session.
+    pub(crate) fn lazy(&self) -> bool {
+        self.lazy_refcounts
+    }
+    fn check_writable(&self, file: &str) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly {
+                file: file.to_string(),
+                reason: self.reason.clone(),
+            });
+        }
+        Ok(())
+    }
+    /// Repair cleared the corrupt bit of an image opened for writing.
+    pub(crate) fn allow_writes(&mut self) {
+        if self.writable_storage {
+            self.read_only = false;
+            self.reason.clear();
+        }
+    }
+    /// Mark closed; returns whether it already was.
+    pub(crate) fn close(&mut self) -> bool {
+        std::mem::replace(&mut self.closed, true)
+    }
+}
+
+/// Lock the state. A panic in another thread that held it does not make later calls panic.
+pub(crate) fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
