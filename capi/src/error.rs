@@ -71,7 +71,7 @@ impl FfiError {
                     E::Corrupt { .. } => QCOW2_ERR_CORRUPT,
                     E::Unsupported { .. } => QCOW2_ERR_UNSUPPORTED,
                     E::InvalidArgument(_) => QCOW2_ERR_INVALID_ARGUMENT,
-                    E::BadKey { .. } => QCOW2_ERR_BAD_KEY,
+                    E::BadKey { .. } | E::NeedKey { .. } => QCOW2_ERR_BAD_KEY,
                     E::ReadOnly { .. } => QCOW2_ERR_READ_ONLY,
                     E::Locked { .. } => QCOW2_ERR_LOCKED,
                     E::NoSpace { .. } => QCOW2_ERR_NO_SPACE,

@@ -6,7 +6,10 @@
 
 use std::ffi::c_char;
 
-use qcow2rs::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
+use qcow2rs::{
+    CacheMode, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions, EncryptionOptions,
+    HashAlg, IvGenAlg, OpenOptions, Password, Preallocation,
+};
 
 use crate::error::{qcow2_error, FfiError};
 use crate::ffi::{self, boundary};
@@ -32,6 +35,15 @@ pub const QCOW2_PREALLOC_OFF: qcow2_preallocation = 0;
 /// All L2 tables and data clusters are allocated (data clusters as preallocated zero clusters).
 pub const QCOW2_PREALLOC_METADATA: qcow2_preallocation = 1;
 
+/// Encryption of a new image (`QCOW2_ENCRYPT_*`).
+pub type qcow2_encrypt_format = u32;
+/// Not encrypted (the default).
+pub const QCOW2_ENCRYPT_NONE: qcow2_encrypt_format = 0;
+/// LUKS (crypt_method 2): the choice.
+pub const QCOW2_ENCRYPT_LUKS: qcow2_encrypt_format = 1;
+/// Legacy AES-128-CBC (crypt_method 1): no key check, deprecated by QEMU; for old images.
+pub const QCOW2_ENCRYPT_AES: qcow2_encrypt_format = 2;
+
 /// Cache mode, named as QEMU names them (`QCOW2_CACHE_*`).
 pub type qcow2_cache_mode = u32;
 /// Durable at `qcow2_flush` (the default).
@@ -53,11 +65,15 @@ pub const QCOW2_OPEN_NO_BACKING: u32 = 1 << 1;
 pub const QCOW2_OPEN_LAZY_REFCOUNTS: u32 = 1 << 2;
 /// Open flag: do not use lazy refcounts whatever the image header says.
 pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
+/// Open flag: open an encrypted image without its password, for inspection (info, map,
+/// check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
+pub const QCOW2_OPEN_WITHOUT_KEY: u32 = 1 << 4;
 
 const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_RDONLY
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_LAZY_REFCOUNTS
-    | QCOW2_OPEN_NO_LAZY_REFCOUNTS;
+    | QCOW2_OPEN_NO_LAZY_REFCOUNTS
+    | QCOW2_OPEN_WITHOUT_KEY;
 
 /// Options for `qcow2_create`. Initialise it with `qcow2_create_options_init`, then change
 /// the fields you need.
@@ -83,6 +99,49 @@ pub struct qcow2_create_options {
     pub preallocation: qcow2_preallocation,
     /// Compression type (`QCOW2_COMPRESSION_*`). Default `QCOW2_COMPRESSION_ZLIB`.
     pub compression_type: qcow2_compression_type,
+    /// Encryption (`QCOW2_ENCRYPT_*`). Default `QCOW2_ENCRYPT_NONE`.
+    pub encrypt_format: qcow2_encrypt_format,
+    /// The password (bytes, not NUL-terminated), required with encryption. Borrowed for the
+    /// duration of the call only; the library keeps no copy after it returns.
+    pub password: *const u8,
+    /// Length of `password` in bytes.
+    pub password_len: usize,
+    /// LUKS cipher: "aes-128", "aes-192" or "aes-256"; NULL (the default) for "aes-256".
+    pub encrypt_cipher_alg: *const c_char,
+    /// LUKS mode: "xts" or "cbc"; NULL for "xts".
+    pub encrypt_cipher_mode: *const c_char,
+    /// LUKS IV generator: "plain", "plain64" or "essiv"; NULL for "plain64".
+    pub encrypt_ivgen_alg: *const c_char,
+    /// LUKS ESSIV hash: NULL for "sha256".
+    pub encrypt_ivgen_hash_alg: *const c_char,
+    /// LUKS PBKDF2 hash: "sha1", "sha224", "sha256", "sha384", "sha512"; NULL for "sha256".
+    pub encrypt_hash_alg: *const c_char,
+    /// LUKS PBKDF2 time per key slot in milliseconds; 0 (the default) for 2000.
+    pub encrypt_iter_time_ms: u64,
+    /// Password of an encrypted backing file (opened to take its size); NULL for none.
+    pub backing_password: *const u8,
+    /// Length of `backing_password`.
+    pub backing_password_len: usize,
+}
+
+/// A password given as pointer + length (NULL with length 0: none).
+pub(crate) fn password(p: *const u8, len: usize, what: &str) -> Result<Option<Password>, FfiError> {
+    if p.is_null() && len == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Password::new(ffi::bytes(p, len, what)?)))
+}
+
+fn parsed<T>(
+    s: *const c_char,
+    what: &str,
+    default: T,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<T, FfiError> {
+    match ffi::optional_str(s, what)? {
+        None => Ok(default),
+        Some(v) => parse(v).ok_or_else(|| FfiError::Arg(format!("invalid value '{v}' for {what}"))),
+    }
 }
 
 impl qcow2_create_options {
@@ -101,7 +160,65 @@ impl qcow2_create_options {
                 Preallocation::Metadata => QCOW2_PREALLOC_METADATA,
             },
             compression_type: compression_to_c(d.compression_type),
+            encrypt_format: QCOW2_ENCRYPT_NONE,
+            password: std::ptr::null(),
+            password_len: 0,
+            encrypt_cipher_alg: std::ptr::null(),
+            encrypt_cipher_mode: std::ptr::null(),
+            encrypt_ivgen_alg: std::ptr::null(),
+            encrypt_ivgen_hash_alg: std::ptr::null(),
+            encrypt_hash_alg: std::ptr::null(),
+            encrypt_iter_time_ms: 0,
+            backing_password: std::ptr::null(),
+            backing_password_len: 0,
         }
+    }
+
+    fn encryption(&self) -> Result<Option<EncryptionOptions>, FfiError> {
+        if self.encrypt_format == QCOW2_ENCRYPT_NONE {
+            return Ok(None);
+        }
+        let pw = password(self.password, self.password_len, "opts->password")?
+            .ok_or_else(|| FfiError::Arg("an encrypted image needs opts->password".into()))?;
+        let mut e = match self.encrypt_format {
+            QCOW2_ENCRYPT_LUKS => EncryptionOptions::luks(pw),
+            QCOW2_ENCRYPT_AES => EncryptionOptions::aes(pw),
+            v => return Err(bad_value("encrypt_format", v)),
+        };
+        e.cipher_alg = parsed(
+            self.encrypt_cipher_alg,
+            "opts->encrypt_cipher_alg",
+            e.cipher_alg,
+            CipherAlg::parse,
+        )?;
+        e.cipher_mode = parsed(
+            self.encrypt_cipher_mode,
+            "opts->encrypt_cipher_mode",
+            e.cipher_mode,
+            CipherMode::parse,
+        )?;
+        e.ivgen_alg = parsed(
+            self.encrypt_ivgen_alg,
+            "opts->encrypt_ivgen_alg",
+            e.ivgen_alg,
+            IvGenAlg::parse,
+        )?;
+        e.ivgen_hash_alg = parsed(
+            self.encrypt_ivgen_hash_alg,
+            "opts->encrypt_ivgen_hash_alg",
+            e.ivgen_hash_alg,
+            HashAlg::parse,
+        )?;
+        e.hash_alg = parsed(
+            self.encrypt_hash_alg,
+            "opts->encrypt_hash_alg",
+            e.hash_alg,
+            HashAlg::parse,
+        )?;
+        if self.encrypt_iter_time_ms != 0 {
+            e.iter_time_ms = self.encrypt_iter_time_ms;
+        }
+        Ok(Some(e))
     }
 
     /// The core's options for an image of `size` bytes.
@@ -132,6 +249,12 @@ impl qcow2_create_options {
                 v => return Err(bad_value("compression_type", v)),
             },
             open_backing: true,
+            encryption: self.encryption()?,
+            backing_password: password(
+                self.backing_password,
+                self.backing_password_len,
+                "opts->backing_password",
+            )?,
         })
     }
 }
@@ -149,6 +272,15 @@ pub struct qcow2_open_options {
     pub l2_cache_size: u64,
     /// Refcount cache size in bytes; 0 (the default) for 4 clusters.
     pub refcount_cache_size: u64,
+    /// Password of an encrypted image (bytes, not NUL-terminated); NULL for none. Borrowed
+    /// for the duration of the call; the image keeps the derived key, never the password.
+    pub password: *const u8,
+    /// Length of `password` in bytes.
+    pub password_len: usize,
+    /// Password of the encrypted backing files; NULL for none.
+    pub backing_password: *const u8,
+    /// Length of `backing_password`.
+    pub backing_password_len: usize,
 }
 
 impl qcow2_open_options {
@@ -172,6 +304,10 @@ impl qcow2_open_options {
             },
             l2_cache_size: d.l2_cache_size.unwrap_or(0),
             refcount_cache_size: d.refcount_cache_size.unwrap_or(0),
+            password: std::ptr::null(),
+            password_len: 0,
+            backing_password: std::ptr::null(),
+            backing_password_len: 0,
         }
     }
 
@@ -214,6 +350,13 @@ impl qcow2_open_options {
             refcount_cache_size: nonzero(self.refcount_cache_size),
             open_backing: !has(QCOW2_OPEN_NO_BACKING),
             lazy_refcounts,
+            password: password(self.password, self.password_len, "opts->password")?,
+            backing_password: password(
+                self.backing_password,
+                self.backing_password_len,
+                "opts->backing_password",
+            )?,
+            without_key: has(QCOW2_OPEN_WITHOUT_KEY),
         })
     }
 }

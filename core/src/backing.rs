@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::crypto::Password;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::map::MapEntry;
@@ -100,10 +101,11 @@ pub(crate) fn open(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
+    password: Option<&Password>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let top = chain.len() <= 1;
-    open_inner(overlay, backing, format, chain).map_err(|e| {
+    open_inner(overlay, backing, format, password, chain).map_err(|e| {
         // Errors deep in a chain are reported once, against the image the user opened.
         if top {
             e.in_backing_of(overlay, backing)
@@ -117,6 +119,7 @@ fn open_inner(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
+    password: Option<&Password>,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let path = resolve(overlay, backing);
@@ -151,7 +154,12 @@ fn open_inner(
     match fmt {
         Format::Qcow2 => {
             chain.push(canon);
-            let img = Image::open_chain(&path, &OpenOptions::read_only(), chain)?;
+            let opts = OpenOptions {
+                password: password.cloned(),
+                backing_password: password.cloned(),
+                ..OpenOptions::read_only()
+            };
+            let img = Image::open_chain(&path, &opts, chain)?;
             chain.pop();
             Ok(Backing::Qcow2(Box::new(img)))
         }

@@ -3,11 +3,16 @@
 //! copy-on-write, zero fill, subclusters, discard, and the lock-free read and overwrite paths.
 //! Nothing else reads or writes guest data in the host file.
 //!
-//! The cipher will sit here, at the four places where guest data meets the host file:
+//! The cipher sits here, at the four places where guest data meets the host file:
 //! [`host_read`] and [`State::host_read`] (decrypt after reading), [`State::host_write`] and the
-//! unlocked overwrite in [`write`] (encrypt before writing). Each of them knows both the guest
-//! offset and the host offset of the bytes it moves, so the IV can be taken from the right one:
-//! the HOST sector for LUKS, the GUEST sector for legacy AES.
+//! unlocked overwrite in [`write`] (encrypt before writing). Each of them passes both the guest
+//! offset and the host offset of the bytes it moves, and `crypto/` takes the IV from the right
+//! one: the HOST sector for LUKS, the GUEST sector for legacy AES. The cipher works on whole
+//! 512-byte sectors: requests that are not sector-aligned are widened first
+//! ([`read_unaligned`], [`State::write_unaligned`]), and two things that are right for plain
+//! images are not for encrypted ones: a never-written cluster reads as zeros on disk but not
+//! after decryption, so it gets whole encrypted clusters and its L2 entry always waits for
+//! the data.
 //!
 //! A write to guest cluster `c` (see `mapping.rs` for the tables, `flush.rs` for the ordering):
 //! an in-place overwrite of a cluster we own exclusively goes straight to its host cluster;
@@ -17,9 +22,10 @@
 //! The old cluster's reference is dropped afterwards (deferred until the change is stable).
 
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use crate::compress;
+use crate::crypto::{Crypto, SECTOR};
 use crate::error::{Error, Result};
 use crate::format::l2;
 use crate::mapping::{Desc, L2Entry};
@@ -57,17 +63,45 @@ fn push_piece(plan: &mut Vec<Piece>, start: usize, len: usize, host: HostOffset)
     }
 }
 
-/// Read guest data from the host file, outside the state lock (`cluster` names the host
-/// cluster in an error). Decryption goes here.
+/// Read guest data (the bytes at `guest`) from the host file at `host`, outside the state
+/// lock, and decrypt them.
 fn host_read(
     storage: &dyn crate::storage::Storage,
+    crypto: Option<&Crypto>,
     name: &str,
     buf: &mut [u8],
     host: HostOffset,
+    guest: GuestOffset,
 ) -> Result<()> {
     storage
         .read_at(buf, host.get())
-        .map_err(|e| Error::io(name, format!("read data at {host:#x}"), e))
+        .map_err(|e| Error::io(name, format!("read data at {host:#x}"), e))?;
+    match crypto {
+        Some(c) => c.decrypt(name, buf, host, guest),
+        None => Ok(()),
+    }
+}
+
+fn sector_aligned(offset: GuestOffset, len: usize) -> bool {
+    offset.get().is_multiple_of(SECTOR as u64) && len.is_multiple_of(SECTOR)
+}
+
+/// The whole sectors around `[offset, offset+len)`: (start, length).
+fn sector_span(offset: GuestOffset, len: usize) -> (GuestOffset, usize) {
+    let start = offset.get() / SECTOR as u64 * SECTOR as u64;
+    let end = (offset.get() + len as u64).div_ceil(SECTOR as u64) * SECTOR as u64;
+    (GuestOffset::new(start), (end - start) as usize)
+}
+
+/// A read of an encrypted image that does not cover whole sectors: read the sectors, copy
+/// out the part asked for.
+fn read_unaligned(s: MutexGuard<'_, State>, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+    let (start, len) = sector_span(offset, buf.len());
+    let mut span = vec![0u8; len];
+    read(s, &mut span, start)?;
+    let at = (offset - start) as usize;
+    buf.copy_from_slice(&span[at..at + buf.len()]);
+    Ok(())
 }
 
 /// Read `buf.len()` bytes at guest `offset` (already checked against the virtual size).
@@ -79,6 +113,9 @@ pub(crate) fn read(
     buf: &mut [u8],
     offset: GuestOffset,
 ) -> Result<()> {
+    if s.crypto.is_some() && !sector_aligned(offset, buf.len()) {
+        return read_unaligned(s, buf, offset);
+    }
     if s.geo.extended_l2() {
         return s.read_inner(buf, offset);
     }
@@ -103,10 +140,13 @@ pub(crate) fn read(
     let gate = s.file.io_gate();
     let storage = s.file.storage().clone();
     let name = s.file.shared_name();
+    let crypto = s.crypto.clone();
     let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
     drop(s);
     for p in plan {
-        host_read(&*storage, &name, &mut buf[p.start..p.start + p.len], p.host)?;
+        let guest = offset + p.start as u64;
+        let part = &mut buf[p.start..p.start + p.len];
+        host_read(&*storage, crypto.as_deref(), &name, part, p.host, guest)?;
     }
     Ok(())
 }
@@ -114,6 +154,9 @@ pub(crate) fn read(
 /// Write `buf` at guest `offset` (already checked). Overwrites of clusters we own exclusively
 /// run after the lock is released (under the I/O gate); everything else runs under it.
 pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffset) -> Result<()> {
+    if s.crypto.is_some() && !sector_aligned(offset, buf.len()) {
+        return s.write_unaligned(buf, offset);
+    }
     if s.geo.extended_l2() {
         return s.write_inner(buf, offset);
     }
@@ -143,6 +186,7 @@ pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffse
     let storage = s.file.storage().clone();
     let name = s.file.shared_name();
     let flag = s.file.data_written_flag().clone();
+    let crypto = s.crypto.clone();
     let end = plan
         .iter()
         .map(|p| p.host.get() + p.len as u64)
@@ -151,10 +195,22 @@ pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffse
     s.file.reserve_unlocked_write(end);
     let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
     drop(s);
+    // Encrypt outside the lock, into one buffer for the whole request.
+    let encrypted = match &crypto {
+        Some(c) => {
+            let mut enc = buf.to_vec();
+            for p in &plan {
+                let guest = offset + p.start as u64;
+                c.encrypt(&name, &mut enc[p.start..p.start + p.len], p.host, guest)?;
+            }
+            Some(enc)
+        }
+        None => None,
+    };
+    let data = encrypted.as_deref().unwrap_or(buf);
     for p in plan {
-        // Encryption goes here.
         storage
-            .write_at(&buf[p.start..p.start + p.len], p.host.get())
+            .write_at(&data[p.start..p.start + p.len], p.host.get())
             .map_err(|e| Error::io(&name, format!("write data at {:#x}", p.host), e))?;
     }
     flag.store(true, Ordering::SeqCst);
@@ -162,15 +218,72 @@ pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffse
 }
 
 impl State {
-    /// Read guest data at `host` under the lock (`cluster` names it in an error). Decryption
-    /// goes here.
-    fn host_read(&self, buf: &mut [u8], host: HostOffset, cluster: HostOffset) -> Result<()> {
-        self.file.read_data(buf, host, cluster)
+    /// Read the guest bytes at `guest` from `host` under the lock, and decrypt them
+    /// (`cluster` names the host cluster in an error).
+    fn host_read(
+        &self,
+        buf: &mut [u8],
+        host: HostOffset,
+        guest: GuestOffset,
+        cluster: HostOffset,
+    ) -> Result<()> {
+        self.file.read_data(buf, host, cluster)?;
+        match &self.crypto {
+            Some(c) => c.decrypt(self.file.name(), buf, host, guest),
+            None => Ok(()),
+        }
     }
 
-    /// Write guest data at `host`. Encryption goes here.
-    fn host_write(&mut self, buf: &[u8], host: HostOffset) -> Result<()> {
-        self.file.write_data(buf, host)
+    /// Encrypt the guest bytes at `guest` and write them at `host`.
+    fn host_write(&mut self, buf: &[u8], host: HostOffset, guest: GuestOffset) -> Result<()> {
+        match self.crypto.clone() {
+            Some(c) => self.host_write_owned(buf.to_vec(), host, guest, &c),
+            None => self.file.write_data(buf, host),
+        }
+    }
+
+    /// `host_write` of a buffer the caller no longer needs (encrypted in place).
+    fn host_write_vec(&mut self, buf: Vec<u8>, host: HostOffset, guest: GuestOffset) -> Result<()> {
+        match self.crypto.clone() {
+            Some(c) => self.host_write_owned(buf, host, guest, &c),
+            None => self.file.write_data(&buf, host),
+        }
+    }
+
+    fn host_write_owned(
+        &mut self,
+        mut buf: Vec<u8>,
+        host: HostOffset,
+        guest: GuestOffset,
+        c: &Arc<Crypto>,
+    ) -> Result<()> {
+        c.encrypt(self.file.name(), &mut buf, host, guest)?;
+        self.file.write_data(&buf, host)
+    }
+
+    /// A write to an encrypted image that does not cover whole sectors: read the partial
+    /// sectors at its ends, lay the data over them and write whole sectors, all under the
+    /// lock. First wait for lock-free overwrites in flight (the I/O gate): one of them could be
+    /// rewriting the same sectors, and the read-modify-write must not undo it.
+    pub(crate) fn write_unaligned(&mut self, buf: &[u8], offset: GuestOffset) -> Result<()> {
+        drop(
+            self.file
+                .io_gate()
+                .write()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let (start, len) = sector_span(offset, buf.len());
+        let mut span = vec![0u8; len];
+        let at = (offset - start) as usize;
+        if at != 0 {
+            self.read_inner(&mut span[..SECTOR], start)?;
+        }
+        let tail = len - SECTOR;
+        if at + buf.len() != len && (tail != 0 || at == 0) {
+            self.read_inner(&mut span[tail..], start + tail as u64)?;
+        }
+        span[at..at + buf.len()].copy_from_slice(buf);
+        self.write_inner(&span, start)
     }
 
     /// Validate the host cluster an L2 entry names before guest data is written there: aligned,
@@ -255,7 +368,8 @@ impl State {
             }
             Desc::Normal { host } => {
                 self.check_data_in_file(host, c)?;
-                self.host_read(out, host + in_cluster, host)
+                let guest = self.geo.guest_offset(c) + in_cluster;
+                self.host_read(out, host + in_cluster, guest, host)
             }
             Desc::Compressed { offset, len } => {
                 let data = self.decompressed(c, offset, len)?;
@@ -325,7 +439,7 @@ impl State {
             match k {
                 1 => {
                     self.check_data_in_file(host, c)?;
-                    self.host_read(part, host + o, host)?
+                    self.host_read(part, host + o, self.geo.guest_offset(c) + o, host)?
                 }
                 2 => part.fill(0),
                 _ => self.read_backing(part, self.geo.guest_offset(c) + o)?,
@@ -401,7 +515,8 @@ impl State {
                     }
                     _ => {
                         if let Some(p) = pend.take() {
-                            self.host_write(&buf[p.start..p.start + p.len], p.host)?;
+                            let guest = offset + p.start as u64;
+                            self.host_write(&buf[p.start..p.start + p.len], p.host, guest)?;
                         }
                         pend = Some(Piece {
                             start: done,
@@ -415,7 +530,8 @@ impl State {
             off += n as u64;
         }
         if let Some(p) = pend {
-            self.host_write(&buf[p.start..p.start + p.len], p.host)?;
+            let guest = offset + p.start as u64;
+            self.host_write(&buf[p.start..p.start + p.len], p.host, guest)?;
         }
         self.file.data_written_flag().store(true, Ordering::SeqCst);
         Ok(())
@@ -429,7 +545,8 @@ impl State {
         data: &[u8],
     ) -> Result<()> {
         if let Some(host) = self.write_cluster(c, in_cluster, data)? {
-            self.host_write(data, host)?;
+            let guest = self.geo.guest_offset(c) + in_cluster;
+            self.host_write(data, host, guest)?;
         }
         Ok(())
     }
@@ -476,7 +593,7 @@ impl State {
                 let mut full = vec![0u8; cluster_size as usize];
                 full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
                 self.prepare_l2(c)?;
-                self.host_write(&full, host)?;
+                self.host_write_vec(full, host, self.geo.guest_offset(c))?;
                 // The zeroed cluster must be stable before the entry stops saying "zero".
                 if !mutant("zero-alloc-barrier") {
                     self.order_after_data();
@@ -496,8 +613,11 @@ impl State {
         };
         self.prepare_l2(c)?;
         let new = self.alloc_run_cluster()?;
-        let virgin = self.file.never_written(new) || mutant("virgin-check");
+        // Never-written space reads as zeros, but not once decrypted.
+        let virgin =
+            self.crypto.is_none() && (self.file.never_written(new) || mutant("virgin-check"));
         let mut deferred = None;
+        let guest = self.geo.guest_offset(c);
         if virgin && old_zero {
             // The cluster reads as zeros already (the file was extended over it and nothing
             // was ever written there): write only the guest's bytes, no zero copy-on-write.
@@ -508,9 +628,9 @@ impl State {
             let mut full = vec![0u8; cluster_size as usize];
             self.read_desc(c, 0, &mut full, d)?;
             full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
-            self.host_write(&full, new)?;
+            self.host_write_vec(full, new, guest)?;
         } else {
-            self.host_write(data, new)?;
+            self.host_write(data, new, guest)?;
         }
         self.link(c, L2Entry::owned(new, 0), !(virgin && old_zero))?;
         self.release(d, false)?;
@@ -545,15 +665,16 @@ impl State {
             touched |= 1u64 << s;
         }
         let new_bitmap = (bm | touched) & !(touched << 32);
+        let guest = self.geo.guest_offset(c);
         match d {
             Desc::Normal { host } if e.copied() => {
                 self.check_write_target(host, c)?;
                 if bm & touched == touched {
-                    return self.host_write(data, host + in_cluster);
+                    return self.host_write(data, host + in_cluster, guest + in_cluster);
                 }
                 let span = self.span_buffer(c, s0 * sub_size, s1 * sub_size, in_cluster, data)?;
                 self.prepare_l2(c)?;
-                self.host_write(&span, host + s0 * sub_size)?;
+                self.host_write_vec(span, host + s0 * sub_size, guest + s0 * sub_size)?;
                 self.order_after_data();
                 self.set_entry(c, e.with_bitmap(new_bitmap))
             }
@@ -561,8 +682,9 @@ impl State {
                 let span = self.span_buffer(c, s0 * sub_size, s1 * sub_size, in_cluster, data)?;
                 self.prepare_l2(c)?;
                 let new = self.alloc_run_cluster()?;
-                let virgin = self.file.never_written(new) || mutant("virgin-check");
-                self.host_write(&span, new + s0 * sub_size)?;
+                let virgin = self.crypto.is_none()
+                    && (self.file.never_written(new) || mutant("virgin-check"));
+                self.host_write_vec(span, new + s0 * sub_size, guest + s0 * sub_size)?;
                 let old_zero = self.backing.is_none();
                 self.link(c, L2Entry::owned(new, new_bitmap), !(virgin && old_zero))
             }
@@ -571,7 +693,7 @@ impl State {
                 let full = self.span_buffer(c, 0, self.geo.cluster_size(), in_cluster, data)?;
                 self.prepare_l2(c)?;
                 let new = self.alloc_run_cluster()?;
-                self.host_write(&full, new)?;
+                self.host_write_vec(full, new, guest)?;
                 let bitmap = if matches!(d, Desc::Compressed { .. }) {
                     0xffff_ffff
                 } else {
@@ -773,13 +895,18 @@ impl State {
         let e = self.lookup(c)?;
         let d = e.desc(&self.geo);
         let comp = match comp {
-            Some(comp) if matches!(d, Desc::Unallocated | Desc::ZeroPlain) => comp,
+            // Encrypted images are never compressed (QEMU refuses it too).
+            Some(comp)
+                if self.crypto.is_none() && matches!(d, Desc::Unallocated | Desc::ZeroPlain) =>
+            {
+                comp
+            }
             _ => return self.write_inner(data, self.geo.guest_offset(c)),
         };
         self.prepare_l2(c)?;
         let len = comp.len() as u64;
         let off = self.alloc_compressed(len)?;
-        self.host_write(&comp, off)?;
+        self.file.write_data(&comp, off)?;
         self.compressed_written(off + len);
         let entry = L2Entry::compressed(&self.geo, off, len);
         // Compressed data must always be stable first: a torn stream does not decompress.

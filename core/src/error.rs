@@ -44,6 +44,11 @@ pub enum Error {
         /// The file.
         file: String,
     },
+    /// The image is encrypted and no password was given.
+    NeedKey {
+        /// The file.
+        file: String,
+    },
     /// A write was attempted on an image opened read-only (or forced read-only).
     ReadOnly {
         /// The file.
@@ -143,7 +148,7 @@ impl Error {
             Error::Corrupt { .. } => 5,
             Error::Unsupported { .. } => 95,
             Error::InvalidArgument(_) => 22,
-            Error::BadKey { .. } => 1,
+            Error::BadKey { .. } | Error::NeedKey { .. } => 1,
             Error::ReadOnly { .. } => 30,
             Error::Locked { .. } => 11,
             Error::NoSpace { .. } => 28,
@@ -167,6 +172,10 @@ impl fmt::Display for Error {
             Error::BadKey { file } => {
                 write!(f, "{file}: Invalid password, cannot unlock any keyslot")
             }
+            Error::NeedKey { file } => write!(
+                f,
+                "{file}: the image is encrypted: a password is needed (Parameter 'encrypt.key-secret' is required for cipher)"
+            ),
             Error::ReadOnly { file, reason } => write!(f, "{file}: image is read-only: {reason}"),
             Error::Locked { file } => write!(
                 f,

@@ -11,6 +11,7 @@ use crate::compress;
 use crate::datapath;
 use crate::error::{Error, Result};
 use crate::flush::GroupCommit;
+use crate::keyslots::KeySlotChange;
 use crate::map::{ImageInfo, MapEntry};
 use crate::offset::GuestOffset;
 use crate::options::{CompressionType, OpenOptions};
@@ -75,6 +76,7 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let s = self.lock();
         s.check_range(offset, buf.len() as u64)?;
+        s.check_key()?;
         datapath::read(s, buf, GuestOffset::new(offset))
     }
 
@@ -84,6 +86,7 @@ impl Image {
         let s = self.lock();
         s.check_writable()?;
         s.check_range(offset, buf.len() as u64)?;
+        s.check_key()?;
         let write_through = s.access.cache_mode().write_through();
         datapath::write(s, buf, GuestOffset::new(offset))?;
         self.write_done(write_through)
@@ -95,7 +98,24 @@ impl Image {
         let mut s = self.lock();
         s.check_writable()?;
         s.check_range(offset, len)?;
+        s.check_key()?;
         let disk_end = s.disk_end();
+        let (mut offset, mut len) = (offset, len);
+        if s.crypto.is_some() {
+            // The cipher works on whole sectors: partial ones at the ends get explicit zeros.
+            let sector = crate::crypto::SECTOR as u64;
+            let head = (sector - offset % sector) % sector;
+            if head != 0 {
+                let n = head.min(len);
+                s.write_unaligned(&vec![0u8; n as usize], GuestOffset::new(offset))?;
+                (offset, len) = (offset + n, len - n);
+            }
+            let tail = (offset + len) % sector;
+            if len > 0 && tail != 0 {
+                len -= tail;
+                s.write_unaligned(&vec![0u8; tail as usize], GuestOffset::new(offset + len))?;
+            }
+        }
         s.zero_inner(GuestOffset::new(offset), len, disk_end)?;
         self.finish_write(s)
     }
@@ -107,6 +127,7 @@ impl Image {
         let mut s = self.lock();
         s.check_writable()?;
         s.check_range(offset, len)?;
+        s.check_key()?;
         let disk_end = s.disk_end();
         s.discard_inner(GuestOffset::new(offset), len, disk_end)?;
         self.finish_write(s)
@@ -140,6 +161,7 @@ impl Image {
         let mut s = self.lock();
         s.check_writable()?;
         s.check_range(offset, data.len() as u64)?;
+        s.check_key()?;
         let offset = GuestOffset::new(offset);
         if s.geo.extended_l2() || s.header.crypt_method != 0 || comp.is_none() {
             s.write_inner(data, offset)?;
@@ -219,6 +241,17 @@ impl Image {
         let gate = s.file.io_gate();
         let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
         crate::check::run(&mut s, repair)
+    }
+
+    /// Add or remove LUKS passwords (see [`KeySlotChange`]); returns the slots changed. The
+    /// image must be open read-write with a password. Each change is crash-safe: a power cut
+    /// leaves the old or the new set of working passwords.
+    pub fn change_key_slots(&self, change: &KeySlotChange) -> Result<Vec<usize>> {
+        let _q = self.commit.quiesce();
+        let mut s = self.lock();
+        s.check_writable()?;
+        s.flush_inner()?;
+        s.change_key_slots(change)
     }
 
     /// Number of fdatasyncs issued on the image file so far.

@@ -26,12 +26,14 @@ mod backing;
 mod cache;
 mod check;
 mod compress;
+mod crypto;
 mod datapath;
 mod error;
 mod flush;
 pub mod format;
 mod host;
 mod image;
+mod keyslots;
 mod map;
 mod mapping;
 #[cfg(feature = "testing")]
@@ -46,8 +48,13 @@ mod state;
 pub mod storage;
 
 pub use check::{CheckReport, RepairMode};
+pub use crypto::{
+    CipherAlg, CipherMode, EncryptionFormat, EncryptionInfo, EncryptionOptions, HashAlg, IvGenAlg,
+    LuksInfo, LuksSlotInfo, Password,
+};
 pub use error::{Error, Result};
 pub use image::Image;
+pub use keyslots::{KeySlotChange, KeySlotState};
 pub use map::{ImageInfo, MapEntry};
 pub use options::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
 pub use storage::{FileStorage, MemStorage, Storage};

@@ -2,6 +2,7 @@
 //! `qemu-img info` shows.
 
 use crate::backing;
+use crate::crypto::EncryptionInfo;
 use crate::error::Result;
 use crate::format::header;
 use crate::format::l2;
@@ -43,6 +44,8 @@ pub struct ImageInfo {
     pub full_backing_filename: Option<String>,
     /// Encryption method (0 none, 1 AES, 2 LUKS).
     pub crypt_method: u32,
+    /// How the image is encrypted (the LUKS header), as `qemu-img info` shows it.
+    pub encryption: Option<EncryptionInfo>,
     /// Number of internal snapshots.
     pub snapshot_count: u32,
     /// Whether the image is open read-only.
@@ -78,6 +81,8 @@ impl State {
         out: &mut Vec<MapEntry>,
     ) -> Result<()> {
         let geo = self.geo;
+        // Encrypted data has no host offset a reader could use (QEMU reports none).
+        let crypt = self.crypto.is_some();
         let cs = geo.cluster_size();
         let end = offset + len;
         let mut off = offset;
@@ -104,15 +109,15 @@ impl State {
                     let g = geo.guest_offset(c).get() + o;
                     let at = (host != 0).then_some(host + o);
                     if l2::sub::allocated(bm, s) {
-                        push_map(out, entry(g, m, true, false, at, 0));
+                        push_map(out, hide(entry(g, m, true, false, at, 0), crypt));
                     } else if l2::sub::zero(bm, s) {
-                        push_map(out, entry(g, m, false, true, at, 0));
+                        push_map(out, hide(entry(g, m, false, true, at, 0), crypt));
                     } else if host != 0 && self.backing.is_none() {
                         // Unallocated subcluster of an allocated cluster: qemu reports it
                         // as zero with the host offset.
                         let mut me = entry(g, m, false, true, at, 0);
                         me.present = false;
-                        push_map(out, me);
+                        push_map(out, hide(me, crypt));
                     } else {
                         self.map_unallocated(g, m, out)?;
                     }
@@ -123,17 +128,19 @@ impl State {
             }
             match e.desc(&geo) {
                 Desc::Unallocated => self.map_unallocated(off, n, out)?,
-                Desc::ZeroPlain => push_map(out, entry(off, n, false, true, None, 0)),
-                Desc::ZeroAlloc { host } => {
-                    push_map(out, entry(off, n, false, true, Some(host.get() + co), 0))
-                }
-                Desc::Normal { host } => {
-                    push_map(out, entry(off, n, true, false, Some(host.get() + co), 0))
-                }
+                Desc::ZeroPlain => push_map(out, hide(entry(off, n, false, true, None, 0), crypt)),
+                Desc::ZeroAlloc { host } => push_map(
+                    out,
+                    hide(entry(off, n, false, true, Some(host.get() + co), 0), crypt),
+                ),
+                Desc::Normal { host } => push_map(
+                    out,
+                    hide(entry(off, n, true, false, Some(host.get() + co), 0), crypt),
+                ),
                 Desc::Compressed { .. } => {
                     let mut me = entry(off, n, true, false, None, 0);
                     me.compressed = true;
-                    push_map(out, me);
+                    push_map(out, hide(me, crypt));
                 }
             }
             off += n;
@@ -197,6 +204,7 @@ impl State {
             backing_file: bf,
             backing_format: h.backing_format(),
             crypt_method: h.crypt_method,
+            encryption: self.crypto.as_ref().map(|c| c.info()),
             snapshot_count: h.nb_snapshots,
             read_only: self.access.read_only(),
         })
@@ -221,6 +229,14 @@ fn entry(
         compressed: false,
         offset,
     }
+}
+
+/// `me` without its host offset when the image is encrypted.
+fn hide(mut me: MapEntry, crypt: bool) -> MapEntry {
+    if crypt {
+        me.offset = None;
+    }
+    me
 }
 
 fn push_map(out: &mut Vec<MapEntry>, me: MapEntry) {

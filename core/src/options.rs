@@ -1,5 +1,6 @@
 //! Options for creating and opening images.
 
+use crate::crypto::{EncryptionOptions, Password};
 use crate::error::{Error, Result};
 
 /// qcow2 version to create.
@@ -111,6 +112,10 @@ pub struct CreateOptions {
     /// Open the backing file to check it and take its size and format (default true, like
     /// qemu-img without `-u`). When false, `size` and `backing_format` must be given.
     pub open_backing: bool,
+    /// Encrypt the image (LUKS or legacy AES).
+    pub encryption: Option<EncryptionOptions>,
+    /// The password of an encrypted backing file (to check it when it is opened).
+    pub backing_password: Option<Password>,
 }
 
 impl CreateOptions {
@@ -128,6 +133,8 @@ impl CreateOptions {
             extended_l2: false,
             compression_type: CompressionType::Zlib,
             open_backing: true,
+            encryption: None,
+            backing_password: None,
         }
     }
 }
@@ -201,6 +208,13 @@ pub struct OpenOptions {
     pub open_backing: bool,
     /// Use lazy refcounts regardless of the image's header bit (`Some(true/false)`).
     pub lazy_refcounts: Option<bool>,
+    /// The password of an encrypted image (`encrypt.key-secret`).
+    pub password: Option<Password>,
+    /// The password of encrypted backing files (each file of the chain below this one).
+    pub backing_password: Option<Password>,
+    /// Open an encrypted image without its password, for inspection: `info`, `map` and `check`
+    /// work; reading or writing guest data fails with [`Error::NeedKey`].
+    pub without_key: bool,
 }
 
 impl Default for OpenOptions {
@@ -212,6 +226,9 @@ impl Default for OpenOptions {
             refcount_cache_size: None,
             open_backing: true,
             lazy_refcounts: None,
+            password: None,
+            backing_password: None,
+            without_key: false,
         }
     }
 }

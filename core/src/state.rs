@@ -17,10 +17,12 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::alloc::Allocator;
 use crate::backing::Backing;
 use crate::cache::Caches;
+use crate::crypto::Crypto;
 use crate::datapath::Decompressed;
 use crate::error::{Error, Result};
 use crate::flush::Pending;
@@ -51,6 +53,8 @@ pub(crate) struct State {
     pub snapshots: Vec<SnapshotEntry>,
     /// Fixed at open.
     pub compression: CompressionType,
+    /// The cipher of an encrypted image (`crypto/`); replaced when key slots change.
+    pub crypto: Option<Arc<Crypto>>,
 }
 
 impl State {
@@ -63,6 +67,16 @@ impl State {
     pub(crate) fn check_writable(&self) -> Result<()> {
         self.access.check_writable(self.file.name())?;
         self.file.poisoned()
+    }
+
+    /// Refuse guest data I/O on an encrypted image opened without its password.
+    pub(crate) fn check_key(&self) -> Result<()> {
+        match &self.crypto {
+            Some(c) if !c.unlocked() => Err(Error::NeedKey {
+                file: self.name().to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Refuse a guest range past the virtual size.
@@ -94,7 +108,7 @@ impl State {
     }
 
     /// Whether host cluster `c` holds metadata (header, L1, refcount table and blocks, active
-    /// L2 tables, snapshot table). The set is built when first needed.
+    /// L2 tables, snapshot table, LUKS header area). The set is built when first needed.
     pub(crate) fn is_metadata(&mut self, c: HostCluster) -> bool {
         if self.meta.set.is_none() {
             let geo = self.geo;
@@ -115,6 +129,9 @@ impl State {
                 h.refcount_table_clusters as u64 * geo.cluster_size(),
             );
             range(h.snapshots_offset, snapshot::table_size(&self.snapshots));
+            if let Some(a) = self.crypto.as_ref().and_then(|c| c.luks.as_ref()) {
+                range(a.offset.get(), a.len);
+            }
             for &e in self.alloc.reftable() {
                 let o = e & REFT_OFFSET_MASK;
                 if o != 0 {
@@ -154,6 +171,28 @@ impl StoredHeader {
         change(&mut h);
         let b = h.field_bytes(field.clone());
         file.write_meta(&b, HostOffset::new(field.start as u64), what)?;
+        self.0 = h;
+        Ok(())
+    }
+}
+
+impl StoredHeader {
+    /// Rewrite the whole header cluster (fields and extensions) with `change` applied; keep
+    /// the change once written. Only for creation: the write is not atomic.
+    pub(crate) fn rewrite(
+        &mut self,
+        file: &mut HostFile,
+        change: impl FnOnce(&mut Header),
+    ) -> Result<()> {
+        let mut h = self.0.clone();
+        change(&mut h);
+        let b = h.serialize().map_err(|e| match e {
+            crate::format::header::HeaderError::Corrupt(w, _)
+            | crate::format::header::HeaderError::Unsupported(w) => {
+                Error::invalid(format!("{}: {w}", file.name()))
+            }
+        })?;
+        file.write_meta(&b, HostOffset::new(0), "header")?;
         self.0 = h;
         Ok(())
     }

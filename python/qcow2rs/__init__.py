@@ -34,6 +34,7 @@ except ImportError as e:  # pragma: no cover - a broken installation
     ) from e
 from ._errors import (
     BadKeyError,
+    BadPasswordError,
     CorruptImageError,
     Error,
     InvalidArgumentError,
@@ -64,6 +65,7 @@ __all__ = [
     "UnsupportedError",
     "InvalidArgumentError",
     "BadKeyError",
+    "BadPasswordError",
     "ReadOnlyError",
     "LockedError",
     "NoSpaceError",
@@ -196,6 +198,8 @@ class Image(io.RawIOBase):
         cache: str = "writeback",
         l2_cache_size: Optional[int] = None,
         refcount_cache_size: Optional[int] = None,
+        password: Optional[Union[str, bytes]] = None,
+        backing_password: Optional[Union[str, bytes]] = None,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -205,6 +209,8 @@ class Image(io.RawIOBase):
             cache=cache,
             l2_cache_size=l2_cache_size,
             refcount_cache_size=refcount_cache_size,
+            password=password,
+            backing_password=backing_password,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -396,12 +402,17 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     cache: str = "writeback",
     l2_cache_size: Optional[int] = None,
     refcount_cache_size: Optional[int] = None,
+    password: Optional[Union[str, bytes]] = None,
+    backing_password: Optional[Union[str, bytes]] = None,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
     `mode` is ``"r"`` (read-only) or ``"rw"`` / ``"r+"`` (read-write). `cache` is QEMU's cache
     mode: ``"writeback"`` (durable at flush), ``"writethrough"``, ``"none"``, ``"directsync"`` or
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
+    `password` (str or bytes) opens an encrypted image; a wrong one raises
+    :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
+    password of encrypted backing files.
     """
     return Image(
         path,
@@ -409,4 +420,6 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         cache=cache,
         l2_cache_size=l2_cache_size,
         refcount_cache_size=refcount_cache_size,
+        password=password,
+        backing_password=backing_password,
     )

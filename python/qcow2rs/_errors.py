@@ -16,6 +16,7 @@ __all__ = [
     "UnsupportedError",
     "InvalidArgumentError",
     "BadKeyError",
+    "BadPasswordError",
     "ReadOnlyError",
     "LockedError",
     "NoSpaceError",
@@ -65,9 +66,14 @@ class InvalidArgumentError(Error, ValueError):
 
 
 class BadKeyError(Error):
-    """The key or password does not unlock the image (EPERM)."""
+    """The password does not unlock the image, or an encrypted image was opened without one
+    (EPERM)."""
 
     __module__ = "qcow2rs"
+
+
+#: The name the encryption docs use: the same class as :class:`BadKeyError`.
+BadPasswordError = BadKeyError
 
 
 class ReadOnlyError(Error):

@@ -18,12 +18,25 @@ def create(
     preallocation: str = "off",
     extended_l2: bool = False,
     compression_type: str = "zlib",
+    encrypt: Optional[str] = None,
+    password: Optional[Union[str, bytes]] = None,
+    cipher_alg: str = "aes-256",
+    cipher_mode: str = "xts",
+    ivgen_alg: str = "plain64",
+    ivgen_hash_alg: str = "sha256",
+    hash_alg: str = "sha256",
+    iter_time: int = 2000,
+    backing_password: Optional[Union[str, bytes]] = None,
 ) -> None:
     """Create a new qcow2 image file (an existing file is overwritten).
 
     The keyword arguments are qemu-img's ``-o`` options: `compat` is ``"1.1"`` (v3) or ``"0.10"``
     (v2); `preallocation` is ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or
     ``"zstd"``; `backing_format` (``"qcow2"`` or ``"raw"``) is required with `backing_file`.
+    `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
+    `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
+    `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
+    for LUKS. `backing_password` opens an encrypted backing file.
     """
 
 def open(
@@ -33,6 +46,8 @@ def open(
     cache: str = "writeback",
     l2_cache_size: Optional[int] = None,
     refcount_cache_size: Optional[int] = None,
+    password: Optional[Union[str, bytes]] = None,
+    backing_password: Optional[Union[str, bytes]] = None,
 ) -> NativeImage: ...
 @final
 class NativeImage:

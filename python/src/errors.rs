@@ -51,7 +51,7 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
         E::Corrupt { file, .. } => (&CORRUPT, Some(file)),
         E::Unsupported { file, .. } => (&UNSUPPORTED, Some(file)),
         E::InvalidArgument(_) => (&INVALID_ARGUMENT, None),
-        E::BadKey { file } => (&BAD_KEY, Some(file)),
+        E::BadKey { file } | E::NeedKey { file } => (&BAD_KEY, Some(file)),
         E::ReadOnly { file, .. } => (&READ_ONLY, Some(file)),
         E::Locked { file } => (&LOCKED, Some(file)),
         E::NoSpace { file, .. } => (&NO_SPACE, Some(file)),

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::sync::{PoisonError, RwLock};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use qcow2rs::{
-    CacheMode, CheckReport, Compat, CompressionType, CreateOptions, Error, Image, ImageInfo,
-    MapEntry, OpenOptions, Preallocation, RepairMode,
+    CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions,
+    EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg, MapEntry,
+    OpenOptions, Password, Preallocation, RepairMode,
 };
 
 mod errors;
@@ -46,6 +47,31 @@ fn path_to_string(what: &str, p: PathBuf) -> Result<String, Error> {
     })
 }
 
+/// A password argument: `str` (its UTF-8 bytes) or any bytes-like object.
+fn password_arg(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Password>> {
+    let Some(v) = v else { return Ok(None) };
+    if v.is_none() {
+        return Ok(None);
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(Some(Password::from(s.to_cow()?.as_ref())));
+    }
+    if let Ok(b) = v.cast::<PyBytes>() {
+        return Ok(Some(Password::from(b.as_bytes())));
+    }
+    if let Ok(b) = v.cast::<PyByteArray>() {
+        return Ok(Some(Password::new(b.to_vec())));
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "a password must be str, bytes or bytearray",
+    ))
+}
+
+/// An encryption option given by name.
+fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, Error> {
+    parse(v).ok_or_else(|| Error::InvalidArgument(format!("invalid {what}: '{v}'")))
+}
+
 /// Create a new qcow2 image file (an existing file is overwritten).
 #[pyfunction]
 #[pyo3(signature = (
@@ -61,6 +87,15 @@ fn path_to_string(what: &str, p: PathBuf) -> Result<String, Error> {
     preallocation = "off",
     extended_l2 = false,
     compression_type = "zlib",
+    encrypt = None,
+    password = None,
+    cipher_alg = "aes-256",
+    cipher_mode = "xts",
+    ivgen_alg = "plain64",
+    ivgen_hash_alg = "sha256",
+    hash_alg = "sha256",
+    iter_time = 2000,
+    backing_password = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn create(
@@ -76,10 +111,46 @@ fn create(
     preallocation: &str,
     extended_l2: bool,
     compression_type: &str,
+    encrypt: Option<&str>,
+    password: Option<&Bound<'_, PyAny>>,
+    cipher_alg: &str,
+    cipher_mode: &str,
+    ivgen_alg: &str,
+    ivgen_hash_alg: &str,
+    hash_alg: &str,
+    iter_time: i128,
+    backing_password: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
+    let password = password_arg(password)?;
+    let backing_password = password_arg(backing_password)?;
     let opts = raise(
         py,
         (|| {
+            let encryption = match encrypt {
+                None => {
+                    if password.is_some() {
+                        return Err(Error::InvalidArgument(
+                            "password given without encrypt= ('luks' or 'aes')".into(),
+                        ));
+                    }
+                    None
+                }
+                Some(f) => {
+                    let pw = password.clone().ok_or_else(|| {
+                        Error::InvalidArgument(format!("encrypt='{f}' needs a password"))
+                    })?;
+                    Some(EncryptionOptions {
+                        format: EncryptionFormat::parse(f)?,
+                        password: pw,
+                        cipher_alg: alg("cipher_alg", cipher_alg, CipherAlg::parse)?,
+                        cipher_mode: alg("cipher_mode", cipher_mode, CipherMode::parse)?,
+                        ivgen_alg: alg("ivgen_alg", ivgen_alg, IvGenAlg::parse)?,
+                        ivgen_hash_alg: alg("ivgen_hash_alg", ivgen_hash_alg, HashAlg::parse)?,
+                        hash_alg: alg("hash_alg", hash_alg, HashAlg::parse)?,
+                        iter_time_ms: to_u64("iter_time", iter_time)?,
+                    })
+                }
+            };
             Ok(CreateOptions {
                 size: to_u64("size", size)?,
                 cluster_size: to_u32("cluster_size", cluster_size)?,
@@ -94,6 +165,8 @@ fn create(
                 extended_l2,
                 compression_type: CompressionType::parse(compression_type)?,
                 open_backing: true,
+                encryption,
+                backing_password,
             })
         })(),
     )?;
@@ -109,7 +182,10 @@ fn create(
     cache = "writeback",
     l2_cache_size = None,
     refcount_cache_size = None,
+    password = None,
+    backing_password = None,
 ))]
+#[allow(clippy::too_many_arguments)]
 fn open(
     py: Python<'_>,
     path: PathBuf,
@@ -117,7 +193,11 @@ fn open(
     cache: &str,
     l2_cache_size: Option<i128>,
     refcount_cache_size: Option<i128>,
+    password: Option<&Bound<'_, PyAny>>,
+    backing_password: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<NativeImage> {
+    let password = password_arg(password)?;
+    let backing_password = password_arg(backing_password)?;
     let read_only = match mode {
         "r" => true,
         "rw" | "r+" => false,
@@ -142,6 +222,8 @@ fn open(
                 refcount_cache_size: refcount_cache_size
                     .map(|v| to_u64("refcount_cache_size", v))
                     .transpose()?,
+                password,
+                backing_password,
                 ..OpenOptions::default()
             })
         })(),
