@@ -53,6 +53,12 @@
 #define QCOW2_OPEN_NO_LAZY_REFCOUNTS (1 << 3)
 
 /**
+ * Open flag: open an encrypted image without its password, for inspection (info, map,
+ * check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
+ */
+#define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
+
+/**
  * Result code of every fallible `qcow2_*` function. The numbers are stable: new codes are only ever
  * appended.
  */
@@ -129,6 +135,11 @@ typedef uint32_t qcow2_preallocation;
 typedef uint32_t qcow2_compression_type;
 
 /**
+ * Encryption of a new image (`QCOW2_ENCRYPT_*`).
+ */
+typedef uint32_t qcow2_encrypt_format;
+
+/**
  * Options for `qcow2_create`. Initialise it with `qcow2_create_options_init`, then change
  * the fields you need.
  */
@@ -170,6 +181,51 @@ typedef struct qcow2_create_options {
      * Compression type (`QCOW2_COMPRESSION_*`). Default `QCOW2_COMPRESSION_ZLIB`.
      */
     qcow2_compression_type compression_type;
+    /**
+     * Encryption (`QCOW2_ENCRYPT_*`). Default `QCOW2_ENCRYPT_NONE`.
+     */
+    qcow2_encrypt_format encrypt_format;
+    /**
+     * The password (bytes, not NUL-terminated), required with encryption. Borrowed for the
+     * duration of the call only; the library keeps no copy after it returns.
+     */
+    const uint8_t *password;
+    /**
+     * Length of `password` in bytes.
+     */
+    size_t password_len;
+    /**
+     * LUKS cipher: "aes-128", "aes-192" or "aes-256"; NULL (the default) for "aes-256".
+     */
+    const char *encrypt_cipher_alg;
+    /**
+     * LUKS mode: "xts" or "cbc"; NULL for "xts".
+     */
+    const char *encrypt_cipher_mode;
+    /**
+     * LUKS IV generator: "plain", "plain64" or "essiv"; NULL for "plain64".
+     */
+    const char *encrypt_ivgen_alg;
+    /**
+     * LUKS ESSIV hash: NULL for "sha256".
+     */
+    const char *encrypt_ivgen_hash_alg;
+    /**
+     * LUKS PBKDF2 hash: "sha1", "sha224", "sha256", "sha384", "sha512"; NULL for "sha256".
+     */
+    const char *encrypt_hash_alg;
+    /**
+     * LUKS PBKDF2 time per key slot in milliseconds; 0 (the default) for 2000.
+     */
+    uint64_t encrypt_iter_time_ms;
+    /**
+     * Password of an encrypted backing file (opened to take its size); NULL for none.
+     */
+    const uint8_t *backing_password;
+    /**
+     * Length of `backing_password`.
+     */
+    size_t backing_password_len;
 } qcow2_create_options;
 
 /**
@@ -198,6 +254,23 @@ typedef struct qcow2_open_options {
      * Refcount cache size in bytes; 0 (the default) for 4 clusters.
      */
     uint64_t refcount_cache_size;
+    /**
+     * Password of an encrypted image (bytes, not NUL-terminated); NULL for none. Borrowed
+     * for the duration of the call; the image keeps the derived key, never the password.
+     */
+    const uint8_t *password;
+    /**
+     * Length of `password` in bytes.
+     */
+    size_t password_len;
+    /**
+     * Password of the encrypted backing files; NULL for none.
+     */
+    const uint8_t *backing_password;
+    /**
+     * Length of `backing_password`.
+     */
+    size_t backing_password_len;
 } qcow2_open_options;
 
 /**
@@ -399,6 +472,21 @@ typedef struct qcow2_check_report {
  * All L2 tables and data clusters are allocated (data clusters as preallocated zero clusters).
  */
 #define QCOW2_PREALLOC_METADATA 1
+
+/**
+ * Not encrypted (the default).
+ */
+#define QCOW2_ENCRYPT_NONE 0
+
+/**
+ * LUKS (crypt_method 2): the choice.
+ */
+#define QCOW2_ENCRYPT_LUKS 1
+
+/**
+ * Legacy AES-128-CBC (crypt_method 1): no key check, deprecated by QEMU; for old images.
+ */
+#define QCOW2_ENCRYPT_AES 2
 
 /**
  * Durable at `qcow2_flush` (the default).

@@ -33,6 +33,8 @@ use crate::util::{core_text, io_text, parse_size, strerror, CliError, CliResult}
 /// Arguments of `bench` (qemu-img bench's).
 #[derive(Args)]
 pub struct BenchArgs {
+    #[command(flatten)]
+    pub sec: crate::secrets::SecretArgs,
     /// Number of I/O requests to perform (default 75000)
     #[arg(short = 'c', long = "count", allow_hyphen_values = true)]
     pub count: Option<String>,
@@ -75,9 +77,6 @@ pub struct BenchArgs {
     /// Perform a write test (default is read)
     #[arg(short = 'w', long = "write")]
     pub write: bool,
-    /// Not supported (qemu-img's --image-opts): refused with a clear message
-    #[arg(long = "image-opts", hide = true)]
-    pub image_opts: bool,
     /// Open the image in shared mode (read tests only)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -573,14 +572,13 @@ fn json(plan: &Plan, file: &str, fmt: Format, cache: CacheMode, o: &Outcome) -> 
 
 pub fn run(a: &BenchArgs) -> CliResult {
     let json_out = crate::parse_output("bench", &a.output)?;
-    if a.image_opts {
-        return Err(CliError::new("--image-opts is not supported by qcow2rs"));
-    }
     let Some(file) = a.file.as_deref().filter(|_| a.extra.is_empty()) else {
         return Err(CliError::new(
             "Expecting one image file name\nTry 'qcow2rs bench --help' for more info",
         ));
     };
+    let image = a.sec.image(file)?;
+    let file = image.path.as_str();
     const INT_MAX: u64 = i32::MAX as u64;
     let count = int_opt("request count", a.count.as_deref(), 75000, 1, INT_MAX)?;
     let depth = int_opt("queue depth", a.depth.as_deref(), 64, 1, INT_MAX)?;
@@ -625,11 +623,11 @@ pub fn run(a: &BenchArgs) -> CliResult {
     let fmt = resolve_format(file, fmt)?;
     let target = match fmt {
         Format::Qcow2 => {
-            let o = OpenOptions {
+            let o = image.open_options(OpenOptions {
                 read_only: !a.write,
                 cache,
                 ..OpenOptions::new()
-            };
+            });
             let img = Image::open(file, &o).map_err(|e| open_error(file, &e))?;
             let extra = if a.sync_flushes {
                 let f = File::open(file).map_err(|e| open_io_error(file, &e))?;

@@ -88,8 +88,12 @@ pub fn run(a: &CheckArgs) -> CliResult {
             )))
         }
     };
-    let fmt = a.fmt.as_deref().map(parse_format).transpose()?;
-    let file = a.file.as_str();
+    let r = a.sec.image(&a.file)?;
+    let fmt = match a.fmt.as_deref().map(parse_format).transpose()? {
+        Some(f) => Some(f),
+        None => r.fmt,
+    };
+    let file = r.path.as_str();
     if resolve_format(file, fmt)? != Format::Qcow2 {
         return Err(CliError::with_code(
             "This image format does not support checks",
@@ -100,12 +104,14 @@ pub fn run(a: &CheckArgs) -> CliResult {
         Some(c) => CacheMode::parse(c).map_err(|e| CliError::new(crate::util::core_text(&e)))?,
         None => CacheMode::Writeback,
     };
-    let opts = OpenOptions {
+    let opts = r.open_options(OpenOptions {
         read_only: repair.is_none(),
         cache,
         open_backing: false,
+        // Checking reads metadata only: an encrypted image is checked without its key too.
+        without_key: true,
         ..OpenOptions::default()
-    };
+    });
     let img = Image::open(file, &opts).map_err(|e| open_error(file, &e))?;
     let report = match img.check(repair) {
         Ok(r) => r,

@@ -83,15 +83,19 @@ pub fn run(a: &CompareArgs) -> CliResult {
         cache,
         ..OpenOptions::read_only()
     };
-    let d1 = Disk::open(&a.file1, fmt1, &opts).map_err(open_code)?;
-    let d2 = Disk::open(&a.file2, fmt2, &opts).map_err(open_code)?;
+    let r1 = a.sec.image(&a.file1).map_err(open_code)?;
+    let r2 = a.sec.image(&a.file2).map_err(open_code)?;
+    let d1 =
+        Disk::open(&r1.path, fmt1.or(r1.fmt), &r1.open_options(opts.clone())).map_err(open_code)?;
+    let d2 =
+        Disk::open(&r2.path, fmt2.or(r2.fmt), &r2.open_options(opts.clone())).map_err(open_code)?;
     let s1 = Side {
         disk: &d1,
-        name: &a.file1,
+        name: &r1.path,
     };
     let s2 = Side {
         disk: &d2,
-        name: &a.file2,
+        name: &r2.path,
     };
     let (size1, size2) = (d1.size(), d2.size());
     if size1 != size2 {

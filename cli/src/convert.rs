@@ -286,19 +286,42 @@ pub fn run(a: &ConvertArgs) -> CliResult {
             .map_err(|e| CliError::new(e.msg.trim_start_matches(": ").to_string()))?;
     }
 
-    let src_opts = OpenOptions {
+    let secrets = a.sec.secrets()?;
+    let src_ref = a.sec.image(&a.src)?;
+    let src_opts = src_ref.open_options(OpenOptions {
         cache: src_cache,
         ..OpenOptions::read_only()
-    };
-    let src = Disk::open(&a.src, src_fmt, &src_opts)?;
+    });
+    let src = Disk::open(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;
     let size = src.size();
-    let dst_name = a.dst.as_str();
+    if a.target_image_opts && !a.no_create {
+        return Err(CliError::new("--target-image-opts requires use of -n flag"));
+    }
+    let dst_ref = crate::secrets::image_ref(&a.dst, a.target_image_opts, &secrets)?;
+    let dst_name = dst_ref.path.as_str();
+    let out_fmt = match (a.target_image_opts, dst_ref.fmt) {
+        (true, Some(f)) => f,
+        _ => out_fmt,
+    };
+    let mut dst_password = dst_ref.password.clone();
+    if let Some(f) = &a.target_password_file {
+        dst_password = Some(crate::secrets::read_password_file(f)?);
+    }
 
     if !a.no_create {
         match out_fmt {
             Format::Qcow2 => {
                 let mut co = opts.to_create_options(dst_name)?;
                 co.size = size;
+                co.encryption = opts.encryption(dst_name, &secrets, dst_password.clone())?;
+                if let Some(e) = &co.encryption {
+                    if a.compress {
+                        return Err(CliError::new(
+                            "Compression and encryption not supported at the same time",
+                        ));
+                    }
+                    dst_password = Some(e.password.clone());
+                }
                 Image::create(dst_name, &co).map_err(|e| {
                     let why = create_error(dst_name, &e).msg;
                     let why = why
@@ -318,6 +341,7 @@ pub fn run(a: &ConvertArgs) -> CliResult {
             }
             let o = OpenOptions {
                 cache: dst_cache,
+                password: dst_password.clone(),
                 ..OpenOptions::new()
             };
             Target::Qcow2(Box::new(

@@ -28,6 +28,8 @@ pub fn image_size(path: &str, fmt: Option<Format>) -> CliResult<u64> {
         Format::Qcow2 => {
             let opts = OpenOptions {
                 open_backing: false,
+                // The size is metadata: an encrypted backing file needs no key for it.
+                without_key: true,
                 ..OpenOptions::read_only()
             };
             let img = Image::open(path, &opts).map_err(|e| open_error(path, &e))?;
@@ -67,7 +69,15 @@ pub fn run(a: &CreateArgs) -> CliResult {
     }
 
     let mut create = match fmt {
-        Format::Qcow2 => Some(opts.to_create_options(file)?),
+        Format::Qcow2 => {
+            let mut c = opts.to_create_options(file)?;
+            let password = match &a.sec.password_file {
+                Some(f) => Some(crate::secrets::read_password_file(f)?),
+                None => None,
+            };
+            c.encryption = opts.encryption(file, &a.sec.secrets()?, password)?;
+            Some(c)
+        }
         Format::Raw => None,
     };
 

@@ -43,7 +43,13 @@ pub fn open_error(path: &str, e: &qcow2rs::Error) -> CliError {
             "Could not open '{path}': Could not open '{path}': {}",
             io_text(source)
         )),
-        _ => CliError::new(format!("Could not open '{path}': {}", core_text(e))),
+        _ => {
+            // Core messages start with the file name: do not say it twice.
+            let text = core_text(e);
+            let prefix = format!("{path}: ");
+            let why = text.strip_prefix(&prefix).unwrap_or(&text);
+            CliError::new(format!("Could not open '{path}': {why}"))
+        }
     }
 }
 

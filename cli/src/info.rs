@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use qcow2rs::{Compat, Format, Image, ImageInfo, OpenOptions};
+use qcow2rs::{Compat, EncryptionInfo, Format, Image, ImageInfo, OpenOptions, Password};
 
 use crate::disk::{open_error, open_io_error, parse_format, resolve_format};
 use crate::qjson::Value;
@@ -56,10 +56,8 @@ pub fn qcow2_specific(info: &ImageInfo) -> Value {
         data.push(("corrupt", Value::Bool(info.corrupt)));
     }
     data.push(("refcount-bits", Value::int(info.refcount_bits as u64)));
-    match info.crypt_method {
-        1 => data.push(("encrypt", Value::obj(vec![("format", Value::str("aes"))]))),
-        2 => data.push(("encrypt", Value::obj(vec![("format", Value::str("luks"))]))),
-        _ => {}
+    if let Some(e) = &info.encryption {
+        data.push(("encrypt", encrypt_block(e)));
     }
     data.push((
         "compression-type",
@@ -71,7 +69,43 @@ pub fn qcow2_specific(info: &ImageInfo) -> Value {
     ])
 }
 
-fn node(path: &str, fmt: Option<Format>) -> CliResult<Node> {
+/// The `encrypt` object, as QAPI's QCryptoBlockInfo (insertion order is QAPI's order; the
+/// printer puts it in qemu's dictionary order).
+fn encrypt_block(e: &EncryptionInfo) -> Value {
+    let mut v: Vec<(&str, Value)> = vec![("format", Value::str(e.format.as_str()))];
+    if let Some(l) = &e.luks {
+        v.push(("cipher-alg", Value::str(l.cipher_alg.as_str())));
+        v.push(("cipher-mode", Value::str(l.cipher_mode.as_str())));
+        v.push(("ivgen-alg", Value::str(l.ivgen_alg.as_str())));
+        if let Some(h) = l.ivgen_hash_alg {
+            v.push(("ivgen-hash-alg", Value::str(h.as_str())));
+        }
+        v.push(("hash-alg", Value::str(l.hash_alg.as_str())));
+        v.push(("detached-header", Value::Bool(false)));
+        v.push(("payload-offset", Value::int(l.payload_offset)));
+        v.push(("master-key-iters", Value::int(l.master_key_iters as u64)));
+        v.push(("uuid", Value::str(&l.uuid)));
+        let slots = l
+            .slots
+            .iter()
+            .map(|s| {
+                let mut o: Vec<(&str, Value)> = vec![("active", Value::Bool(s.active))];
+                if let Some(i) = s.iters {
+                    o.push(("iters", Value::int(i as u64)));
+                }
+                if let Some(st) = s.stripes {
+                    o.push(("stripes", Value::int(st as u64)));
+                }
+                o.push(("key-offset", Value::int(s.key_offset)));
+                Value::obj(o)
+            })
+            .collect();
+        v.push(("slots", Value::Arr(slots)));
+    }
+    Value::obj(v)
+}
+
+fn node(path: &str, fmt: Option<Format>, password: Option<Password>) -> CliResult<Node> {
     let fmt = resolve_format(path, fmt)?;
     let (len, actual) = file_sizes(path)?;
     match fmt {
@@ -94,6 +128,9 @@ fn node(path: &str, fmt: Option<Format>) -> CliResult<Node> {
         Format::Qcow2 => {
             let opts = OpenOptions {
                 open_backing: false,
+                // info shows metadata: no key is needed (a given one is checked).
+                without_key: true,
+                password,
                 ..OpenOptions::read_only()
             };
             let img = Image::open(path, &opts).map_err(|e| open_error(path, &e))?;
@@ -181,8 +218,14 @@ fn dump_specific(out: &mut String, v: &Value, indent: usize) {
             }
         }
         Value::Arr(items) => {
-            for item in items {
-                out.push_str(&format!("{pad}[{}]:\n", scalar(item)));
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::Obj(_) | Value::Arr(_) => {
+                        out.push_str(&format!("{pad}[{i}]:\n"));
+                        dump_specific(out, item, indent + 4);
+                    }
+                    _ => out.push_str(&format!("{pad}[{i}]: {}\n", scalar(item))),
+                }
             }
         }
         _ => out.push_str(&format!("{pad}{}\n", scalar(v))),
@@ -251,10 +294,14 @@ fn human(v: &Value) -> String {
 
 pub fn run(a: &InfoArgs) -> CliResult {
     let json = parse_output("info", &a.output)?;
-    let fmt = a.fmt.as_deref().map(parse_format).transpose()?;
-    let mut nodes = vec![node(&a.file, fmt)?];
+    let r = a.sec.image(&a.file)?;
+    let fmt = match a.fmt.as_deref().map(parse_format).transpose()? {
+        Some(f) => Some(f),
+        None => r.fmt,
+    };
+    let mut nodes = vec![node(&r.path, fmt, r.password.clone())?];
     if a.backing_chain {
-        let mut seen = vec![a.file.clone()];
+        let mut seen = vec![r.path.clone()];
         while let Some((path, bfmt)) = nodes.last().and_then(|n| n.backing.clone()) {
             if seen.contains(&path) || seen.len() > 64 {
                 return Err(crate::util::CliError::new(format!(
@@ -262,7 +309,7 @@ pub fn run(a: &InfoArgs) -> CliResult {
                 )));
             }
             seen.push(path.clone());
-            nodes.push(node(&path, bfmt)?);
+            nodes.push(node(&path, bfmt, r.backing_password.clone())?);
         }
     }
     let text = if json {

@@ -3,6 +3,7 @@
 //! Same subcommands, flags, output wording and exit codes as qemu-img 10 where they apply, so
 //! scripts and habits carry over. Everything here is a thin user of the `qcow2rs` core API.
 
+mod amend;
 mod bench;
 mod check;
 mod compare;
@@ -15,6 +16,7 @@ mod opts;
 mod progress;
 mod qjson;
 mod resize;
+mod secrets;
 mod util;
 
 use std::io::Write;
@@ -54,11 +56,42 @@ enum Cmd {
     Resize(ResizeArgs),
     /// Run a simple image benchmark, like qemu-img bench (plus the fdatasync count)
     Bench(bench::BenchArgs),
+    /// Change an image's format options: LUKS key slots (-o encrypt.state=active|inactive,...)
+    Amend(AmendArgs),
+}
+
+/// Arguments of `amend`.
+#[derive(Args)]
+pub struct AmendArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
+    /// Image format (probed when omitted)
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Options: encrypt.state, encrypt.keyslot, encrypt.new-secret, encrypt.old-secret, encrypt.iter-time
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Allow erasing the last key slot and overwriting an active one
+    #[arg(long = "force")]
+    pub force: bool,
+    /// Read the password to add (encrypt.state=active) from FILE
+    #[arg(long = "new-password-file", value_name = "FILE")]
+    pub new_password_file: Option<String>,
+    /// Quiet
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Cache mode for the image
+    #[arg(short = 't')]
+    pub cache: Option<String>,
+    /// Image file
+    pub file: String,
 }
 
 /// Arguments of `create`.
 #[derive(Args)]
 pub struct CreateArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Image format (qcow2 or raw)
     #[arg(short = 'f', default_value = "raw")]
     pub fmt: String,
@@ -86,6 +119,8 @@ pub struct CreateArgs {
 /// Arguments of `info`.
 #[derive(Args)]
 pub struct InfoArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Image format (probed when omitted)
     #[arg(short = 'f')]
     pub fmt: Option<String>,
@@ -105,6 +140,8 @@ pub struct InfoArgs {
 /// Arguments of `check`.
 #[derive(Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Image format (probed when omitted)
     #[arg(short = 'f')]
     pub fmt: Option<String>,
@@ -130,6 +167,14 @@ pub struct CheckArgs {
 /// Arguments of `convert`.
 #[derive(Args)]
 pub struct ConvertArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
+    /// The output argument is an option string (with -n): driver=qcow2,file.filename=F,encrypt.key-secret=ID
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
+    /// Read the output's password from FILE (its exact bytes, like --password-file)
+    #[arg(long = "target-password-file", value_name = "FILE")]
+    pub target_password_file: Option<String>,
     /// Source format (probed when omitted)
     #[arg(short = 'f')]
     pub fmt: Option<String>,
@@ -184,6 +229,8 @@ pub struct ConvertArgs {
 /// Arguments of `map`.
 #[derive(Args)]
 pub struct MapArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Image format (probed when omitted)
     #[arg(short = 'f')]
     pub fmt: Option<String>,
@@ -206,6 +253,8 @@ pub struct MapArgs {
 /// Arguments of `compare`.
 #[derive(Args)]
 pub struct CompareArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Format of the first image (probed when omitted)
     #[arg(short = 'f')]
     pub fmt1: Option<String>,
@@ -237,6 +286,8 @@ pub struct CompareArgs {
 /// `-5M` is not read as an option).
 #[derive(Args)]
 pub struct ResizeArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
     /// Image format (probed when omitted)
     #[arg(short = 'f')]
     pub fmt: Option<String>,
@@ -285,6 +336,7 @@ fn run(args: Vec<String>) -> CliResult {
         Cmd::Compare(a) => compare::run(&a),
         Cmd::Resize(a) => resize::run(&a, resize_size.as_deref().unwrap_or("")),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Amend(a) => amend::run(&a),
     }
 }
 

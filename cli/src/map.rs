@@ -51,6 +51,7 @@ fn chain_names(file: &str, disk: &Disk) -> Vec<String> {
         if is_qcow2 {
             let opts = OpenOptions {
                 open_backing: false,
+                without_key: true,
                 ..OpenOptions::read_only()
             };
             next = Image::open(&path, &opts)
@@ -128,6 +129,7 @@ fn metadata_preallocated(path: &str) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
     let opts = OpenOptions {
         open_backing: false,
+        without_key: true,
         ..OpenOptions::read_only()
     };
     let img = Image::open(path, &opts).ok()?;
@@ -242,8 +244,20 @@ fn hex(v: u64) -> String {
 
 pub fn run(a: &MapArgs) -> CliResult {
     let json = parse_output("map", &a.output)?;
-    let fmt = a.fmt.as_deref().map(parse_format).transpose()?;
-    let disk = Disk::open(&a.file, fmt, &OpenOptions::read_only())?;
+    let r = a.sec.image(&a.file)?;
+    let fmt = match a.fmt.as_deref().map(parse_format).transpose()? {
+        Some(f) => Some(f),
+        None => r.fmt,
+    };
+    // The map is metadata: an encrypted image is mapped without its key too.
+    let disk = Disk::open(
+        &r.path,
+        fmt,
+        &r.open_options(OpenOptions {
+            without_key: true,
+            ..OpenOptions::read_only()
+        }),
+    )?;
     let size = disk.size();
     let start = match &a.start {
         Some(s) => crate::util::parse_size(s)
@@ -257,7 +271,7 @@ pub fn run(a: &MapArgs) -> CliResult {
     };
     let end = start.saturating_add(max_len).min(size).max(start);
 
-    let names = chain_names(&a.file, &disk);
+    let names = chain_names(&r.path, &disk);
     let mut hosts = HostFiles {
         names: &names,
         files: Vec::new(),

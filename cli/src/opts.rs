@@ -1,7 +1,10 @@
 //! `-o key=value,...` format options, parsed into [`qcow2rs::CreateOptions`] the way qemu-img
 //! parses its create options, and the `Formatting '...'` line qemu-img prints for them.
 
-use qcow2rs::{Compat, CompressionType, CreateOptions, Preallocation};
+use qcow2rs::{
+    CipherAlg, CipherMode, Compat, CompressionType, CreateOptions, EncryptionFormat,
+    EncryptionOptions, HashAlg, IvGenAlg, Password, Preallocation,
+};
 
 use crate::util::{parse_size, CliError, CliResult};
 
@@ -12,7 +15,10 @@ pub struct OptList {
 }
 
 /// Keys qemu-img knows for qcow2 but qcow2rs does not implement.
-const UNSUPPORTED_QCOW2: &[&str] = &[
+const UNSUPPORTED_QCOW2: &[&str] = &["data_file", "data_file_raw"];
+
+/// The encryption options, in the order qemu-img prints them.
+const ENCRYPT_KEYS: &[&str] = &[
     "encryption",
     "encrypt.format",
     "encrypt.key-secret",
@@ -22,8 +28,6 @@ const UNSUPPORTED_QCOW2: &[&str] = &[
     "encrypt.ivgen-hash-alg",
     "encrypt.hash-alg",
     "encrypt.iter-time",
-    "data_file",
-    "data_file_raw",
 ];
 
 const QCOW2_KEYS: &[&str] = &[
@@ -86,7 +90,9 @@ impl OptList {
             qcow2rs::Format::Raw => RAW_KEYS,
         };
         for (k, _) in &self.items {
-            if known.contains(&k.as_str()) {
+            if known.contains(&k.as_str())
+                || (fmt == qcow2rs::Format::Qcow2 && ENCRYPT_KEYS.contains(&k.as_str()))
+            {
                 continue;
             }
             if fmt == qcow2rs::Format::Qcow2 && UNSUPPORTED_QCOW2.contains(&k.as_str()) {
@@ -153,6 +159,95 @@ impl OptList {
         Ok(o)
     }
 
+    /// The encryption the options ask for (`encrypt.format=luks|aes`, or the legacy
+    /// `encryption=on`), with the password from `encrypt.key-secret=ID` or `password` (from
+    /// `--password-file`).
+    pub fn encryption(
+        &self,
+        file: &str,
+        secrets: &crate::secrets::Secrets,
+        password: Option<Password>,
+    ) -> CliResult<Option<EncryptionOptions>> {
+        let err = |m: String| CliError::new(format!("{file}: {m}"));
+        let legacy = match self.get("encryption") {
+            Some(v) => parse_bool("encryption", v).map_err(err)?,
+            None => false,
+        };
+        let format = match self.get("encrypt.format") {
+            Some(f) => Some(EncryptionFormat::parse(f).map_err(|_| {
+                err(format!(
+                    "Parameter 'encrypt.format' does not accept value '{f}'"
+                ))
+            })?),
+            None if legacy => Some(EncryptionFormat::Aes),
+            None => None,
+        };
+        let Some(format) = format else {
+            if let Some(k) = ENCRYPT_KEYS.iter().find(|k| self.get(k).is_some()) {
+                return Err(err(format!(
+                    "Parameter '{k}' needs encrypt.format (luks or aes)"
+                )));
+            }
+            return Ok(None);
+        };
+        if legacy && format != EncryptionFormat::Aes {
+            return Err(err(
+                "The legacy 'encryption' option only means encrypt.format=aes".into(),
+            ));
+        }
+        let password = match self.get("encrypt.key-secret") {
+            Some(id) => secrets.get(id, file)?,
+            None => password.ok_or_else(|| {
+                err("Parameter 'encrypt.key-secret' is required for cipher".into())
+            })?,
+        };
+        let mut e = EncryptionOptions::luks(password);
+        e.format = format;
+        let parse = |key: &str, ok: bool| -> CliResult<()> {
+            if ok {
+                Ok(())
+            } else {
+                Err(err(format!(
+                    "Parameter '{key}' does not accept value '{}'",
+                    self.get(key).unwrap_or("")
+                )))
+            }
+        };
+        if let Some(v) = self.get("encrypt.cipher-alg") {
+            let a = CipherAlg::parse(v);
+            parse("encrypt.cipher-alg", a.is_some())?;
+            e.cipher_alg = a.unwrap();
+        }
+        if let Some(v) = self.get("encrypt.cipher-mode") {
+            let m = CipherMode::parse(v);
+            parse("encrypt.cipher-mode", m.is_some())?;
+            e.cipher_mode = m.unwrap();
+        }
+        if let Some(v) = self.get("encrypt.ivgen-alg") {
+            let m = IvGenAlg::parse(v);
+            parse("encrypt.ivgen-alg", m.is_some())?;
+            e.ivgen_alg = m.unwrap();
+        }
+        if let Some(v) = self.get("encrypt.ivgen-hash-alg") {
+            let m = HashAlg::parse(v);
+            parse("encrypt.ivgen-hash-alg", m.is_some())?;
+            e.ivgen_hash_alg = m.unwrap();
+        }
+        if let Some(v) = self.get("encrypt.hash-alg") {
+            let m = HashAlg::parse(v);
+            parse("encrypt.hash-alg", m.is_some())?;
+            e.hash_alg = m.unwrap();
+        }
+        if let Some(v) = self.get("encrypt.iter-time") {
+            e.iter_time_ms = v.parse().map_err(|_| {
+                err(format!(
+                    "Parameter 'encrypt.iter-time' expects a number, not '{v}'"
+                ))
+            })?;
+        }
+        Ok(Some(e))
+    }
+
     /// The option part of qemu-img's `Formatting 'FILE', fmt=qcow2 ...` line: the options qemu
     /// prints, in its order, given values as given (sizes as numbers) and defaults where qemu has
     /// them.
@@ -173,6 +268,9 @@ impl OptList {
         let string = |k: &str| self.get(k).map(|v| v.replace(',', ",,"));
         match fmt {
             qcow2rs::Format::Qcow2 => {
+                for k in ENCRYPT_KEYS {
+                    add(k, string(k));
+                }
                 add("cluster_size", num("cluster_size").or(Some("65536".into())));
                 add("extended_l2", string("extended_l2").or(Some("off".into())));
                 add("preallocation", string("preallocation"));
@@ -251,6 +349,15 @@ fn help_text() -> String {
         "  cluster_size=<size>    - qcow2 cluster size (512 to 2M, power of two)",
         "  compat=<str>           - Compatibility level (0.10 or 1.1)",
         "  compression_type=<str> - Compression method used for image cluster compression (zlib, zstd)",
+        "  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm (aes-128, aes-192, aes-256)",
+        "  encrypt.cipher-mode=<str> - Name of encryption cipher mode (xts, cbc)",
+        "  encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'",
+        "  encrypt.hash-alg=<str> - Name of encryption hash algorithm (sha1, sha224, sha256, sha384, sha512)",
+        "  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds",
+        "  encrypt.ivgen-alg=<str> - Name of IV generator algorithm (plain, plain64, essiv)",
+        "  encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm",
+        "  encrypt.key-secret=<str> - ID of secret providing qcow2 AES key or LUKS passphrase",
+        "  encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
         "  extended_l2=<bool (on/off)> - Extended L2 tables",
         "  lazy_refcounts=<bool (on/off)> - Postpone refcount updates",
         "  preallocation=<str>    - Preallocation mode (allowed values: off, metadata; raw: off, falloc, full)",

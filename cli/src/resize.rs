@@ -29,7 +29,8 @@ pub fn run(a: &ResizeArgs, size_arg: &str) -> CliResult {
         }
     }
     let fmt = a.fmt.as_deref().map(parse_format).transpose()?;
-    let file = a.file.as_str();
+    let r = a.sec.image(&a.file)?;
+    let file = r.path.as_str();
     let fmt = resolve_format(file, fmt)?;
 
     let new_size = |current: u64| -> CliResult<u64> {
@@ -51,7 +52,8 @@ pub fn run(a: &ResizeArgs, size_arg: &str) -> CliResult {
 
     match fmt {
         Format::Qcow2 => {
-            let img = Image::open(file, &OpenOptions::new()).map_err(|e| open_error(file, &e))?;
+            let img = Image::open(file, &r.open_options(OpenOptions::new()))
+                .map_err(|e| open_error(file, &e))?;
             let current = img.virtual_size();
             let target = new_size(current)?;
             if target < current {

@@ -195,8 +195,28 @@ fn json_output_and_errors() {
     assert!(v["fdatasyncs"].as_u64().unwrap() <= 8);
     assert!(v["seconds"].as_f64().unwrap() >= 0.0);
 
-    let o = ours(dir, &["bench", "--image-opts", "j.qcow2"]).expect(1);
-    assert!(o.stderr.contains("not supported"), "{}", o.stderr);
+    // --image-opts names the file with options (as for the other subcommands).
+    ours(
+        dir,
+        &[
+            "bench",
+            "-c",
+            "8",
+            "--image-opts",
+            "driver=qcow2,file.filename=j.qcow2",
+        ],
+    )
+    .expect(0);
+    let o = ours(
+        dir,
+        &[
+            "bench",
+            "--image-opts",
+            "driver=qcow2,bogus=1,file.filename=j.qcow2",
+        ],
+    )
+    .expect(1);
+    assert!(o.stderr.contains("Invalid option 'bogus'"), "{}", o.stderr);
 
     // Same checks and messages as qemu-img.
     let bad: &[&[&str]] = &[
