@@ -12,7 +12,7 @@
 //! ([`read_unaligned`], [`State::write_unaligned`]), and two things that are right for plain
 //! images are not for encrypted ones: a never-written cluster reads as zeros on disk but not
 //! after decryption, so it gets whole encrypted clusters and its L2 entry always waits for
-//! the data.
+//! the data (mutant `crypt-virgin`).
 //!
 //! A write to guest cluster `c` (see `mapping.rs` for the tables, `flush.rs` for the ordering):
 //! an in-place overwrite of a cluster we own exclusively goes straight to its host cluster;
@@ -614,8 +614,8 @@ impl State {
         self.prepare_l2(c)?;
         let new = self.alloc_run_cluster()?;
         // Never-written space reads as zeros, but not once decrypted.
-        let virgin =
-            self.crypto.is_none() && (self.file.never_written(new) || mutant("virgin-check"));
+        let virgin = (self.crypto.is_none() || mutant("crypt-virgin"))
+            && (self.file.never_written(new) || mutant("virgin-check"));
         let mut deferred = None;
         let guest = self.geo.guest_offset(c);
         if virgin && old_zero {
@@ -682,7 +682,7 @@ impl State {
                 let span = self.span_buffer(c, s0 * sub_size, s1 * sub_size, in_cluster, data)?;
                 self.prepare_l2(c)?;
                 let new = self.alloc_run_cluster()?;
-                let virgin = self.crypto.is_none()
+                let virgin = (self.crypto.is_none() || mutant("crypt-virgin"))
                     && (self.file.never_written(new) || mutant("virgin-check"));
                 self.host_write_vec(span, new + s0 * sub_size, guest + s0 * sub_size)?;
                 let old_zero = self.backing.is_none();

@@ -251,7 +251,13 @@ impl Image {
         let mut s = self.lock();
         s.check_writable()?;
         s.flush_inner()?;
-        s.change_key_slots(change)
+        let r = s.change_key_slots(change);
+        if r.is_err() {
+            // A half-done change: what is on disk is the truth now (a slot may be active there
+            // that memory still takes as free). Read it back before any further change.
+            let _ = s.reload_luks_header();
+        }
+        r
     }
 
     /// Number of fdatasyncs issued on the image file so far.

@@ -9,12 +9,17 @@
 //! leaves the old set or the new one), and only then are the slot's material and entry wiped.
 //! The last active slot is never removed unless forced: without it no password opens the
 //! image. Overwriting an active slot (forced) deactivates it first, then proceeds as adding.
+//! Mutants: `keyslot-order` (the switch before the material is stable), `keyslot-wipe-order`
+//! (material wiped while the slot is still active); the crash simulator's `key_slots` workload
+//! kills both. After a failed change the header is read back from the file, so that a slot a
+//! failed barrier left active on disk is not taken as free.
 
 use std::sync::Arc;
 
 use crate::crypto::luks::{self, SLOTS};
 use crate::crypto::{Crypto, LuksArea, Password};
 use crate::error::{Error, Result};
+use crate::mutants::active as mutant;
 use crate::state::State;
 
 /// Whether `qemu-img amend` adds or removes passwords (`encrypt.state`).
@@ -162,7 +167,9 @@ impl State {
                     .write_meta(&material, area.offset + at, "LUKS key material")?;
                 area.header.slots[slot].active = false;
                 self.write_slot_entry(&area, slot)?;
-                self.file.barrier_for("LUKS key material")?;
+                if !mutant("keyslot-order") {
+                    self.file.barrier_for("LUKS key material")?;
+                }
                 area.header.slots[slot].active = true;
                 self.write_slot_state(&area, slot)?;
                 self.set_luks_area(area, mk);
@@ -205,9 +212,11 @@ impl State {
                         format!("{name}: All the active keyslots match the (old) password that was given and erasing them will erase all the data in the image irreversibly - refusing operation")
                     }));
                 }
-                for &i in &targets {
-                    area.header.slots[i].active = false;
-                    self.write_slot_state(&area, i)?;
+                if !mutant("keyslot-wipe-order") {
+                    for &i in &targets {
+                        area.header.slots[i].active = false;
+                        self.write_slot_state(&area, i)?;
+                    }
                 }
                 // Out of use everywhere: now wipe material and entries.
                 for &i in &targets {
@@ -226,6 +235,23 @@ impl State {
                 Ok(targets)
             }
         }
+    }
+
+    /// Read the LUKS header back from the file (after a failed change).
+    pub(crate) fn reload_luks_header(&mut self) -> Result<()> {
+        let (crypto, area) = self.luks_area()?;
+        let mut b = vec![0u8; luks::HEADER_LEN];
+        self.file.read(&mut b, area.offset, "LUKS header")?;
+        let header = luks::Header::parse(&b, area.len).map_err(|e| match e {
+            luks::HeaderError::Corrupt(w) | luks::HeaderError::Unsupported(w) => {
+                Error::corrupt(self.name(), w, area.offset.get())
+            }
+        })?;
+        if let Some(mk) = crypto.master_key() {
+            let mk = luks::Secret::new(mk.to_vec());
+            self.set_luks_area(LuksArea { header, ..area }, mk);
+        }
+        Ok(())
     }
 
     /// Whether `password` opens slot `i`.

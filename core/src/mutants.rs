@@ -85,6 +85,18 @@ pub const ALL: &[(&str, &str)] = &[
         "resize-zero-order",
         "growing over a larger backing file makes the new size stable before the zeroing",
     ),
+    (
+        "crypt-virgin",
+        "encrypted images take the never-written shortcut (partial clusters, no data barrier)",
+    ),
+    (
+        "keyslot-order",
+        "a new LUKS key slot is switched active before its key material is stable",
+    ),
+    (
+        "keyslot-wipe-order",
+        "an erased LUKS key slot's material is wiped before the slot is out of use",
+    ),
 ];
 
 /// Whether mutant `name` is switched on (`QCOW2RS_MUTANT=name`).

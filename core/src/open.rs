@@ -498,10 +498,21 @@ impl State {
         self.file.write_meta(&full, off, "LUKS header")?;
         let mut ext = off.get().to_be_bytes().to_vec();
         ext.extend_from_slice(&len.to_be_bytes());
-        self.header.rewrite(&mut self.file, |h| {
+        let set = |h: &mut Header, table: bool| {
             h.crypt_method = 2;
-            h.set_extension(header::EXT_CRYPTO, Some(ext));
-        })?;
+            h.set_extension(header::EXT_CRYPTO, Some(ext.clone()));
+            if !table {
+                h.set_extension(header::EXT_FEATURE_TABLE, None);
+            }
+        };
+        if self
+            .header
+            .rewrite(&mut self.file, |h| set(h, true))
+            .is_err()
+        {
+            // Small clusters: like QEMU, leave out the (optional) feature name table.
+            self.header.rewrite(&mut self.file, |h| set(h, false))?;
+        }
         let area = crate::crypto::LuksArea {
             header,
             offset: off,

@@ -282,11 +282,11 @@ struct Stats {
     dirty: u64,
     /// Crash states taken during recovery (refcount rebuild, check -r) of a crash state.
     recovery: u64,
-    by_kind: [u64; 7],
+    by_kind: [u64; 8],
     reports: Vec<String>,
 }
 
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "open failed",
     "check found corruption",
     "guest data wrong",
@@ -294,6 +294,7 @@ const KINDS: [&str; 7] = [
     "qemu-img check",
     "fault not reported",
     "panic",
+    "key slots wrong",
 ];
 
 impl Stats {
@@ -388,12 +389,29 @@ fn messages(r: &qcow2rs::CheckReport) -> String {
     s.join("; ")
 }
 
-fn qemu_check(path: &Path) -> (i32, String) {
-    match Command::new("qemu-img")
-        .args(["check", "-f", "qcow2"])
-        .arg(path)
-        .output()
-    {
+fn qemu_check(path: &Path, password: Option<&qcow2rs::Password>) -> (i32, String) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("check");
+    match password {
+        // Encrypted: the secret as qemu-img takes it (the simulator's passwords are plain ASCII
+        // without commas).
+        Some(p) => {
+            cmd.arg("--object")
+                .arg(format!(
+                    "secret,id=k,data={}",
+                    String::from_utf8_lossy(p.as_bytes())
+                ))
+                .arg("--image-opts")
+                .arg(format!(
+                    "driver=qcow2,file.filename={},encrypt.key-secret=k",
+                    path.display()
+                ));
+        }
+        None => {
+            cmd.args(["-f", "qcow2"]).arg(path);
+        }
+    }
+    match cmd.output() {
         Ok(out) => {
             let text = format!(
                 "{}{}",
@@ -489,7 +507,7 @@ fn check_state(ctx: &StateCtx, bytes: Vec<u8>, qemu: bool, all: bool, seq: u64) 
     let qpath = ctx.tmp.join(format!("qemu-{}-{seq}.qcow2", ctx.job));
     if qemu && !lazy {
         std::fs::write(&qpath, &bytes).unwrap();
-        let (code, out) = qemu_check(&qpath);
+        let (code, out) = qemu_check(&qpath, ctx.work.spec.open.password.as_ref());
         if code != 0 && code != 3 {
             found.fail(
                 4,
@@ -497,8 +515,9 @@ fn check_state(ctx: &StateCtx, bytes: Vec<u8>, qemu: bool, all: bool, seq: u64) 
             );
         }
     }
+    check_key_slots(ctx, &bytes, &mut found);
     let mem = Arc::new(MemStorage::from_vec(bytes));
-    let img = match Image::open_storage(mem.clone(), &ctx.work.prep.name, &OpenOptions::new()) {
+    let img = match Image::open_storage(mem.clone(), &ctx.work.prep.name, &ctx.work.spec.reopen()) {
         Ok(i) => i,
         Err(e) => {
             found.fail(0, format!("read-write open failed: {e}"));
@@ -508,7 +527,7 @@ fn check_state(ctx: &StateCtx, bytes: Vec<u8>, qemu: bool, all: bool, seq: u64) 
     if qemu && lazy {
         // The crash image is dirty: check what the read-write open (refcount rebuild) left.
         std::fs::write(&qpath, mem.to_vec()).unwrap();
-        let (code, out) = qemu_check(&qpath);
+        let (code, out) = qemu_check(&qpath, ctx.work.spec.open.password.as_ref());
         if code != 0 && code != 3 {
             found.fail(
                 4,
@@ -573,7 +592,7 @@ fn check_state(ctx: &StateCtx, bytes: Vec<u8>, qemu: bool, all: bool, seq: u64) 
         match img.close() {
             Ok(()) => {
                 std::fs::write(&qpath, mem.to_vec()).unwrap();
-                let (code, out) = qemu_check(&qpath);
+                let (code, out) = qemu_check(&qpath, ctx.work.spec.open.password.as_ref());
                 if code != 0 {
                     found.fail(
                         4,
@@ -867,7 +886,7 @@ fn recovery_crashes(
 ) {
     let name = &ctx.work.prep.name;
     let rec = Arc::new(RecordingStorage::new(parent));
-    let Ok(img) = Image::open_storage(rec.clone(), name, &OpenOptions::new()) else {
+    let Ok(img) = Image::open_storage(rec.clone(), name, &ctx.work.spec.reopen()) else {
         return; // the state's own check reports it
     };
     let mut data = vec![0u8; img.virtual_size() as usize];
@@ -897,8 +916,11 @@ fn recovery_crashes(
             stats.states += 1;
             stats.recovery += 1;
             let mem = Arc::new(MemStorage::from_vec(bytes));
-            let found = catch_unwind(AssertUnwindSafe(|| check_recovered(mem, name, &data)))
-                .unwrap_or_else(|p| Found::panicked(&*p));
+            let opts = ctx.work.spec.reopen();
+            let found = catch_unwind(AssertUnwindSafe(|| {
+                check_recovered(mem, name, &opts, &data)
+            }))
+            .unwrap_or_else(|p| Found::panicked(&*p));
             if found.leaks {
                 stats.leaks += 1;
             }
@@ -942,14 +964,14 @@ fn recovery_crashes(
 
 /// Checks of a crash state taken during recovery: it opens, has no corruption, shows the recovered
 /// guest data, and repairs clean.
-fn check_recovered(mem: Arc<MemStorage>, name: &str, data: &[u8]) -> Found {
+fn check_recovered(mem: Arc<MemStorage>, name: &str, opts: &OpenOptions, data: &[u8]) -> Found {
     let mut found = Found {
         kinds: Vec::new(),
         problems: Vec::new(),
         leaks: false,
         dirty: false,
     };
-    match Image::open_storage(mem, name, &OpenOptions::new()) {
+    match Image::open_storage(mem, name, opts) {
         Err(e) => found.fail(0, format!("read-write open failed: {e}")),
         Ok(img) => {
             match img.check(None) {
@@ -1749,4 +1771,92 @@ fn harness_catches_missing_barriers() {
         stats.by_kind[2] > 0,
         "the simulator found no lost data in a run without barriers"
     );
+}
+
+/// Key-slot workloads: the crash image's active LUKS slots are one of the sets the workload
+/// had from its last completed key-slot change on, and each active slot opens with its own
+/// password (so a power cut never leaves no working password, or a slot that opens nothing).
+fn check_key_slots(ctx: &StateCtx, bytes: &[u8], found: &mut Found) {
+    use std::collections::BTreeSet;
+    let ops = &ctx.run.ops;
+    if !ops
+        .iter()
+        .any(|r| matches!(r.g, G::AddKey(_) | G::RemoveKey(_)))
+    {
+        return;
+    }
+    let k = ctx.ep.k;
+    let end = ctx.ep.cl.epoch_end(k);
+    let guaranteed = ctx.run.guaranteed(k);
+    let mut sets: Vec<BTreeSet<usize>> = vec![BTreeSet::from([0])];
+    let mut first = 0;
+    for (i, r) in ops.iter().enumerate() {
+        let (slot, add) = match r.g {
+            G::AddKey(s) => (s, true),
+            G::RemoveKey(s) => (s, false),
+            _ => continue,
+        };
+        if r.log_start >= end {
+            break; // it cannot have reached this state
+        }
+        let mut next = sets.last().unwrap().clone();
+        if add {
+            next.insert(slot);
+        } else {
+            next.remove(&slot);
+        }
+        sets.push(next);
+        if guaranteed[i] {
+            first = sets.len() - 1;
+        }
+        if r.error.is_some() {
+            break;
+        }
+    }
+    let allowed = &sets[first..];
+    let open = |password: Option<String>| {
+        Image::open_storage(
+            Arc::new(MemStorage::from_vec(bytes.to_vec())),
+            "key-slot-check",
+            &OpenOptions {
+                open_backing: false,
+                without_key: password.is_none(),
+                password: password.map(Into::into),
+                ..OpenOptions::read_only()
+            },
+        )
+    };
+    let active: BTreeSet<usize> = match open(None).and_then(|i| i.info()) {
+        Ok(info) => match info.encryption.and_then(|e| e.luks) {
+            Some(l) => l
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.active)
+                .map(|(i, _)| i)
+                .collect(),
+            None => {
+                found.fail(7, "the LUKS header is gone".into());
+                return;
+            }
+        },
+        Err(e) => {
+            found.fail(7, format!("cannot read the LUKS header: {e}"));
+            return;
+        }
+    };
+    if !allowed.contains(&active) {
+        found.fail(
+            7,
+            format!("active key slots {active:?}, expected one of {allowed:?}"),
+        );
+    }
+    for &s in &active {
+        if let Err(e) = open(Some(workloads::key_password(s))) {
+            found.fail(
+                7,
+                format!("key slot {s} is active but its password does not open the image: {e}"),
+            );
+        }
+    }
 }

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use qcow2rs::{CacheMode, Compat, CompressionType};
+use qcow2rs::{
+    CacheMode, CipherAlg, CipherMode, Compat, CompressionType, EncryptionOptions, IvGenAlg,
+};
 
 use super::guest::{mix, SEC};
 use super::plans::Rng;
@@ -84,6 +86,36 @@ fn options(r: &mut Rng, s: &mut Spec, cs: u64) {
     }
 }
 
+/// The password of encrypted generated workloads.
+pub const PASSWORD: &str = "crash-sim-password";
+
+/// One generated workload in five is encrypted: LUKS (aes-256-xts, or aes-128-cbc-essiv) or
+/// legacy AES. Drawn from its own generator so that the rest of the workload does not change
+/// with it. With encryption, every guest data cluster is written whole and encrypted (a
+/// never-written cluster does not read as zeros once decrypted) and every L2 entry waits for
+/// its data; torn writes must leave each 512-byte sector decrypting to its old or its new
+/// plaintext.
+fn encryption(seed: u64, i: usize, s: &mut Spec) {
+    let mut r = Rng::new(mix(seed ^ 0xe4c_0de ^ (i as u64).wrapping_mul(0x2545_f491)));
+    if !r.chance(20) {
+        return;
+    }
+    let mut e = match r.below(3) {
+        0 => EncryptionOptions::aes(PASSWORD),
+        1 => EncryptionOptions::luks(PASSWORD),
+        _ => {
+            let mut e = EncryptionOptions::luks(PASSWORD);
+            e.cipher_alg = CipherAlg::Aes128;
+            e.cipher_mode = CipherMode::Cbc;
+            e.ivgen_alg = IvGenAlg::Essiv;
+            e
+        }
+    };
+    e.iter_time_ms = 1;
+    s.create.encryption = Some(e);
+    s.open.password = Some(PASSWORD.into());
+}
+
 /// Random workload `i` of seed `seed`.
 pub fn generate(seed: u64, i: usize) -> Spec {
     let mut r = Rng::new(mix(seed ^ (i as u64).wrapping_mul(0x9e37_79b9)));
@@ -105,6 +137,7 @@ pub fn generate(seed: u64, i: usize) -> Spec {
     s.random = true;
     s.keep_going = true;
     options(&mut r, &mut s, cs);
+    encryption(seed, i, &mut s);
     if r.chance(25) {
         let data = (1 + r.below(size / SEC)) * SEC;
         s.backing_data = Some(data);
@@ -231,6 +264,17 @@ fn describe(s: &Spec) -> String {
     if s.threads() > 1 {
         v.push(format!("{} threads", s.threads()));
     }
+    if let Some(e) = &c.encryption {
+        v.push(match e.format {
+            qcow2rs::EncryptionFormat::Aes => "legacy AES".to_string(),
+            qcow2rs::EncryptionFormat::Luks => format!(
+                "LUKS {}-{}-{}",
+                e.cipher_alg.as_str(),
+                e.cipher_mode.as_str(),
+                e.ivgen_alg.as_str()
+            ),
+        });
+    }
     v.join(", ")
 }
 
@@ -260,6 +304,7 @@ pub fn generate_concurrent(seed: u64, i: usize) -> Spec {
         s.open.cache = CacheMode::Writethrough;
     }
     s.flush_delay = Some(Duration::from_millis(1 + r.below(3)));
+    encryption(seed ^ 0xc0cc, i, &mut s);
     let per = 8 + r.below(13) as usize;
     let mut ops = Vec::new();
     let mut thread_of = Vec::new();

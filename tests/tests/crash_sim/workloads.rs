@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qcow2rs::storage::{CrashLog, Fault, OpKind, RecordingStorage};
-use qcow2rs::{CacheMode, Compat, CreateOptions, Image, MemStorage, OpenOptions, Preallocation};
+use qcow2rs::{
+    CacheMode, Compat, CreateOptions, EncryptionOptions, Image, MemStorage, OpenOptions,
+    Preallocation,
+};
 
 use super::guest::{pattern, Guest, BACKING_OP_BASE, SEC};
 
@@ -40,6 +43,20 @@ pub enum G {
     /// this thread while it syncs, most of them inside its final fdatasync, which runs outside
     /// the image lock (the group-commit window). Only data ops inside.
     FlushDuring(Vec<G>),
+    /// LUKS: add [`key_password`]`(slot)` in that key slot (durable when it returns).
+    AddKey(usize),
+    /// LUKS: erase that key slot (durable when it returns).
+    RemoveKey(usize),
+}
+
+/// The password of LUKS key slot `slot` in the key-slot workloads (slot 0: the one the image
+/// is created and opened with).
+pub fn key_password(slot: usize) -> String {
+    if slot == 0 {
+        super::random::PASSWORD.to_string()
+    } else {
+        format!("{}-{slot}", super::random::PASSWORD)
+    }
 }
 
 impl std::fmt::Display for G {
@@ -57,6 +74,8 @@ impl std::fmt::Display for G {
             G::Kill => write!(f, "kill (leak the image) and reopen"),
             G::Read(o, l) => write!(f, "read {o:#x}+{l:#x}"),
             G::Drop => write!(f, "drop (after error)"),
+            G::AddKey(s) => write!(f, "add a password in key slot {s}"),
+            G::RemoveKey(s) => write!(f, "erase key slot {s}"),
             G::FlushDuring(inner) => {
                 write!(f, "flush on another thread, while it syncs:")?;
                 for g in inner {
@@ -104,6 +123,14 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The options a crash image is opened with: read-write defaults, with the workload's
+    /// password when it is encrypted.
+    pub fn reopen(&self) -> OpenOptions {
+        OpenOptions {
+            password: self.open.password.clone(),
+            ..OpenOptions::new()
+        }
+    }
     pub fn new(name: &str, what: &str, size: u64, cluster: u32) -> Spec {
         let mut create = CreateOptions::new(size);
         create.cluster_size = cluster;
@@ -901,6 +928,81 @@ pub fn all() -> Vec<Spec> {
     s.weight = 4;
     v.push(s);
 
+    // Encryption: the data path's extra rules (whole encrypted clusters, entries always after
+    // the data) with partial writes into new clusters, copy-on-write from a backing file,
+    // zero clusters and discards; torn writes must leave every sector decrypting to its old or
+    // new plaintext.
+    for (name, e) in [
+        ("luks", EncryptionOptions::luks(super::random::PASSWORD)),
+        (
+            "legacy_aes",
+            EncryptionOptions::aes(super::random::PASSWORD),
+        ),
+    ] {
+        let mut s = Spec::new(
+            &format!("encrypted_{name}"),
+            "encrypted image: partial writes into new clusters, COW over a backing file, zeroes, discard, reuse",
+            2 * MIB,
+            4096,
+        );
+        let mut e = e;
+        e.iter_time_ms = 1;
+        s.create.encryption = Some(e);
+        s.open.password = Some(super::random::PASSWORD.into());
+        s.backing_data = Some(MIB);
+        s.setup = vec![Write(0, 8 * KIB)];
+        s.ops = vec![
+            Write(512, 1024),
+            Write(20 * KIB + 512, 512),
+            Flush,
+            Write(MIB + 1536, 3 * KIB),
+            Write(512 * KIB + 512, 1024),
+            Zeroes(64 * KIB, 8 * KIB),
+            Flush,
+            Discard(0, 16 * KIB),
+            Flush,
+            Write(1536 * KIB, 6 * KIB),
+            Write(4 * KIB + 1536, 9216),
+            Read(0, 64 * KIB),
+            Reopen,
+            Write(MIB - 512, 1024),
+            Flush,
+            Close,
+        ];
+        s.weight = 2;
+        v.push(s);
+    }
+
+    // LUKS key slots: every crash state must have, as its active slots, one of the sets the
+    // workload had (from the last completed change on), each opening with its own password:
+    // a power cut never leaves no working password, or an active slot that opens nothing.
+    // Slot 6's entry straddles the LUKS header's first sector boundary.
+    let mut s = Spec::new(
+        "key_slots",
+        "LUKS key slots added and erased between data writes",
+        MIB,
+        65536,
+    );
+    let mut e = EncryptionOptions::luks(super::random::PASSWORD);
+    e.iter_time_ms = 1;
+    s.create.encryption = Some(e);
+    s.open.password = Some(super::random::PASSWORD.into());
+    s.ops = vec![
+        Write(0, 64 * KIB),
+        AddKey(1),
+        Write(64 * KIB, 4 * KIB),
+        AddKey(6),
+        Flush,
+        RemoveKey(1),
+        AddKey(7),
+        Write(128 * KIB, 8 * KIB),
+        RemoveKey(6),
+        AddKey(1),
+        Close,
+    ];
+    s.weight = 1;
+    v.push(s);
+
     v
 }
 
@@ -1096,6 +1198,15 @@ fn exec(img: &Image, buf: &[u8], g: &G) -> qcow2rs::Result<()> {
         G::Discard(off, len) => img.discard(off, len),
         G::Flush => img.flush(),
         G::Resize(sz) => img.resize(sz),
+        G::AddKey(slot) => {
+            let mut c = qcow2rs::KeySlotChange::add(key_password(slot));
+            c.keyslot = Some(slot);
+            c.iter_time_ms = Some(1);
+            img.change_key_slots(&c).map(|_| ())
+        }
+        G::RemoveKey(slot) => img
+            .change_key_slots(&qcow2rs::KeySlotChange::remove_slot(slot))
+            .map(|_| ()),
         G::Start | G::Close | G::Reopen | G::Kill | G::Drop | G::Read(..) | G::FlushDuring(..) => {
             unreachable!()
         }
@@ -1279,6 +1390,8 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             let sync = ok
                 && match g {
                     G::Flush | G::Close | G::Reopen | G::FlushDuring(..) => true,
+                    // Key-slot changes are durable when they return.
+                    G::AddKey(_) | G::RemoveKey(_) => true,
                     G::Write(..) | G::Zeroes(..) | G::Discard(..) | G::Compressed(..) => wt,
                     _ => false,
                 };
