@@ -103,33 +103,28 @@ impl HashAlg {
             HashAlg::Sha512 => pbkdf2_hmac::<sha2::Sha512>(password, salt, rounds, out),
         }
     }
-    /// PBKDF2 iterations per second on this machine for a key of `key_len` bytes, measured once
-    /// per process and hash.
+    /// PBKDF2 iterations per second on this machine for a key of `key_len` bytes. The rate of
+    /// one output block is measured once per process and hash (no heap: nothing to free).
     fn iterations_per_second(self, key_len: usize) -> u64 {
-        use std::collections::HashMap;
-        use std::sync::Mutex;
-        static CACHE: Mutex<Option<HashMap<(&'static str, usize), u64>>> = Mutex::new(None);
-        let k = (self.as_str(), key_len);
-        if let Some(v) = CACHE.lock().unwrap().get_or_insert_default().get(&k) {
-            return *v;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static RATES: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+        let slot = &RATES[self as usize];
+        let mut per_block = slot.load(Ordering::Relaxed);
+        if per_block == 0 {
+            let mut rounds = 1024u32;
+            let mut out = vec![0u8; self.digest_len()];
+            per_block = loop {
+                let t = Instant::now();
+                self.pbkdf2(b"calibrate", &[0u8; SALT_LEN], rounds, &mut out);
+                let el = t.elapsed();
+                if el >= Duration::from_millis(40) || rounds >= 1 << 26 {
+                    break ((rounds as f64 / el.as_secs_f64().max(1e-9)) as u64).max(1);
+                }
+                rounds *= 2;
+            };
+            slot.store(per_block, Ordering::Relaxed);
         }
-        let mut rounds = 1024u32;
-        let mut out = vec![0u8; key_len];
-        let rate = loop {
-            let t = Instant::now();
-            self.pbkdf2(b"calibrate", &[0u8; SALT_LEN], rounds, &mut out);
-            let el = t.elapsed();
-            if el >= Duration::from_millis(40) || rounds >= 1 << 26 {
-                break (rounds as f64 / el.as_secs_f64().max(1e-9)) as u64;
-            }
-            rounds *= 2;
-        };
-        CACHE
-            .lock()
-            .unwrap()
-            .get_or_insert_default()
-            .insert(k, rate);
-        rate
+        (per_block / key_len.div_ceil(self.digest_len()) as u64).max(1)
     }
 }
 
