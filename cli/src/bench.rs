@@ -35,6 +35,9 @@ use crate::util::{core_text, io_text, parse_size, strerror, CliError, CliResult}
 pub struct BenchArgs {
     #[command(flatten)]
     pub sec: crate::secrets::SecretArgs,
+    /// Print the sector cipher's own speed on this machine (luks, luks-cbc or aes) and exit
+    #[arg(long = "cipher-speed", hide = true, value_name = "CIPHER")]
+    pub cipher_speed: Option<String>,
     /// Number of I/O requests to perform (default 75000)
     #[arg(short = 'c', long = "count", allow_hyphen_values = true)]
     pub count: Option<String>,
@@ -572,6 +575,28 @@ fn json(plan: &Plan, file: &str, fmt: Format, cache: CacheMode, o: &Outcome) -> 
 
 pub fn run(a: &BenchArgs) -> CliResult {
     let json_out = crate::parse_output("bench", &a.output)?;
+    if let Some(c) = &a.cipher_speed {
+        let mut e = match c.as_str() {
+            "aes" => qcow2rs::EncryptionOptions::aes("x"),
+            "luks" | "luks-cbc" => qcow2rs::EncryptionOptions::luks("x"),
+            _ => {
+                return Err(CliError::new(format!(
+                    "--cipher-speed expects luks, luks-cbc or aes, not '{c}'"
+                )))
+            }
+        };
+        if c == "luks-cbc" {
+            e.cipher_mode = qcow2rs::CipherMode::Cbc;
+            e.ivgen_alg = qcow2rs::IvGenAlg::Essiv;
+        }
+        let [se, sd, pe, pd] = qcow2rs::cipher_speed(&e, 256 << 20);
+        let mb = |x: f64| x / (1 << 20) as f64;
+        println!(
+            "{{\"cipher\": \"{c}\", \"encrypt-1-thread\": {:.0}, \"decrypt-1-thread\": {:.0}, \"encrypt-all-cores\": {:.0}, \"decrypt-all-cores\": {:.0}}}",
+            mb(se), mb(sd), mb(pe), mb(pd)
+        );
+        return Ok(0);
+    }
     let Some(file) = a.file.as_deref().filter(|_| a.extra.is_empty()) else {
         return Err(CliError::new(
             "Expecting one image file name\nTry 'qcow2rs bench --help' for more info",

@@ -49,8 +49,8 @@ pub mod storage;
 
 pub use check::{CheckReport, RepairMode};
 pub use crypto::{
-    CipherAlg, CipherMode, EncryptionFormat, EncryptionInfo, EncryptionOptions, HashAlg, IvGenAlg,
-    LuksInfo, LuksSlotInfo, Password,
+    cipher_speed, CipherAlg, CipherMode, EncryptionFormat, EncryptionInfo, EncryptionOptions,
+    HashAlg, IvGenAlg, LuksInfo, LuksSlotInfo, Password,
 };
 pub use error::{Error, Result};
 pub use image::Image;

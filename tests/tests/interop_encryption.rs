@@ -471,3 +471,27 @@ fn missing_password_and_inspection() {
     )
     .contains("horse"));
 }
+
+#[test]
+fn other_ciphers_are_unsupported_by_name() {
+    let dir = tmpdir();
+    for (cipher, mode) in [
+        ("twofish-256", "xts"),
+        ("serpent-128", "xts"),
+        ("cast5-128", "cbc"),
+    ] {
+        let img = dir.path().join(format!("{cipher}.qcow2"));
+        qemu_create_encrypted(
+            &img,
+            1 << 20,
+            &format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg={cipher},encrypt.cipher-mode={mode}"),
+        );
+        match open_pw(&img, PW) {
+            Err(Error::Unsupported { feature, .. }) => {
+                let name = cipher.split('-').next().unwrap();
+                assert!(feature.contains(&format!("'{name}'")), "{feature}");
+            }
+            other => panic!("{cipher}: {other:?}"),
+        }
+    }
+}

@@ -99,13 +99,6 @@ pub(crate) struct SectorCipher {
     pub(crate) ivgen: IvGen,
 }
 
-/// Multiply an XTS tweak by x in GF(2^128) (little-endian, as IEEE 1619 has it).
-fn xts_double(t: &mut Block) {
-    let v = u128::from_le_bytes((*t).into());
-    let d = (v << 1) ^ if v >> 127 != 0 { 0x87 } else { 0 };
-    t.copy_from_slice(&d.to_le_bytes());
-}
-
 fn xor_into(dst: &mut Block, a: &[u8], b: &Block) {
     for i in 0..16 {
         dst[i] = a[i] ^ b[i];
@@ -181,21 +174,25 @@ impl SectorCipher {
 }
 
 /// One XTS sector: the 32 tweaks, XOR in, all blocks through the cipher at once, XOR out.
-fn xts_sector(c: &BlockCipher, s: &mut [u8], mut t: Block, encrypt: bool) {
-    let mut tweaks = [Block::default(); BLOCKS];
+/// The tweaks and XORs work on `u128`s (little-endian, as IEEE 1619 numbers the bits).
+fn xts_sector(c: &BlockCipher, s: &mut [u8], t: Block, encrypt: bool) {
+    let mut tweaks = [0u128; BLOCKS];
     let mut blocks = [Block::default(); BLOCKS];
-    for i in 0..BLOCKS {
-        tweaks[i] = t;
-        xts_double(&mut t);
-        xor_into(&mut blocks[i], &s[i * 16..i * 16 + 16], &tweaks[i]);
+    let mut tw = u128::from_le_bytes(t.into());
+    for (i, (b, chunk)) in blocks.iter_mut().zip(s.chunks_exact(16)).enumerate() {
+        tweaks[i] = tw;
+        tw = (tw << 1) ^ if tw >> 127 != 0 { 0x87 } else { 0 };
+        let x = u128::from_le_bytes(chunk.try_into().unwrap()) ^ tweaks[i];
+        *b = x.to_le_bytes().into();
     }
     if encrypt {
         c.encrypt(&mut blocks);
     } else {
         c.decrypt(&mut blocks);
     }
-    for i in 0..BLOCKS {
-        xor_out(&mut s[i * 16..i * 16 + 16], &blocks[i], &tweaks[i]);
+    for ((b, chunk), tw) in blocks.iter().zip(s.chunks_exact_mut(16)).zip(tweaks) {
+        let x = u128::from_le_bytes((*b).into()) ^ tw;
+        chunk.copy_from_slice(&x.to_le_bytes());
     }
 }
 
@@ -336,3 +333,4 @@ mod tests {
         assert_eq!(b, data);
     }
 }
+

@@ -476,3 +476,39 @@ pub(crate) fn new_luks(
     area[..luks::HEADER_LEN].copy_from_slice(&header.serialize());
     Ok((area, header, mk))
 }
+
+/// The sector cipher's own speed on this machine (for `qcow2rs bench --cipher-speed`): bytes
+/// per second for (encrypt, decrypt) on one thread, then (encrypt, decrypt) of one large
+/// buffer split across the cores, over `bytes` bytes (rounded to sectors) in memory.
+#[doc(hidden)]
+pub fn cipher_speed(opts: &EncryptionOptions, bytes: usize) -> [f64; 4] {
+    let cipher = match opts.format {
+        EncryptionFormat::Aes => aes_cipher(opts.password.as_bytes()),
+        EncryptionFormat::Luks => {
+            let spec = spec_of(opts);
+            let key = vec![0x5au8; spec.key_bytes()];
+            spec.cipher(&key)
+        }
+    };
+    let mut buf = vec![0x33u8; bytes.max(SECTOR) / SECTOR * SECTOR];
+    let n = buf.len() as f64;
+    let mut time = |f: &mut dyn FnMut(&mut [u8])| {
+        let t = std::time::Instant::now();
+        f(&mut buf);
+        n / t.elapsed().as_secs_f64().max(1e-9)
+    };
+    let chunk = 64 << 10;
+    let serial_enc = time(&mut |b: &mut [u8]| {
+        for (i, c) in b.chunks_mut(chunk).enumerate() {
+            cipher.encrypt(c, (i * chunk / SECTOR) as u64)
+        }
+    });
+    let serial_dec = time(&mut |b: &mut [u8]| {
+        for (i, c) in b.chunks_mut(chunk).enumerate() {
+            cipher.decrypt(c, (i * chunk / SECTOR) as u64)
+        }
+    });
+    let par_enc = time(&mut |b: &mut [u8]| cipher.encrypt(b, 0));
+    let par_dec = time(&mut |b: &mut [u8]| cipher.decrypt(b, 0));
+    [serial_enc, serial_dec, par_enc, par_dec]
+}
