@@ -14,6 +14,10 @@ Workloads (full size; QCOW2RS_BENCH_SCALE or --scale or --quick shrinks sizes an
   rand4k-f1 the same with a flush after every write (-d 1 --flush-interval 1)
   read4k    "random" 4 KiB reads of a fully allocated 1 GiB image (-c 262144 -d 64)
   convert   convert -O qcow2 of a 1 GiB raw file with mixed data, zeros and holes
+  encrypted LUKS and legacy AES images: sequential 64 KiB writes and reads, scattered 4 KiB
+            reads and allocating writes, against qemu-io aio batches of 64 (qemu-img bench has
+            no --object, so it cannot open an encrypted image), plus our plaintext throughput on
+            the same sequential workloads and the cipher's own speed in memory
 qemu-img bench has no random mode: the random workloads use a large step (an odd multiple of
 4 KiB near 0.38 of the image) so that offsets wrap around the image and scatter; for writes the
 step is chosen so that every request lands in a distinct, unallocated 64 KiB cluster.
@@ -206,6 +210,13 @@ class Bench:
                 size=seq_size, what=f"convert -O qcow2 of a {seq_size // MiB} MiB raw file "
                                     "(1/2 random data, 1/8 text, 1/8 zeros, 1/4 holes)",
             ),
+            "encrypted": dict(
+                size=seq_size, count=max(1024, int(65536 * s)),
+                what=f"LUKS (aes-256-xts) and legacy AES images of {seq_size // MiB} MiB: sequential "
+                     "64 KiB writes and reads, scattered 4 KiB reads and allocating writes, "
+                     "depth 64, writeback; qemu side: qemu-io aio batches (qemu-img bench takes no "
+                     "secret)",
+            ),
         }
         return {k: v for k, v in w.items() if k in self.a.workloads}
 
@@ -236,6 +247,93 @@ class Bench:
             f.flush()
             os.fsync(f.fileno())
         return p
+
+    # ------------------------------------------------------------------ encrypted images
+
+    SECRET = "secret,id=k,data=bench-password"
+
+    def create_encrypted(self, name, size, fmt):
+        p = self.path(name)
+        if os.path.exists(p):
+            os.unlink(p)
+        o = f"encrypt.format={fmt},encrypt.key-secret=k" + (",encrypt.iter-time=10" if fmt == "luks" else "")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", self.SECRET, "-o", o, p, str(size)])
+        return p
+
+    def qemu_io_time(self, img, offsets, bufsize, write, depth=64):
+        """Wall time of qemu-io running the requests as aio batches of `depth` (each batch
+        drained with aio_flush), minus the time of the same qemu-io opening and closing the
+        image (start-up and PBKDF2)."""
+        opts = f"driver=qcow2,file.filename={img},encrypt.key-secret=k"
+        cmds = []
+        for i, o in enumerate(offsets):
+            cmds += ["-c", f"aio_{'write' if write else 'read'} -q {o} {bufsize}"]
+            if (i + 1) % depth == 0:
+                cmds += ["-c", "aio_flush"]
+        cmds += ["-c", "aio_flush"]
+        base = ["qemu-io", "-t", "writeback", "--object", self.SECRET, "--image-opts"]
+        t0 = time.perf_counter()
+        r = run(base + cmds + [opts])
+        dt = time.perf_counter() - t0
+        if "failed" in r.stdout:
+            raise SystemExit(f"qemu-io failed: {r.stdout[-500:]}")
+        t0 = time.perf_counter()
+        run(base + ["-c", "aio_flush", opts])
+        return max(dt - (time.perf_counter() - t0), 1e-6)
+
+    def ours_encrypted(self, img, flags):
+        cmd = [OURS, "bench", "--object", self.SECRET, "--image-opts",
+               f"driver=qcow2,file.filename={img},encrypt.key-secret=k",
+               "-t", "writeback", "--output=json"] + flags
+        return json.loads(run(cmd).stdout)["seconds"]
+
+    def run_encrypted(self, w):
+        R = self.a.repeat
+        size, n4 = w["size"], w["count"]
+        n64 = size // (64 * KiB)
+        step_r = scatter_step(size, n4, cluster=4 * KiB)
+        step_w = scatter_step(size, n4)
+        seq = [i * 64 * KiB for i in range(n64)]
+        scat = lambda step: [(i * step) % size for i in range(n4)]
+        self.crypto = []
+        for fmt in ("luks", "aes"):
+            cells = {k: {"qemu": [], "ours": []} for k in ("seq64k-w", "seq64k-r", "rand4k-r", "rand4k-w")}
+            for r in range(R):
+                order = ("qemu", "ours") if r % 2 == 0 else ("ours", "qemu")
+                for tool in order:
+                    img = self.create_encrypted(f"{tool}.qcow2", size, fmt)
+                    if tool == "qemu":
+                        cells["seq64k-w"]["qemu"].append(size / MiB / self.qemu_io_time(img, seq, 64 * KiB, True))
+                        cells["seq64k-r"]["qemu"].append(size / MiB / self.qemu_io_time(img, seq, 64 * KiB, False))
+                        cells["rand4k-r"]["qemu"].append(n4 / self.qemu_io_time(img, scat(step_r), 4 * KiB, False))
+                        img = self.create_encrypted(f"{tool}.qcow2", size, fmt)
+                        cells["rand4k-w"]["qemu"].append(n4 / self.qemu_io_time(img, scat(step_w), 4 * KiB, True))
+                    else:
+                        cells["seq64k-w"]["ours"].append(size / MiB / self.ours_encrypted(img, ["-w", "-s", "64k", "-c", str(n64)]))
+                        cells["seq64k-r"]["ours"].append(size / MiB / self.ours_encrypted(img, ["-s", "64k", "-c", str(n64)]))
+                        cells["rand4k-r"]["ours"].append(n4 / self.ours_encrypted(img, ["-c", str(n4), "-S", str(step_r)]))
+                        img = self.create_encrypted(f"{tool}.qcow2", size, fmt)
+                        cells["rand4k-w"]["ours"].append(n4 / self.ours_encrypted(img, ["-w", "-c", str(n4), "-S", str(step_w)]))
+                    os.unlink(img)
+            for k, v in cells.items():
+                unit = "MiB/s" if k.startswith("seq") else "IOPS"
+                row = dict(fmt=fmt, workload=k, unit=unit, qemu=statistics.median(v["qemu"]),
+                           ours=statistics.median(v["ours"]), qemu_all=v["qemu"], ours_all=v["ours"])
+                self.crypto.append(row)
+                log(f"  {fmt:<5} {k:<9} qemu-io {fmt_list(row['qemu_all'])}  ours {fmt_list(row['ours_all'])} {unit}")
+        # Our own plaintext throughput on the same sequential workloads, for the "at least half"
+        # target.
+        plain = {"seq64k-w": [], "seq64k-r": []}
+        for _ in range(R):
+            img = self.create("plain.qcow2", size)
+            t, _ = self.bench_ours(img, ["-w", "-s", "64k", "-c", str(n64)], "writeback")
+            plain["seq64k-w"].append(size / MiB / t)
+            t, _ = self.bench_ours(img, ["-s", "64k", "-c", str(n64)], "writeback")
+            plain["seq64k-r"].append(size / MiB / t)
+            os.unlink(img)
+        self.plain = {k: statistics.median(v) for k, v in plain.items()}
+        self.cipher = [json.loads(run([OURS, "bench", "--cipher-speed", c]).stdout)
+                       for c in ("luks", "luks-cbc", "aes")]
 
     # ------------------------------------------------------------------ the runs
 
@@ -407,7 +505,7 @@ def main():
     p.add_argument("--scale", type=float, default=None,
                    help="size/count factor (default $QCOW2RS_BENCH_SCALE or 1)")
     p.add_argument("--repeat", "-r", type=int, default=None, help="pairs per cell (default 3)")
-    p.add_argument("--workloads", default="seq64k,rand4k,rand4k-f1,read4k,convert")
+    p.add_argument("--workloads", default="seq64k,rand4k,rand4k-f1,read4k,convert,encrypted")
     p.add_argument("--caches", default="writeback,writethrough")
     p.add_argument("--no-unsafe", dest="ours_extra", action="store_const", const=(),
                    default=("unsafe",), help="skip our unsafe-mode runs")
@@ -450,6 +548,8 @@ def main():
             log(f"{name}: {w['what']}" + (f"\n    flags: {' '.join(w['flags'])}" if "flags" in w else ""))
             if name == "convert":
                 b.run_convert(w)
+            elif name == "encrypted":
+                b.run_encrypted(w)
             else:
                 b.run_bench(name, w, caches)
     finally:
@@ -462,8 +562,22 @@ def main():
     print("  (qemu-img bench has no random mode: 'scattered' = a large odd step that wraps around "
           "the image, the same flags for both tools)")
     print()
-    print(table(b.results, b.strace is not None))
-    print()
+    if b.results:
+        print(table(b.results, b.strace is not None))
+        print()
+    if getattr(b, "crypto", None):
+        print("Encrypted images (qemu: qemu-io aio batches of 64, start-up and PBKDF2 subtracted; "
+              "ours: qcow2rs bench -d 64; both -t writeback):")
+        for r in b.crypto:
+            print(f"  {r['fmt']:<5} {r['workload']:<9} qemu {r['qemu']:10.1f}  ours {r['ours']:10.1f} "
+                  f"{r['unit']:<6} ours/qemu {r['ours'] / r['qemu']:.2f}x")
+        print(f"  ours, plaintext, same sizes: seq64k-w {b.plain['seq64k-w']:.1f} MiB/s, "
+              f"seq64k-r {b.plain['seq64k-r']:.1f} MiB/s")
+        for c in b.cipher:
+            print(f"  cipher {c['cipher']:<9} in memory: encrypt {c['encrypt-1-thread']} MiB/s "
+                  f"(1 thread) {c['encrypt-all-cores']} MiB/s (all cores), decrypt "
+                  f"{c['decrypt-1-thread']} / {c['decrypt-all-cores']} MiB/s")
+        print()
     print("* QEMU's fdatasyncs: strace -f -c over one extra untimed run, including those at open "
           "and close; ours: counted by the engine during the run (the flush due at the end "
           "included, close excluded). Convert: strace for both, whole process.")
@@ -476,6 +590,12 @@ def main():
     print()
     print("Targets:")
     checked = targets(b.results)
+    for r in getattr(b, "crypto", []):
+        q = r["ours"] / r["qemu"]
+        checked.append((q >= 3.0, f"{r['fmt']} {r['workload']}: ours/qemu {q:.2f}x >= 3.0"))
+        if r["workload"] in ("seq64k-w", "seq64k-r"):
+            h = r["ours"] / b.plain[r["workload"]]
+            checked.append((h >= 0.5, f"{r['fmt']} {r['workload']}: encrypted/plaintext {h:.2f}x >= 0.5"))
     for ok, what in checked:
         print(f"  [{'PASS' if ok else 'MISS'}] {what}")
     print(f"  {sum(ok for ok, _ in checked)} of {len(checked)} met")

@@ -69,6 +69,15 @@
 //!   `RANDOM_SHARE`% of the target divided among them: two light plans per epoch (all, and one
 //!   of none, half, one torn) and a few random ones, plus two sampled fault runs (four from 200000
 //!   states on) checking a sample of the later epochs.
+//! * Encryption: one generated workload in five (sequential or concurrent) is encrypted (LUKS
+//!   aes-256-xts, LUKS aes-128-cbc-essiv, or legacy AES; `random::encryption`), as are the fixed
+//!   `encrypted_luks` and `encrypted_legacy_aes` (partial writes into new clusters, COW over a
+//!   backing file, zeroes, discard, reopen). Torn writes are torn at 512-byte sectors, so every
+//!   sector must decrypt to a version the model allows: old or new plaintext, never garbage.
+//!   `key_slots` adds and erases LUKS passwords between writes (`G::AddKey`, `G::RemoveKey`,
+//!   sync points when they return): in every crash state the active slots must be one of the
+//!   sets the workload had since its last completed change, and each must open with its own
+//!   password (`check_key_slots`, failure kind "key slots wrong").
 //! * Every sixth generated workload is concurrent (`cnc-<seed>-<i>`): 2-4 threads on one
 //!   image, thread `t` owning the guest clusters `c % T == t` (they share L2 tables and refcount
 //!   blocks), doing writes, zeroes, discards, compressed writes, flushes and reads, writeback or

@@ -333,4 +333,3 @@ mod tests {
         assert_eq!(b, data);
     }
 }
-
