@@ -749,6 +749,47 @@ enum qcow2_error qcow2_virtual_size(const struct qcow2_image *img, uint64_t *out
 enum qcow2_error qcow2_sync_count(const struct qcow2_image *img, uint64_t *out);
 
 /**
+ * LUKS: add the password `password` (`password_len` bytes, any bytes) to key slot `slot`, or
+ * to the first free slot when `slot` is -1, with `iter_time_ms` milliseconds of PBKDF2 (0 for
+ * the default 2000), like `qemu-img amend -o encrypt.state=active,encrypt.new-secret=...`. The
+ * slot used is stored in `*out_slot` (which may be NULL). An active slot is overwritten only
+ * with `force`. The change is durable when the call returns, and crash-safe: a power cut leaves
+ * the old or the new set of working passwords.
+ *
+ * Ownership: `password` is borrowed for the call (the library keeps no copy). Thread safety:
+ * any thread, concurrently with other calls but `qcow2_close`. On failure returns the code
+ * (`QCOW2_ERR_INVALID_ARGUMENT` for a legacy AES or plain image, a bad slot, no free slot or an
+ * active slot without `force`; `QCOW2_ERR_READ_ONLY` when open read-only) and leaves
+ * `*out_slot` untouched.
+ */
+enum qcow2_error qcow2_luks_add_key(struct qcow2_image *img,
+                                    const uint8_t *password,
+                                    size_t password_len,
+                                    int32_t slot,
+                                    uint64_t iter_time_ms,
+                                    bool force,
+                                    int32_t *out_slot);
+
+/**
+ * LUKS: erase key slot `slot`, or (with `slot` -1) every slot that `password` opens, like
+ * `qemu-img amend -o encrypt.state=inactive,encrypt.keyslot=N|encrypt.old-secret=...`. Erasing
+ * the last active slot is refused unless `force` (no password would open the image again). The
+ * number of slots erased is stored in `*out_count` (which may be NULL). Durable and crash-safe
+ * as `qcow2_luks_add_key`.
+ *
+ * Ownership: `password` (NULL with length 0 when `slot` is given) is borrowed for the call.
+ * Thread safety: as `qcow2_luks_add_key`. On failure returns the code (`QCOW2_ERR_INVALID_ARGUMENT`
+ * for an inactive slot, no matching slot, or the last slot without `force`) and leaves
+ * `*out_count` untouched.
+ */
+enum qcow2_error qcow2_luks_remove_key(struct qcow2_image *img,
+                                       int32_t slot,
+                                       const uint8_t *password,
+                                       size_t password_len,
+                                       bool force,
+                                       uint32_t *out_count);
+
+/**
  * Store facts about the image in `*out`.
  *
  * Ownership: `out` belongs to the caller. Thread safety: may run concurrently with any call on the

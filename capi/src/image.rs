@@ -262,3 +262,96 @@ pub extern "C" fn qcow2_sync_count(img: *const qcow2_image, out: *mut u64) -> qc
         Ok(())
     })
 }
+
+/// LUKS: add the password `password` (`password_len` bytes, any bytes) to key slot `slot`, or
+/// to the first free slot when `slot` is -1, with `iter_time_ms` milliseconds of PBKDF2 (0 for
+/// the default 2000), like `qemu-img amend -o encrypt.state=active,encrypt.new-secret=...`. The
+/// slot used is stored in `*out_slot` (which may be NULL). An active slot is overwritten only
+/// with `force`. The change is durable when the call returns, and crash-safe: a power cut leaves
+/// the old or the new set of working passwords.
+///
+/// Ownership: `password` is borrowed for the call (the library keeps no copy). Thread safety:
+/// any thread, concurrently with other calls but `qcow2_close`. On failure returns the code
+/// (`QCOW2_ERR_INVALID_ARGUMENT` for a legacy AES or plain image, a bad slot, no free slot or an
+/// active slot without `force`; `QCOW2_ERR_READ_ONLY` when open read-only) and leaves
+/// `*out_slot` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_luks_add_key(
+    img: *mut qcow2_image,
+    password: *const u8,
+    password_len: usize,
+    slot: i32,
+    iter_time_ms: u64,
+    force: bool,
+    out_slot: *mut i32,
+) -> qcow2_error {
+    boundary("qcow2_luks_add_key", || {
+        let image = ffi::image(img)?;
+        let pw = crate::options::password(password, password_len, "password")?
+            .ok_or_else(|| crate::error::FfiError::Arg("password is required".into()))?;
+        let out = if out_slot.is_null() {
+            None
+        } else {
+            Some(ffi::out(out_slot, "out_slot")?)
+        };
+        let mut c = qcow2rs::KeySlotChange::add(pw);
+        c.keyslot = match slot {
+            -1 => None,
+            s if s >= 0 => Some(s as usize),
+            s => return Err(crate::error::FfiError::Arg(format!("invalid key slot {s}"))),
+        };
+        c.iter_time_ms = (iter_time_ms != 0).then_some(iter_time_ms);
+        c.force = force;
+        let slots = image.change_key_slots(&c)?;
+        if let Some(o) = out {
+            o.write(slots.first().map_or(-1, |&s| s as i32));
+        }
+        Ok(())
+    })
+}
+
+/// LUKS: erase key slot `slot`, or (with `slot` -1) every slot that `password` opens, like
+/// `qemu-img amend -o encrypt.state=inactive,encrypt.keyslot=N|encrypt.old-secret=...`. Erasing
+/// the last active slot is refused unless `force` (no password would open the image again). The
+/// number of slots erased is stored in `*out_count` (which may be NULL). Durable and crash-safe
+/// as `qcow2_luks_add_key`.
+///
+/// Ownership: `password` (NULL with length 0 when `slot` is given) is borrowed for the call.
+/// Thread safety: as `qcow2_luks_add_key`. On failure returns the code (`QCOW2_ERR_INVALID_ARGUMENT`
+/// for an inactive slot, no matching slot, or the last slot without `force`) and leaves
+/// `*out_count` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_luks_remove_key(
+    img: *mut qcow2_image,
+    slot: i32,
+    password: *const u8,
+    password_len: usize,
+    force: bool,
+    out_count: *mut u32,
+) -> qcow2_error {
+    boundary("qcow2_luks_remove_key", || {
+        let image = ffi::image(img)?;
+        let pw = crate::options::password(password, password_len, "password")?;
+        let out = if out_count.is_null() {
+            None
+        } else {
+            Some(ffi::out(out_count, "out_count")?)
+        };
+        let mut c = match (slot, pw) {
+            (s, _) if s >= 0 => qcow2rs::KeySlotChange::remove_slot(s as usize),
+            (-1, Some(p)) => qcow2rs::KeySlotChange::remove_password(p),
+            (-1, None) => {
+                return Err(crate::error::FfiError::Arg(
+                    "give a key slot or the password to erase".into(),
+                ))
+            }
+            (s, _) => return Err(crate::error::FfiError::Arg(format!("invalid key slot {s}"))),
+        };
+        c.force = force;
+        let slots = image.change_key_slots(&c)?;
+        if let Some(o) = out {
+            o.write(slots.len() as u32);
+        }
+        Ok(())
+    })
+}

@@ -117,6 +117,33 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
     MUST(qcow2_close(img));
 
     if (fmt == QCOW2_ENCRYPT_LUKS) {
+        /* Key slots: add a second password, open with it, erase the first; the last one stays. */
+        static const uint8_t SECOND[] = "second password";
+        img = open_with(path, PASSWORD, sizeof PASSWORD, 0, &rc);
+        MUST(rc);
+        int32_t slot = -7;
+        MUST(qcow2_luks_add_key(img, SECOND, sizeof SECOND - 1, -1, 10, false, &slot));
+        CHECK(slot == 1);
+        EXPECT_ERR(qcow2_luks_add_key(img, SECOND, sizeof SECOND - 1, 1, 10, false, NULL),
+                   QCOW2_ERR_INVALID_ARGUMENT); /* active: needs force */
+        EXPECT_ERR(qcow2_luks_add_key(img, NULL, 0, -1, 10, false, NULL),
+                   QCOW2_ERR_INVALID_ARGUMENT);
+        uint32_t count = 99;
+        MUST(qcow2_luks_remove_key(img, -1, PASSWORD, sizeof PASSWORD, false, &count));
+        CHECK(count == 1);
+        EXPECT_ERR(qcow2_luks_remove_key(img, 1, NULL, 0, false, NULL), QCOW2_ERR_INVALID_ARGUMENT);
+        MUST(qcow2_close(img));
+        img = open_with(path, PASSWORD, sizeof PASSWORD, QCOW2_OPEN_RDONLY, &rc);
+        CHECK(img == NULL && rc == QCOW2_ERR_BAD_KEY);
+        img = open_with(path, SECOND, sizeof SECOND - 1, 0, &rc);
+        MUST(rc);
+        MUST(qcow2_read(img, 1000, back, sizeof back));
+        CHECK(memcmp(buf, back, sizeof buf) == 0);
+        /* Put the first password back (slot 0 is free again) for the checks below. */
+        MUST(qcow2_luks_add_key(img, PASSWORD, sizeof PASSWORD, 0, 10, false, &slot));
+        CHECK(slot == 0);
+        MUST(qcow2_close(img));
+
         /* The length counts: a prefix of the password is a wrong password. */
         img = open_with(path, PASSWORD, 4, QCOW2_OPEN_RDONLY, &rc);
         CHECK(img == NULL);

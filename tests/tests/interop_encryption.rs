@@ -495,3 +495,53 @@ fn other_ciphers_are_unsupported_by_name() {
         }
     }
 }
+
+#[test]
+fn encrypted_with_every_cache_mode() {
+    use qcow2rs::CacheMode;
+    let dir = tmpdir();
+    for (i, cache) in [
+        CacheMode::Writeback,
+        CacheMode::Writethrough,
+        CacheMode::None,
+        CacheMode::Directsync,
+        CacheMode::Unsafe,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("c{i}.qcow2"));
+        let mut o = CreateOptions::new(4 << 20);
+        o.extended_l2 = i % 2 == 1;
+        o.encryption = Some(if i % 2 == 0 {
+            let mut e = EncryptionOptions::luks(PW);
+            e.iter_time_ms = 10;
+            e
+        } else {
+            EncryptionOptions::aes(PW)
+        });
+        Image::create(&img, &o).unwrap();
+        let opts = OpenOptions {
+            password: Some(PW.into()),
+            cache,
+            ..OpenOptions::new()
+        };
+        let model = {
+            let image = Image::open(&img, &opts).unwrap();
+            let mut model = Model::zeros(4 << 20, 65536);
+            let mut rng = Rng::new(900 + i as u64);
+            let w = Workload {
+                ops: 60,
+                max_len: 150 * KIB,
+                ..Workload::default()
+            };
+            run_workload(&image, &mut model, &mut rng, &w);
+            image.close().unwrap();
+            model
+        };
+        let reference = dir.path().join(format!("c{i}.raw"));
+        model.save(&reference);
+        assert_qemu_compare_encrypted(&reference, &img);
+        assert_qemu_check_encrypted(&img);
+    }
+}
