@@ -174,16 +174,21 @@ impl SectorCipher {
 }
 
 /// One XTS sector: the 32 tweaks, XOR in, all blocks through the cipher at once, XOR out.
-/// The tweaks and XORs work on `u128`s (little-endian, as IEEE 1619 numbers the bits).
+/// The tweaks and XORs work on 64-bit halves (little-endian, as IEEE 1619 numbers the bits).
 fn xts_sector(c: &BlockCipher, s: &mut [u8], t: Block, encrypt: bool) {
-    let mut tweaks = [0u128; BLOCKS];
+    let mut tweaks = [[0u64; 2]; BLOCKS];
     let mut blocks = [Block::default(); BLOCKS];
-    let mut tw = u128::from_le_bytes(t.into());
+    let mut lo = u64::from_le_bytes(t[..8].try_into().unwrap());
+    let mut hi = u64::from_le_bytes(t[8..].try_into().unwrap());
     for (i, (b, chunk)) in blocks.iter_mut().zip(s.chunks_exact(16)).enumerate() {
-        tweaks[i] = tw;
-        tw = (tw << 1) ^ if tw >> 127 != 0 { 0x87 } else { 0 };
-        let x = u128::from_le_bytes(chunk.try_into().unwrap()) ^ tweaks[i];
-        *b = x.to_le_bytes().into();
+        tweaks[i] = [lo, hi];
+        let carry = hi >> 63;
+        hi = (hi << 1) | (lo >> 63);
+        lo = (lo << 1) ^ (carry * 0x87);
+        let a = u64::from_le_bytes(chunk[..8].try_into().unwrap()) ^ tweaks[i][0];
+        let z = u64::from_le_bytes(chunk[8..].try_into().unwrap()) ^ tweaks[i][1];
+        b[..8].copy_from_slice(&a.to_le_bytes());
+        b[8..].copy_from_slice(&z.to_le_bytes());
     }
     if encrypt {
         c.encrypt(&mut blocks);
@@ -191,8 +196,10 @@ fn xts_sector(c: &BlockCipher, s: &mut [u8], t: Block, encrypt: bool) {
         c.decrypt(&mut blocks);
     }
     for ((b, chunk), tw) in blocks.iter().zip(s.chunks_exact_mut(16)).zip(tweaks) {
-        let x = u128::from_le_bytes((*b).into()) ^ tw;
-        chunk.copy_from_slice(&x.to_le_bytes());
+        let a = u64::from_le_bytes(b[..8].try_into().unwrap()) ^ tw[0];
+        let z = u64::from_le_bytes(b[8..].try_into().unwrap()) ^ tw[1];
+        chunk[..8].copy_from_slice(&a.to_le_bytes());
+        chunk[8..].copy_from_slice(&z.to_le_bytes());
     }
 }
 
