@@ -551,6 +551,17 @@ impl State {
         Ok(())
     }
 
+    /// Explicit zeros over `n` bytes at `in_cluster` of cluster `c`. On an encrypted image a
+    /// range that is not whole sectors is read-modified-written (the cipher works on sectors).
+    pub(crate) fn write_zeros(&mut self, c: GuestCluster, in_cluster: u64, n: u64) -> Result<()> {
+        let zeros = vec![0u8; n as usize];
+        let at = self.geo.guest_offset(c) + in_cluster;
+        if self.crypto.is_some() && !sector_aligned(at, zeros.len()) {
+            return self.write_unaligned(&zeros, at);
+        }
+        self.write_cluster_now(c, in_cluster, &zeros)
+    }
+
     /// Drop the reference an old descriptor held (after its L2 entry was replaced).
     fn release(&mut self, d: Desc, discard: bool) -> Result<()> {
         match d {
@@ -763,8 +774,7 @@ impl State {
             } else if whole && self.header.version >= 3 {
                 self.zero_cluster(c)?;
             } else if !self.known_zero(c)? {
-                let zeros = vec![0u8; n as usize];
-                self.write_cluster_now(c, in_cluster, &zeros)?;
+                self.write_zeros(c, in_cluster, n)?;
             }
             off += n;
         }
@@ -816,16 +826,13 @@ impl State {
             || (matches!(d, Desc::Normal { .. }) && !e.copied())
             || first >= last
         {
-            let zeros = vec![0u8; n as usize];
-            return self.write_cluster_now(c, in_cluster, &zeros);
+            return self.write_zeros(c, in_cluster, n);
         }
         if in_cluster < first * sub_size {
-            let zeros = vec![0u8; (first * sub_size - in_cluster) as usize];
-            self.write_cluster_now(c, in_cluster, &zeros)?;
+            self.write_zeros(c, in_cluster, first * sub_size - in_cluster)?;
         }
         if in_cluster + n > last * sub_size {
-            let zeros = vec![0u8; (in_cluster + n - last * sub_size) as usize];
-            self.write_cluster_now(c, last * sub_size, &zeros)?;
+            self.write_zeros(c, last * sub_size, in_cluster + n - last * sub_size)?;
         }
         let now = self.lookup(c)?;
         let mut mask = 0u64;

@@ -163,7 +163,14 @@ impl Image {
         s.check_range(offset, data.len() as u64)?;
         s.check_key()?;
         let offset = GuestOffset::new(offset);
-        if s.geo.extended_l2() || s.header.crypt_method != 0 || comp.is_none() {
+        if s.crypto.is_some() {
+            // Encrypted images are never compressed (as in QEMU): a normal write, which also
+            // handles a last cluster that ends inside a sector.
+            let write_through = s.access.cache_mode().write_through();
+            datapath::write(s, data, offset)?;
+            return self.write_done(write_through);
+        }
+        if s.geo.extended_l2() || comp.is_none() {
             s.write_inner(data, offset)?;
         } else {
             let c = s.geo.guest_cluster(offset);

@@ -88,8 +88,7 @@ impl State {
             if in_cluster != 0 || n < geo.cluster_size() {
                 // Partial cluster: explicit zeros (copy-on-write keeps the rest).
                 if (!e.is_empty() || shows_backing) && !self.known_zero(c)? {
-                    let zeros = vec![0u8; n as usize];
-                    self.write_cluster_now(c, in_cluster, &zeros)?;
+                    self.write_zeros(c, in_cluster, n)?;
                 }
             } else if shows_backing {
                 self.zero_inner(off, n, disk_end)?;

@@ -545,3 +545,66 @@ fn encrypted_with_every_cache_mode() {
         assert_qemu_check_encrypted(&img);
     }
 }
+
+#[test]
+fn compressed_writes_to_encrypted_images_are_plain_writes() {
+    let dir = tmpdir();
+    let img = dir.path().join("c.qcow2");
+    // A disk that ends inside a cluster and inside a sector's worth of data.
+    let size = 3 * 65536 + 4096;
+    let mut o = CreateOptions::new(size);
+    o.encryption = Some(EncryptionOptions::aes(PW));
+    Image::create(&img, &o).unwrap();
+    let image = open_pw(&img, PW).unwrap();
+    let data = vec![0x5cu8; 65536];
+    image.write_compressed(65536, &data).unwrap();
+    image.write_compressed(3 * 65536, &data[..1000]).unwrap();
+    // Again, now that the cluster is allocated: an in-place overwrite ending inside a sector.
+    image.write_compressed(3 * 65536, &data[..1000]).unwrap();
+    let mut back = vec![0u8; 65536];
+    image.read_at(&mut back, 65536).unwrap();
+    assert_eq!(back, data);
+    let mut tail = vec![0u8; 4096];
+    image.read_at(&mut tail, 3 * 65536).unwrap();
+    assert!(tail[..1000].iter().all(|&b| b == 0x5c) && tail[1000..].iter().all(|&b| b == 0));
+    image.close().unwrap();
+    assert_qemu_check_encrypted(&img);
+}
+
+#[test]
+fn growing_over_an_odd_sized_raw_backing_file() {
+    // Growing zeroes what the backing file would show through, up to its end, which here is
+    // not on a sector boundary: the encrypted image must zero a partial sector.
+    let dir = tmpdir();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x77u8; (1 << 20) + 700]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    let mut o = CreateOptions::new(512 << 10);
+    o.cluster_size = 65536 * 4;
+    o.backing_file = Some("base.raw".into());
+    o.backing_format = Some("raw".into());
+    let mut e = EncryptionOptions::luks(PW);
+    e.iter_time_ms = 10;
+    o.encryption = Some(e);
+    Image::create(&top, &o).unwrap();
+    let img = open_pw(&top, PW).unwrap();
+    // Own the cluster holding the end of the backing file's data.
+    img.write_at(&[1u8; 512], (512 << 10) - 512).unwrap();
+    img.resize(2 << 20).unwrap();
+    img.write_at(&[2u8; 512], (1 << 20) + 4096).unwrap();
+    img.resize(4 << 20).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..(512 << 10) - 512].iter().all(|&b| b == 0x77));
+    assert!(buf[(512 << 10) - 512..512 << 10].iter().all(|&b| b == 1));
+    for (i, &b) in buf.iter().enumerate().skip(512 << 10) {
+        let want = if ((1 << 20) + 4096..(1 << 20) + 4608).contains(&i) {
+            2
+        } else {
+            0
+        };
+        assert_eq!(b, want, "byte {i}");
+    }
+    img.close().unwrap();
+    assert_qemu_check_encrypted(&top);
+}
