@@ -82,8 +82,9 @@ fn host_read(
     }
 }
 
+/// Whether a request covers whole sectors (an empty one does: it touches nothing).
 fn sector_aligned(offset: GuestOffset, len: usize) -> bool {
-    offset.get().is_multiple_of(SECTOR as u64) && len.is_multiple_of(SECTOR)
+    len == 0 || (offset.get().is_multiple_of(SECTOR as u64) && len.is_multiple_of(SECTOR))
 }
 
 /// The whole sectors around `[offset, offset+len)`: (start, length).

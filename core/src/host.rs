@@ -150,6 +150,15 @@ impl HostFile {
         self.barrier_for("flush")
     }
 
+    /// An fdatasync even in cache=unsafe: for the few writes whose order is not about
+    /// performance but about never losing the way in (LUKS key slots).
+    pub(crate) fn sync_always(&mut self, what: &str) -> Result<()> {
+        self.storage.flush().map_err(|e| {
+            self.poison(&e);
+            Error::io(&self.name, what, e)
+        })
+    }
+
     /// `barrier`, with `what` naming it in an error.
     pub(crate) fn barrier_for(&mut self, what: &str) -> Result<()> {
         if self.no_barriers {

@@ -105,7 +105,7 @@ impl Image {
             // The cipher works on whole sectors: partial ones at the ends get explicit zeros.
             let sector = crate::crypto::SECTOR as u64;
             let head = (sector - offset % sector) % sector;
-            if head != 0 {
+            if head != 0 && len > 0 {
                 let n = head.min(len);
                 s.write_unaligned(&vec![0u8; n as usize], GuestOffset::new(offset))?;
                 (offset, len) = (offset + n, len - n);
@@ -209,6 +209,7 @@ impl Image {
         let _q = self.commit.quiesce();
         let mut s = self.lock();
         s.check_writable()?;
+        s.check_key()?;
         s.resize_inner(new_size)
     }
 

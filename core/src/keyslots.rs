@@ -8,7 +8,9 @@
 //! set. Removing: the state field is switched to inactive and made stable first (a crash
 //! leaves the old set or the new one), and only then are the slot's material and entry wiped.
 //! The last active slot is never removed unless forced: without it no password opens the
-//! image. Overwriting an active slot (forced) deactivates it first, then proceeds as adding.
+//! image. Overwriting an active slot (forced) derives the new key first, deactivates the slot,
+//! then proceeds as adding; it is refused for the only active slot (a power cut between the two
+//! would leave no password), and a power cut in it leaves the other passwords working.
 //! Mutants: `keyslot-order` (the switch before the material is stable), `keyslot-wipe-order`
 //! (material wiped while the slot is still active); the crash simulator's `key_slots` workload
 //! kills both. After a failed change the header is read back from the file, so that a slot a
@@ -147,11 +149,16 @@ impl State {
                             ))
                         })?,
                 };
-                if area.header.slots[slot].active {
-                    // Forced overwrite: the slot goes out of use first.
-                    area.header.clear_slot(slot);
-                    self.write_slot_state(&area, slot)?;
+                let overwrite = area.header.slots[slot].active;
+                if overwrite && active.len() == 1 {
+                    // Between erasing it and storing the new key no password would open the
+                    // image: a power cut there would lose it for good.
+                    return Err(Error::invalid(format!(
+                        "{name}: Refusing to overwrite the only active keyslot {slot}: add the new password to a free keyslot, then erase keyslot {slot}"
+                    )));
                 }
+                // Everything that can fail without touching the disk first (PBKDF2, the
+                // splitter, random bytes).
                 let material = area
                     .header
                     .set_slot(
@@ -161,6 +168,12 @@ impl State {
                         change.iter_time_ms.unwrap_or(2000),
                     )
                     .map_err(|e| Error::invalid(format!("{name}: {e}")))?;
+                if overwrite {
+                    // Forced overwrite: the slot goes out of use first (the other active slots
+                    // keep working meanwhile).
+                    area.header.slots[slot].active = false;
+                    self.write_slot_state(&area, slot)?;
+                }
                 // Material and entry first, still inactive; then the switch.
                 let (at, _) = area.header.material_range(slot);
                 self.file
@@ -168,7 +181,7 @@ impl State {
                 area.header.slots[slot].active = false;
                 self.write_slot_entry(&area, slot)?;
                 if !mutant("keyslot-order") {
-                    self.file.barrier_for("LUKS key material")?;
+                    self.file.sync_always("LUKS key material")?;
                 }
                 area.header.slots[slot].active = true;
                 self.write_slot_state(&area, slot)?;
@@ -230,7 +243,7 @@ impl State {
                     area.header.clear_slot(i);
                     self.write_slot_entry(&area, i)?;
                 }
-                self.file.barrier_for("LUKS key slot")?;
+                self.file.sync_always("LUKS key slot")?;
                 self.set_luks_area(area, mk);
                 Ok(targets)
             }
@@ -280,7 +293,7 @@ impl State {
             area.offset + at as u64,
             "LUKS key slot state",
         )?;
-        self.file.barrier_for("LUKS key slot state")
+        self.file.sync_always("LUKS key slot state")
     }
 
     fn set_luks_area(&mut self, area: LuksArea, mk: luks::Secret) {

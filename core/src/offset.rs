@@ -94,7 +94,6 @@ offset_type!(
 
 impl GuestOffset {
     /// The guest's 512-byte sector number (legacy AES takes its IV from it).
-    #[allow(dead_code)] // the cipher's tweak; used once encryption lands
     pub(crate) const fn sector(self) -> u64 {
         self.0 >> 9
     }
@@ -102,7 +101,6 @@ impl GuestOffset {
 
 impl HostOffset {
     /// The image file's 512-byte sector number (LUKS takes its IV from it).
-    #[allow(dead_code)] // the cipher's tweak; used once encryption lands
     pub(crate) const fn sector(self) -> u64 {
         self.0 >> 9
     }

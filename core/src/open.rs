@@ -85,6 +85,13 @@ fn validate_create(opts: &CreateOptions) -> Result<()> {
         ));
     }
     if let Some(e) = &opts.encryption {
+        if v2 && opts.preallocation == Preallocation::Metadata {
+            // v2 has no zero flag: preallocated clusters would be plain zeros on disk, which
+            // decrypt to noise.
+            return Err(Error::invalid(
+                "Preallocation of an encrypted image needs compatibility level 1.1 (compat=1.1): version 2 has no zero clusters, and preallocated zeros would not decrypt to zeros",
+            ));
+        }
         if e.format == EncryptionFormat::Luks {
             let spec = crate::crypto::spec_of(e);
             spec.validate().map_err(Error::invalid)?;

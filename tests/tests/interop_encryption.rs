@@ -608,3 +608,92 @@ fn growing_over_an_odd_sized_raw_backing_file() {
     img.close().unwrap();
     assert_qemu_check_encrypted(&top);
 }
+
+fn luks_image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let img = dir.join(name);
+    let mut o = CreateOptions::new(size);
+    let mut e = EncryptionOptions::luks(PW);
+    e.iter_time_ms = 10;
+    o.encryption = Some(e);
+    Image::create(&img, &o).unwrap();
+    img
+}
+
+#[test]
+fn forced_overwrite_never_leaves_no_password() {
+    use qcow2rs::KeySlotChange;
+    let dir = tmpdir();
+    let img = luks_image(dir.path(), "f.qcow2", 1 << 20);
+    let image = open_pw(&img, PW).unwrap();
+    // The only active slot: overwriting it would pass through "no password at all".
+    let mut c = KeySlotChange::add("new");
+    c.keyslot = Some(0);
+    c.force = true;
+    assert!(matches!(
+        image.change_key_slots(&c),
+        Err(Error::InvalidArgument(_))
+    ));
+    // With a second password: a forced overwrite of slot 1 that fails before storing the new
+    // key (an impossible iteration time) leaves slot 1 working.
+    let mut c2 = KeySlotChange::add("second");
+    c2.iter_time_ms = Some(10);
+    assert_eq!(image.change_key_slots(&c2).unwrap(), vec![1]);
+    let mut c3 = KeySlotChange::add("third");
+    c3.keyslot = Some(1);
+    c3.force = true;
+    c3.iter_time_ms = Some(u64::MAX / 2);
+    assert!(image.change_key_slots(&c3).is_err());
+    image.close().unwrap();
+    open_pw(&img, PW).unwrap();
+    open_pw(&img, "second").unwrap();
+}
+
+#[test]
+fn preallocated_v2_encrypted_images_are_refused() {
+    let dir = tmpdir();
+    for e in [EncryptionOptions::aes(PW), EncryptionOptions::luks(PW)] {
+        let img = dir.path().join("p.qcow2");
+        let mut o = CreateOptions::new(1 << 20);
+        o.compat = qcow2rs::Compat::V2;
+        o.preallocation = qcow2rs::Preallocation::Metadata;
+        o.encryption = Some(e);
+        assert!(matches!(
+            Image::create(&img, &o),
+            Err(Error::InvalidArgument(_))
+        ));
+        // v3 preallocation reads zeros.
+        o.compat = qcow2rs::Compat::V3;
+        if let Some(e) = o.encryption.as_mut() {
+            e.iter_time_ms = 10;
+        }
+        Image::create(&img, &o).unwrap();
+        let image = open_pw(&img, PW).unwrap();
+        let mut buf = vec![1u8; 1 << 20];
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+}
+
+#[test]
+fn empty_requests_touch_nothing_and_resize_needs_the_key() {
+    let dir = tmpdir();
+    let img = luks_image(dir.path(), "e.qcow2", 1 << 20);
+    let image = open_pw(&img, PW).unwrap();
+    image.write_at(&[], 1).unwrap();
+    image.write_zeroes(1, 0).unwrap();
+    let mut none = [0u8; 0];
+    image.read_at(&mut none, 3).unwrap();
+    let m = image.map(0, 1 << 20).unwrap();
+    assert!(m.iter().all(|e| !e.data), "{m:?}");
+    image.close().unwrap();
+    let ro = Image::open(
+        &img,
+        &OpenOptions {
+            without_key: true,
+            ..OpenOptions::new()
+        },
+    )
+    .unwrap();
+    assert!(matches!(ro.resize(1000 * 512), Err(Error::NeedKey { .. })));
+    assert_eq!(ro.virtual_size(), 1 << 20);
+}
