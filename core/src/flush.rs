@@ -41,7 +41,10 @@
 //!    rebuilds the refcounts. Mutant: `dirty-bit`.
 //! 7. **A failed fdatasync poisons the image** (`host.rs`): the kernel may have dropped pages
 //!    it could not write, so nothing more is written or claimed durable until the image is
-//!    reopened. Mutant: `failed-flush`.
+//!    reopened. That includes a group-commit flush whose final fdatasync, running outside the
+//!    lock, succeeded while another thread's barrier failed (the kernel reports a writeback
+//!    error to one caller only): it fails too (`GroupCommit::flush`). Mutant: `failed-flush`;
+//!    the `flush_window` fault runs catch the concurrent case.
 //!
 //! # A flush
 //!
@@ -396,7 +399,15 @@ impl GroupCommit {
                     return Err(Error::io(&name, "flush", e));
                 }
             }
-            crate::state::lock(state).flush_end(t)
+            let mut s = crate::state::lock(state);
+            if let Err(e) = s.file.poisoned() {
+                // A barrier on another thread failed while this fdatasync ran outside the
+                // lock. The kernel may have dropped pages this flush covered and reports that
+                // to one caller only: this flush's success proves nothing (rule 7).
+                s.failed_final_barrier(t);
+                return Err(e);
+            }
+            s.flush_end(t)
         })();
         let mut g = self.commit_state();
         g.running = false;
