@@ -321,7 +321,8 @@ fn parse_opt_size(key: &str, v: &str) -> Result<u64, String> {
     })
 }
 
-fn split_escaped(s: &str) -> Vec<String> {
+/// Split at commas (`,,` is a literal comma), as qemu's option parser does.
+pub fn split_escaped(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();

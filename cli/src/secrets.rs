@@ -55,34 +55,16 @@ impl ImageRef {
     }
 }
 
-/// Split `a=b,c=d` (`,,` is a literal comma), as qemu's option parser does.
+/// Split `a=b,c=d` (`,,` is a literal comma) into pairs; a bare `key` means `key=on`.
 pub fn split_opts(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    let mut push = |cur: &mut String| {
-        let item = std::mem::take(cur);
-        if !item.is_empty() {
-            match item.split_once('=') {
-                Some((k, v)) => out.push((k.to_string(), v.to_string())),
-                None => out.push((item, "on".to_string())),
-            }
-        }
-    };
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                push(&mut cur);
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    push(&mut cur);
-    out
+    crate::opts::split_escaped(s)
+        .into_iter()
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (item, "on".to_string()),
+        })
+        .collect()
 }
 
 /// Read a password file: its exact bytes, as qemu's `secret,file=` reads them, so that the
