@@ -203,40 +203,34 @@ impl OptList {
         };
         let mut e = EncryptionOptions::luks(password);
         e.format = format;
-        let parse = |key: &str, ok: bool| -> CliResult<()> {
-            if ok {
-                Ok(())
-            } else {
-                Err(err(format!(
-                    "Parameter '{key}' does not accept value '{}'",
-                    self.get(key).unwrap_or("")
-                )))
+        // An optional named value: unset keeps the default, a bad name is qemu-img's error.
+        fn named<T>(
+            o: &OptList,
+            key: &str,
+            parse: fn(&str) -> Option<T>,
+            err: &dyn Fn(String) -> CliError,
+        ) -> CliResult<Option<T>> {
+            match o.get(key) {
+                None => Ok(None),
+                Some(v) => parse(v)
+                    .map(Some)
+                    .ok_or_else(|| err(format!("Parameter '{key}' does not accept value '{v}'"))),
             }
-        };
-        if let Some(v) = self.get("encrypt.cipher-alg") {
-            let a = CipherAlg::parse(v);
-            parse("encrypt.cipher-alg", a.is_some())?;
-            e.cipher_alg = a.unwrap();
         }
-        if let Some(v) = self.get("encrypt.cipher-mode") {
-            let m = CipherMode::parse(v);
-            parse("encrypt.cipher-mode", m.is_some())?;
-            e.cipher_mode = m.unwrap();
+        if let Some(a) = named(self, "encrypt.cipher-alg", CipherAlg::parse, &err)? {
+            e.cipher_alg = a;
         }
-        if let Some(v) = self.get("encrypt.ivgen-alg") {
-            let m = IvGenAlg::parse(v);
-            parse("encrypt.ivgen-alg", m.is_some())?;
-            e.ivgen_alg = m.unwrap();
+        if let Some(m) = named(self, "encrypt.cipher-mode", CipherMode::parse, &err)? {
+            e.cipher_mode = m;
         }
-        if let Some(v) = self.get("encrypt.ivgen-hash-alg") {
-            let m = HashAlg::parse(v);
-            parse("encrypt.ivgen-hash-alg", m.is_some())?;
-            e.ivgen_hash_alg = m.unwrap();
+        if let Some(g) = named(self, "encrypt.ivgen-alg", IvGenAlg::parse, &err)? {
+            e.ivgen_alg = g;
         }
-        if let Some(v) = self.get("encrypt.hash-alg") {
-            let m = HashAlg::parse(v);
-            parse("encrypt.hash-alg", m.is_some())?;
-            e.hash_alg = m.unwrap();
+        if let Some(h) = named(self, "encrypt.ivgen-hash-alg", HashAlg::parse, &err)? {
+            e.ivgen_hash_alg = h;
+        }
+        if let Some(h) = named(self, "encrypt.hash-alg", HashAlg::parse, &err)? {
+            e.hash_alg = h;
         }
         if let Some(v) = self.get("encrypt.iter-time") {
             e.iter_time_ms = v.parse().map_err(|_| {

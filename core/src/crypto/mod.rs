@@ -260,9 +260,7 @@ impl Crypto {
         host: HostOffset,
         guest: GuestOffset,
     ) -> Result<()> {
-        check_aligned(file, buf.len(), host, guest)?;
-        self.cipher(file)?.encrypt(buf, self.sector(host, guest));
-        Ok(())
+        self.run(file, buf, host, guest, true)
     }
 
     /// Decrypt `buf` (whole sectors), read from `host`, the guest bytes at `guest`.
@@ -273,8 +271,24 @@ impl Crypto {
         host: HostOffset,
         guest: GuestOffset,
     ) -> Result<()> {
+        self.run(file, buf, host, guest, false)
+    }
+
+    fn run(
+        &self,
+        file: &str,
+        buf: &mut [u8],
+        host: HostOffset,
+        guest: GuestOffset,
+        encrypt: bool,
+    ) -> Result<()> {
         check_aligned(file, buf.len(), host, guest)?;
-        self.cipher(file)?.decrypt(buf, self.sector(host, guest));
+        let (cipher, sector) = (self.cipher(file)?, self.sector(host, guest));
+        if encrypt {
+            cipher.encrypt(buf, sector)
+        } else {
+            cipher.decrypt(buf, sector)
+        }
         Ok(())
     }
 
