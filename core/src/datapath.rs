@@ -22,7 +22,7 @@
 //! The old cluster's reference is dropped afterwards (deferred until the change is stable).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::compress;
 use crate::crypto::{Crypto, SECTOR};
@@ -154,7 +154,12 @@ pub(crate) fn read(
 
 /// Write `buf` at guest `offset` (already checked). Overwrites of clusters we own exclusively
 /// run after the lock is released (under the I/O gate); everything else runs under it.
-pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffset) -> Result<()> {
+pub(crate) fn write<'a>(
+    state: &'a Mutex<State>,
+    mut s: MutexGuard<'a, State>,
+    buf: &[u8],
+    offset: GuestOffset,
+) -> Result<()> {
     if s.crypto.is_some() && !sector_aligned(offset, buf.len()) {
         return s.write_unaligned(buf, offset);
     }
@@ -178,7 +183,7 @@ pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffse
                     host: host + in_cluster,
                 });
             }
-            _ => return s.write_inner(buf, offset),
+            _ => return write_allocating(state, s, buf, offset),
         }
         done += n;
         off += n as u64;
@@ -197,25 +202,231 @@ pub(crate) fn write(mut s: MutexGuard<'_, State>, buf: &[u8], offset: GuestOffse
     let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
     drop(s);
     // Encrypt outside the lock, into one buffer for the whole request.
-    let encrypted = match &crypto {
-        Some(c) => {
-            let mut enc = buf.to_vec();
+    let put = |data: &[u8]| -> Result<()> {
+        for p in &plan {
+            storage
+                .write_at(&data[p.start..p.start + p.len], p.host.get())
+                .map_err(|e| Error::io(&name, format!("write data at {:#x}", p.host), e))?;
+        }
+        Ok(())
+    };
+    match &crypto {
+        Some(c) => with_scratch(buf, |enc| {
             for p in &plan {
                 let guest = offset + p.start as u64;
                 c.encrypt(&name, &mut enc[p.start..p.start + p.len], p.host, guest)?;
             }
-            Some(enc)
-        }
-        None => None,
-    };
-    let data = encrypted.as_deref().unwrap_or(buf);
-    for p in plan {
-        storage
-            .write_at(&data[p.start..p.start + p.len], p.host.get())
-            .map_err(|e| Error::io(&name, format!("write data at {:#x}", p.host), e))?;
+            put(enc)
+        })?,
+        None => put(buf)?,
     }
     flag.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// Largest encryption buffer a thread keeps between requests.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Run `f` on a copy of `src` in this thread's encryption buffer, which is kept for the next
+/// request: a fresh allocation per write costs page faults (memory the allocator gave back
+/// comes back zeroed). The buffer holds ciphertext between requests (plaintext only while
+/// `f` encrypts it), and never more than `SCRATCH_KEEP` bytes of it.
+fn with_scratch<R>(src: &[u8], f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let mut v = SCRATCH.take();
+    v.clear();
+    v.extend_from_slice(src);
+    let r = f(&mut v);
+    if v.capacity() <= SCRATCH_KEEP {
+        SCRATCH.set(v);
+    }
+    r
+}
+
+/// Clusters allocated for encrypted writes whose encryption runs outside the lock (see
+/// [`write_allocating`]).
+#[derive(Default)]
+pub(crate) struct Reservations {
+    /// Clusters allocated and not yet linked or given back, over all writers.
+    outstanding: u64,
+    /// Set while check or repair waits for `outstanding` to drain: no new reservations.
+    hold: bool,
+    /// The writer under the lock in its second phase: its guest clusters from `first`,
+    /// each with the host cluster allocated for it (taken when used) and the data
+    /// encrypted for that host offset, `cluster_size` bytes per cluster.
+    active: Option<Active>,
+}
+
+pub(crate) struct Active {
+    first: GuestCluster,
+    hosts: Vec<Option<HostOffset>>,
+    data: Vec<u8>,
+}
+
+/// An aligned write of whole clusters to an encrypted image, every one of them about to be
+/// allocated (with the usual ordering: data, then entry). The cipher is the expensive part
+/// and LUKS keys it by the host offset, known only once the cluster is allocated; so: under
+/// the lock, allocate the host clusters (refcounts raised, nothing points at them: as the
+/// allocator's run, a crash leaks them at worst); without the lock, encrypt for those
+/// offsets, so that several writers use several cores; under the lock again, the ordinary
+/// allocating write, which takes each reserved cluster and its ciphertext in place of
+/// allocating and encrypting. Whatever changed meanwhile is handled by that ordinary path (a
+/// cluster another writer allocated first is overwritten in place, re-encrypted); reserved
+/// clusters it did not use are given back at once (never pointed to, never written).
+fn write_allocating<'a>(
+    state: &'a Mutex<State>,
+    mut s: MutexGuard<'a, State>,
+    buf: &[u8],
+    offset: GuestOffset,
+) -> Result<()> {
+    let cs = s.geo.cluster_size();
+    let crypto = match &s.crypto {
+        Some(c) => c.clone(),
+        None => return s.write_inner(buf, offset),
+    };
+    if s.reserved.hold
+        || buf.is_empty()
+        || !offset.get().is_multiple_of(cs)
+        || !(buf.len() as u64).is_multiple_of(cs)
+    {
+        return s.write_inner(buf, offset);
+    }
+    let geo = s.geo;
+    let first = geo.guest_cluster(offset);
+    let n = buf.len() as u64 / cs;
+    for i in 0..n {
+        let e = s.lookup(first + i)?;
+        let owned =
+            matches!(e.desc(&geo), Desc::Normal { .. } | Desc::ZeroAlloc { .. }) && e.copied();
+        if owned {
+            return s.write_inner(buf, offset);
+        }
+    }
+    let mut hosts = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        match s.alloc_run_cluster() {
+            Ok(h) => hosts.push(Some(h)),
+            Err(e) => {
+                s.give_back(&hosts);
+                return Err(e);
+            }
+        }
+    }
+    s.reserved.outstanding += n;
+    let name = s.file.shared_name();
+    drop(s);
+    #[cfg(feature = "testing")]
+    testing::between_phases();
+
+    let mut data = SCRATCH.take();
+    data.clear();
+    data.extend_from_slice(buf);
+    let mut encrypted = Ok(());
+    for (i, (part, h)) in data.chunks_exact_mut(cs as usize).zip(&hosts).enumerate() {
+        let h = h.expect("just allocated");
+        let h = if mutant("reserve-iv") { h + cs } else { h };
+        encrypted = crypto.encrypt(&name, part, h, offset + i as u64 * cs);
+        if encrypted.is_err() {
+            break;
+        }
+    }
+
+    let mut s = crate::state::lock(state);
+    let n_hosts = hosts.len() as u64;
+    // The checks the caller made before the lock was dropped, again: the image may have
+    // shrunk or failed meanwhile.
+    let checked = encrypted
+        .and_then(|()| s.check_writable())
+        .and_then(|()| s.check_range(offset.get(), buf.len() as u64));
+    if let Err(e) = checked {
+        // Nothing was handed over: every reserved cluster goes back.
+        s.give_back(&hosts);
+        s.reserved.outstanding -= n_hosts;
+        return Err(e);
+    }
+    s.reserved.active = Some(Active { first, hosts, data });
+    let r = s.write_inner(buf, offset);
+    let rest = match s.reserved.active.take() {
+        Some(Active { hosts, data, .. }) => {
+            if data.capacity() <= SCRATCH_KEEP {
+                SCRATCH.set(data);
+            }
+            hosts
+        }
+        None => Vec::new(),
+    };
+    s.give_back(&rest);
+    s.reserved.outstanding -= n_hosts;
+    r
+}
+
+/// A test hook for the window between the two phases of [`write_allocating`].
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnOnce()>;
+
+    thread_local! {
+        static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Run `f` once, on this thread, the next time one of its writes has reserved clusters
+    /// and dropped the lock to encrypt (before it takes the lock again): what another thread
+    /// could do in that window, made deterministic.
+    pub fn between_reserve_and_write(f: impl FnOnce() + 'static) {
+        HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    pub(super) fn between_phases() {
+        if let Some(f) = HOOK.with(|h| h.borrow_mut().take()) {
+            f()
+        }
+    }
+}
+
+impl State {
+    /// Give back reserved clusters that nothing points to and nothing was written to (the
+    /// decrease is immediate, as for the allocator's run). One that cannot be given back is
+    /// leaked, which `check -r leaks` repairs.
+    fn give_back(&mut self, hosts: &[Option<HostOffset>]) {
+        for h in hosts.iter().flatten() {
+            let c = self.geo.host_cluster(*h);
+            let _ = self.change_refcount(c, -1);
+        }
+    }
+
+    /// In the second phase of [`write_allocating`]: the cluster reserved for guest cluster
+    /// `c`, if any (taken: it is used now).
+    fn take_reserved(&mut self, c: GuestCluster) -> Option<HostOffset> {
+        let a = self.reserved.active.as_mut()?;
+        let i = c.get().checked_sub(a.first.get())? as usize;
+        a.hosts.get_mut(i)?.take()
+    }
+
+    /// Wait until no write holds reserved clusters, and keep new ones from reserving until
+    /// [`State::release_reservations`]: check and repair must see every allocated cluster
+    /// pointed to. The lock is dropped while waiting (the writers need it to finish).
+    pub(crate) fn drain_reservations<'a>(
+        state: &'a Mutex<State>,
+        mut s: MutexGuard<'a, State>,
+    ) -> MutexGuard<'a, State> {
+        s.reserved.hold = true;
+        while s.reserved.outstanding > 0 {
+            drop(s);
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            s = crate::state::lock(state);
+        }
+        s
+    }
+
+    /// Let writers reserve clusters again.
+    pub(crate) fn release_reservations(&mut self) {
+        self.reserved.hold = false;
+    }
 }
 
 impl State {
@@ -238,7 +449,10 @@ impl State {
     /// Encrypt the guest bytes at `guest` and write them at `host`.
     fn host_write(&mut self, buf: &[u8], host: HostOffset, guest: GuestOffset) -> Result<()> {
         match self.crypto.clone() {
-            Some(c) => self.host_write_owned(buf.to_vec(), host, guest, &c),
+            Some(c) => with_scratch(buf, |enc| {
+                c.encrypt(self.file.name(), enc, host, guest)?;
+                self.file.write_data(enc, host)
+            }),
             None => self.file.write_data(buf, host),
         }
     }
@@ -624,7 +838,14 @@ impl State {
             _ => false,
         };
         self.prepare_l2(c)?;
-        let new = self.alloc_run_cluster()?;
+        let reserved = match data.len() as u64 == cluster_size {
+            true => self.take_reserved(c),
+            false => None,
+        };
+        let new = match reserved {
+            Some(h) => h,
+            None => self.alloc_run_cluster()?,
+        };
         // Never-written space reads as zeros, but not once decrypted.
         let virgin = (self.crypto.is_none() || mutant("crypt-virgin"))
             && (self.file.never_written(new) || mutant("virgin-check"));
@@ -641,6 +862,11 @@ impl State {
             self.read_desc(c, 0, &mut full, d)?;
             full[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
             self.host_write_vec(full, new, guest)?;
+        } else if let (Some(_), Some(a)) = (reserved, &self.reserved.active) {
+            // Encrypted for `new` before the lock was taken (`write_allocating`).
+            let at = (c.get() - a.first.get()) as usize * cluster_size as usize;
+            self.file
+                .write_data(&a.data[at..at + cluster_size as usize], new)?;
         } else {
             self.host_write(data, new, guest)?;
         }

@@ -88,7 +88,7 @@ impl Image {
         s.check_range(offset, buf.len() as u64)?;
         s.check_key()?;
         let write_through = s.access.cache_mode().write_through();
-        datapath::write(s, buf, GuestOffset::new(offset))?;
+        datapath::write(&self.state, s, buf, GuestOffset::new(offset))?;
         self.write_done(write_through)
     }
 
@@ -167,7 +167,7 @@ impl Image {
             // Encrypted images are never compressed (as in QEMU): a normal write, which also
             // handles a last cluster that ends inside a sector.
             let write_through = s.access.cache_mode().write_through();
-            datapath::write(s, data, offset)?;
+            datapath::write(&self.state, s, data, offset)?;
             return self.write_done(write_through);
         }
         if s.geo.extended_l2() || comp.is_none() {
@@ -230,7 +230,15 @@ impl Image {
     /// Check consistency; with `repair`, fix what the mode allows (the image must be writable).
     pub fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
         let _q = self.commit.quiesce();
-        let mut s = self.lock();
+        let s = self.lock();
+        // Clusters reserved by writes encrypting outside the lock would count as leaks.
+        let mut s = State::drain_reservations(&self.state, s);
+        let r = Self::check_drained(&mut s, repair);
+        s.release_reservations();
+        r
+    }
+
+    fn check_drained(s: &mut State, repair: Option<RepairMode>) -> Result<CheckReport> {
         if repair.is_some() && !s.access.writable_storage() {
             return Err(Error::ReadOnly {
                 file: s.name().to_string(),
@@ -243,12 +251,12 @@ impl Image {
             s.return_run()?;
         }
         if repair.is_none() {
-            return crate::check::run(&mut s, None);
+            return crate::check::run(s, None);
         }
         // Repair may rewrite and free anything: no data I/O may run outside the lock meanwhile.
         let gate = s.file.io_gate();
         let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
-        crate::check::run(&mut s, repair)
+        crate::check::run(s, repair)
     }
 
     /// Add or remove LUKS passwords (see [`KeySlotChange`]); returns the slots changed. The

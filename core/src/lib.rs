@@ -38,6 +38,9 @@ mod map;
 mod mapping;
 #[cfg(feature = "testing")]
 pub mod mutants;
+/// Hooks for deterministic tests of concurrent paths (feature `testing` only).
+#[cfg(feature = "testing")]
+pub use datapath::testing;
 #[cfg(not(feature = "testing"))]
 mod mutants;
 mod offset;

@@ -90,6 +90,10 @@ pub const ALL: &[(&str, &str)] = &[
         "encrypted images take the never-written shortcut (partial clusters, no data barrier)",
     ),
     (
+        "reserve-iv",
+        "an allocating encrypted write encrypts, outside the lock, for the wrong host offset",
+    ),
+    (
         "keyslot-order",
         "a new LUKS key slot is switched active before its key material is stable",
     ),

@@ -461,6 +461,7 @@ impl Image {
             compression,
             crypto,
             header: StoredHeader::new(h),
+            reserved: Default::default(),
         };
         let img = Image::from_state(state, name, compression);
         if !read_only {

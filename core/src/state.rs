@@ -55,6 +55,8 @@ pub(crate) struct State {
     pub compression: CompressionType,
     /// The cipher of an encrypted image (`crypto/`); replaced when key slots change.
     pub crypto: Option<Arc<Crypto>>,
+    /// Clusters allocated for writes that encrypt outside the lock (`datapath.rs`).
+    pub reserved: crate::datapath::Reservations,
 }
 
 impl State {
