@@ -108,6 +108,10 @@ typedef enum qcow2_error {
      * The caller's output buffer is too small; nothing was written.
      */
     QCOW2_ERR_BUFFER_TOO_SMALL = 10,
+    /**
+     * What the call names does not exist in the image (a snapshot).
+     */
+    QCOW2_ERR_NOT_FOUND = 11,
 } qcow2_error;
 
 /**

@@ -33,6 +33,8 @@ pub enum qcow2_error {
     QCOW2_ERR_PANIC = 9,
     /// The caller's output buffer is too small; nothing was written.
     QCOW2_ERR_BUFFER_TOO_SMALL = 10,
+    /// What the call names does not exist in the image (a snapshot).
+    QCOW2_ERR_NOT_FOUND = 11,
 }
 
 use qcow2_error::*;
@@ -75,6 +77,7 @@ impl FfiError {
                     E::ReadOnly { .. } => QCOW2_ERR_READ_ONLY,
                     E::Locked { .. } => QCOW2_ERR_LOCKED,
                     E::NoSpace { .. } => QCOW2_ERR_NO_SPACE,
+                    E::NotFound { .. } => QCOW2_ERR_NOT_FOUND,
                     // The core enum is non-exhaustive; a kind added there without a code here is
                     // reported as an I/O error (with the core's errno and message).
                     _ => QCOW2_ERR_IO,
@@ -189,6 +192,7 @@ fn strerror(code: c_int) -> &'static CStr {
         8 => c"no space left on device",
         9 => c"internal error (panic)",
         10 => c"buffer too small",
+        11 => c"not found",
         _ => c"unknown error",
     }
 }

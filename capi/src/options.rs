@@ -357,6 +357,7 @@ impl qcow2_open_options {
                 "opts->backing_password",
             )?,
             without_key: has(QCOW2_OPEN_WITHOUT_KEY),
+            snapshot: None,
         })
     }
 }

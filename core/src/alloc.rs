@@ -350,12 +350,14 @@ impl State {
                 h.refcount_table_offset,
                 h.refcount_table_clusters as u64 * cluster_size,
             ),
-            (
-                h.snapshots_offset,
-                crate::format::snapshot::table_size(&self.snapshots),
-            ),
+            (h.snapshots_offset, self.snapshots.table_size()),
         ];
-        for (off, len) in tables {
+        let snapshot_l1s = self
+            .snapshots
+            .entries()
+            .iter()
+            .map(|e| (e.l1_table_offset, e.l1_size as u64 * 8));
+        for (off, len) in tables.into_iter().chain(snapshot_l1s) {
             if len > 0 && off < b && a < off + len {
                 return Err(Error::corrupt(
                     self.name(),

@@ -61,6 +61,13 @@ pub enum Error {
         /// The file.
         file: String,
     },
+    /// What the caller named does not exist in the image (a snapshot).
+    NotFound {
+        /// The file.
+        file: String,
+        /// What was not found (`snapshot 'name'`).
+        what: String,
+    },
     /// The host file system is full.
     NoSpace {
         /// The file.
@@ -152,6 +159,7 @@ impl Error {
             Error::ReadOnly { .. } => 30,
             Error::Locked { .. } => 11,
             Error::NoSpace { .. } => 28,
+            Error::NotFound { .. } => 2,
         }
     }
 }
@@ -184,6 +192,7 @@ impl fmt::Display for Error {
             Error::NoSpace { file, context } => {
                 write!(f, "{file}: {context}: No space left on device")
             }
+            Error::NotFound { file, what } => write!(f, "{file}: {what} not found"),
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::keyslots::KeySlotChange;
 use crate::map::{ImageInfo, MapEntry};
 use crate::offset::GuestOffset;
 use crate::options::{CompressionType, OpenOptions};
+use crate::snapshot::{SnapshotInfo, SnapshotOptions, SnapshotRef};
 use crate::state::{self, State};
 
 /// An open qcow2 image. `Send + Sync`: share it between threads with `Arc`.
@@ -239,6 +240,12 @@ impl Image {
     }
 
     fn check_drained(s: &mut State, repair: Option<RepairMode>) -> Result<CheckReport> {
+        if s.snapshots.view().is_some() {
+            return Err(Error::invalid(format!(
+                "{}: check the image, not a snapshot view of it",
+                s.name()
+            )));
+        }
         if repair.is_some() && !s.access.writable_storage() {
             return Err(Error::ReadOnly {
                 file: s.name().to_string(),
@@ -274,6 +281,49 @@ impl Image {
             let _ = s.reload_luks_header();
         }
         r
+    }
+
+    /// The internal snapshots, in the order of the snapshot table (`qemu-img snapshot -l`).
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.lock().snapshot_list()
+    }
+
+    /// The snapshot this image shows, when it was opened on one ([`OpenOptions::snapshot`]).
+    pub fn snapshot_view(&self) -> Option<SnapshotInfo> {
+        self.lock().snapshots.view().cloned()
+    }
+
+    /// Create an internal snapshot of the disk as it is now, named `name`, as
+    /// `qemu-img snapshot -c NAME` does (IDs are numbered by QEMU's rule; names need not be
+    /// unique). Durable when it returns. Writes after it copy the clusters they change, so the
+    /// snapshot keeps reading what the disk held now. Crash-safe: a power cut leaves the
+    /// snapshot whole or absent, and at worst leaked clusters.
+    pub fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.create_snapshot_with(&SnapshotOptions::new(name))
+    }
+
+    /// [`Image::create_snapshot`] with the date, VM clock and icount to record.
+    pub fn create_snapshot_with(&self, opts: &SnapshotOptions) -> Result<SnapshotInfo> {
+        let _q = self.commit.quiesce();
+        self.lock().create_snapshot_inner(opts)
+    }
+
+    /// Revert the disk to a snapshot (`qemu-img snapshot -a`): its contents become the
+    /// active image, and the virtual size becomes the size it recorded. A string names the
+    /// snapshot by ID, else by name, as qemu-img takes it. Durable when it returns; a power
+    /// cut leaves the old or the new disk, never a mix.
+    pub fn apply_snapshot(&self, snapshot: impl Into<SnapshotRef>) -> Result<SnapshotInfo> {
+        let r = snapshot.into();
+        let _q = self.commit.quiesce();
+        self.lock().apply_snapshot_inner(&r)
+    }
+
+    /// Delete a snapshot (`qemu-img snapshot -d`) and free what only it used. A string names
+    /// the snapshot by ID, else by name. Durable when it returns.
+    pub fn delete_snapshot(&self, snapshot: impl Into<SnapshotRef>) -> Result<SnapshotInfo> {
+        let r = snapshot.into();
+        let _q = self.commit.quiesce();
+        self.lock().delete_snapshot_inner(&r)
     }
 
     /// Number of fdatasyncs issued on the image file so far.

@@ -47,6 +47,7 @@ mod offset;
 mod open;
 mod options;
 mod resize;
+mod snapshot;
 mod state;
 pub mod storage;
 
@@ -60,6 +61,7 @@ pub use image::Image;
 pub use keyslots::{KeySlotChange, KeySlotState};
 pub use map::{ImageInfo, MapEntry};
 pub use options::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
+pub use snapshot::{SnapshotInfo, SnapshotOptions, SnapshotRef};
 pub use storage::{FileStorage, MemStorage, Storage};
 
 /// Image file formats this library can read: qcow2 and raw (for backing files and conversion).

@@ -48,6 +48,8 @@ pub struct ImageInfo {
     pub encryption: Option<EncryptionInfo>,
     /// Number of internal snapshots.
     pub snapshot_count: u32,
+    /// The internal snapshots, in table order.
+    pub snapshots: Vec<crate::SnapshotInfo>,
     /// Whether the image is open read-only.
     pub read_only: bool,
 }
@@ -206,6 +208,7 @@ impl State {
             crypt_method: h.crypt_method,
             encryption: self.crypto.as_ref().map(|c| c.info()),
             snapshot_count: h.nb_snapshots,
+            snapshots: self.snapshot_list(),
             read_only: self.access.read_only(),
         })
     }

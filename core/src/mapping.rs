@@ -144,6 +144,30 @@ impl Tables {
     pub(crate) fn l1_dirty(&self) -> bool {
         !self.l1_dirty.is_empty()
     }
+    /// Clear the COPIED flag of every entry (each table is about to be shared: `snapshot.rs`).
+    pub(crate) fn clear_copied(&mut self) {
+        for (i, e) in self.l1.iter_mut().enumerate() {
+            if *e & OFLAG_COPIED != 0 {
+                *e &= !OFLAG_COPIED;
+                self.l1_dirty.insert(i);
+            }
+        }
+    }
+    /// Set or clear the COPIED flag of entry `i` (`snapshot.rs`).
+    pub(crate) fn set_copied(&mut self, i: usize, on: bool) {
+        if on {
+            self.l1[i] |= OFLAG_COPIED;
+        } else {
+            self.l1[i] &= !OFLAG_COPIED;
+        }
+        self.l1_dirty.insert(i);
+    }
+    /// Take `l1` as the active table, already written where the header now points (applying
+    /// a snapshot); returns the old one.
+    pub(crate) fn replace(&mut self, l1: Vec<u64>) -> Vec<u64> {
+        self.l1_dirty.clear();
+        std::mem::replace(&mut self.l1, l1)
+    }
 }
 
 impl State {

@@ -101,6 +101,22 @@ pub const ALL: &[(&str, &str)] = &[
         "keyslot-wipe-order",
         "an erased LUKS key slot's material is wiped before the slot is out of use",
     ),
+    (
+        "snap-copied-first",
+        "snapshot creation raises refcounts without waiting for the cleared COPIED flags",
+    ),
+    (
+        "snap-table-barrier",
+        "the header is switched to a new snapshot table before the table and its refcounts are stable",
+    ),
+    (
+        "snap-apply-barrier",
+        "applying a snapshot switches the active L1 before the new table and its refcounts are stable",
+    ),
+    (
+        "snap-copied-last",
+        "deleting a snapshot sets COPIED flags before the lowered refcounts are stable",
+    ),
 ];
 
 /// Whether mutant `name` is switched on (`QCOW2RS_MUTANT=name`).

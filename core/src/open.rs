@@ -457,12 +457,21 @@ impl Image {
             meta: MetaClusters::default(),
             access: Access::new(read_only, ro_reason, !opts.read_only, opts.cache, lazy),
             backing,
-            snapshots,
+            snapshots: crate::snapshot::Snapshots::new(snapshots),
             compression,
             crypto,
             header: StoredHeader::new(h),
             reserved: Default::default(),
         };
+        let mut state = state;
+        if let Some(r) = &opts.snapshot {
+            if !opts.read_only {
+                return Err(Error::invalid(format!(
+                    "{name}: a snapshot can only be opened read-only"
+                )));
+            }
+            state.enter_snapshot_view(r)?;
+        }
         let img = Image::from_state(state, name, compression);
         if !read_only {
             let mut s = img.lock();

@@ -215,6 +215,9 @@ pub struct OpenOptions {
     /// Open an encrypted image without its password, for inspection: `info`, `map` and `check`
     /// work; reading or writing guest data fails with [`Error::NeedKey`].
     pub without_key: bool,
+    /// Open an internal snapshot instead of the active disk: a read-only view of what the
+    /// disk held when the snapshot was taken (`qemu-img convert -l`). Needs `read_only`.
+    pub snapshot: Option<crate::SnapshotRef>,
 }
 
 impl Default for OpenOptions {
@@ -229,6 +232,7 @@ impl Default for OpenOptions {
             password: None,
             backing_password: None,
             without_key: false,
+            snapshot: None,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! | what the next flush owes | [`Pending`] | `flush.rs` |
 //! | L2 and refcount-block caches | [`Caches`] | `cache.rs` |
 //! | the last decompressed cluster | [`Decompressed`] | `datapath.rs` |
+//! | the snapshot table, a snapshot view | [`Snapshots`] | `snapshot.rs` |
 //! | the metadata clusters guest data must not hit | [`MetaClusters`] | here |
 //! | read-only or writable, closed | [`Access`] | here |
 
@@ -29,11 +30,11 @@ use crate::flush::Pending;
 use crate::format::header::Header;
 use crate::format::l2::L1E_OFFSET_MASK;
 use crate::format::refcount::REFT_OFFSET_MASK;
-use crate::format::snapshot::{self, SnapshotEntry};
 use crate::host::HostFile;
 use crate::mapping::Tables;
 use crate::offset::{Geometry, GuestOffset, HostCluster, HostOffset};
 use crate::options::{CacheMode, CompressionType};
+use crate::snapshot::Snapshots;
 
 /// The mutable state of an open image.
 pub(crate) struct State {
@@ -49,8 +50,8 @@ pub(crate) struct State {
     pub access: Access,
     /// Fixed at open.
     pub backing: Option<Backing>,
-    /// Fixed at open (read, kept and refcounted; not yet created or applied).
-    pub snapshots: Vec<SnapshotEntry>,
+    /// The snapshot table (`snapshot.rs`).
+    pub snapshots: Snapshots,
     /// Fixed at open.
     pub compression: CompressionType,
     /// The cipher of an encrypted image (`crypto/`); replaced when key slots change.
@@ -110,7 +111,7 @@ impl State {
     }
 
     /// Whether host cluster `c` holds metadata (header, L1, refcount table and blocks, active
-    /// L2 tables, snapshot table, LUKS header area). The set is built when first needed.
+    /// L2 tables, snapshot table and the snapshots' L1 tables, LUKS header area). The set is built when first needed.
     pub(crate) fn is_metadata(&mut self, c: HostCluster) -> bool {
         if self.meta.set.is_none() {
             let geo = self.geo;
@@ -130,7 +131,10 @@ impl State {
                 h.refcount_table_offset,
                 h.refcount_table_clusters as u64 * geo.cluster_size(),
             );
-            range(h.snapshots_offset, snapshot::table_size(&self.snapshots));
+            range(h.snapshots_offset, self.snapshots.table_size());
+            for e in self.snapshots.entries() {
+                range(e.l1_table_offset, e.l1_size as u64 * 8);
+            }
             if let Some(a) = self.crypto.as_ref().and_then(|c| c.luks.as_ref()) {
                 range(a.offset.get(), a.len);
             }
@@ -179,6 +183,12 @@ impl StoredHeader {
 }
 
 impl StoredHeader {
+    /// Change the header in memory only: for a read-only snapshot view, which shows the
+    /// snapshot's size and L1 table and never writes the header.
+    pub(crate) fn change_for_view(&mut self, change: impl FnOnce(&mut Header)) {
+        change(&mut self.0);
+    }
+
     /// Rewrite the whole header cluster (fields and extensions) with `change` applied; keep
     /// the change once written. Only for creation: the write is not atomic.
     pub(crate) fn rewrite(
