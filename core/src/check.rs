@@ -18,7 +18,8 @@ use crate::state::State;
 /// What `check` may repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairMode {
-    /// Lower refcounts that are too high (leaked clusters).
+    /// Lower refcounts that are too high (leaked clusters), and set COPIED flags that are
+    /// missing (see [`CheckReport::missing_copied`]; fixing a leak can make one).
     Leaks,
     /// Repair leaks and corruptions: raise refcounts that are too low (rebuilding the refcount
     /// structures if needed), fix COPIED flags, clear the dirty and corrupt bits.
@@ -462,7 +463,15 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         fixed = true;
     }
     // COPIED flags of the active tree. A flag that is clear where the refcount and the
-    // references are one is only missing (see `CheckReport::missing_copied`).
+    // references are one is only missing (see `CheckReport::missing_copied`): `-r leaks`
+    // sets it too (fixing a leak can make one), as harmless as the leak fix itself.
+    let leaks_mode = repair == Some(RepairMode::Leaks) && s.access.writable_storage();
+    if fixed && repair.is_some() && s.access.writable_storage() {
+        // A COPIED flag set below must not reach the disk before the lowered refcount that
+        // justifies it (a crash between them would leave COPIED on a cluster whose stored
+        // refcount is still 2).
+        s.caches.flush(&mut s.file, Kind::Refblock)?;
+    }
     let refs_of = |w: &Walk, c: u64| w.refs.get(c as usize).copied().unwrap_or(0);
     for (l1i, off) in std::mem::take(&mut w.active_l2) {
         let rc = stored_refcount(s, off / s.geo.cluster_size(), nb_clusters)?;
@@ -470,7 +479,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         let want = rc == 1;
         let missing = want && refs_of(&w, off / s.geo.cluster_size()) == 1;
         if (e & OFLAG_COPIED != 0) != want {
-            if all {
+            if all || (leaks_mode && missing) {
                 let ne = if want {
                     e | OFLAG_COPIED
                 } else {
@@ -504,7 +513,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
             let want = rc == 1;
             let missing = want && refs_of(&w, host / s.geo.cluster_size()) == 1;
             if (e2 & OFLAG_COPIED != 0) != want {
-                if all {
+                if all || (leaks_mode && missing) {
                     let ne = if want {
                         e2 | OFLAG_COPIED
                     } else {

@@ -9,6 +9,14 @@ use crate::error::{Error, Result};
 use crate::offset::HostOffset;
 use crate::storage::Storage;
 
+/// Why the image refuses to go on (see [`HostFile::poisoned`]).
+#[derive(Clone, Copy)]
+struct Poison {
+    errno: Option<i32>,
+    /// A header write failed (else an fdatasync did).
+    header: bool,
+}
+
 /// The host file of an open image.
 pub(crate) struct HostFile {
     name: Arc<str>,
@@ -20,8 +28,9 @@ pub(crate) struct HostFile {
     written_end: u64,
     /// Barriers are skipped (cache=unsafe; and while an image is being created).
     no_barriers: bool,
-    /// An fdatasync failed (with this OS error, if it had one): see [`HostFile::poisoned`].
-    poisoned: Option<Option<i32>>,
+    /// An fdatasync or a header write failed (with this OS error, if it had one): see
+    /// [`HostFile::poisoned`].
+    poisoned: Option<Poison>,
     /// Data was written since the last barrier (set after the write completes, by threads
     /// writing outside the state lock too).
     data_written: Arc<AtomicBool>,
@@ -184,7 +193,24 @@ impl HostFile {
         if crate::mutants::active("failed-flush") {
             return;
         }
-        self.poisoned.get_or_insert(e.raw_os_error());
+        self.poisoned.get_or_insert(Poison {
+            errno: e.raw_os_error(),
+            header: false,
+        });
+    }
+
+    /// Record that a write to the header failed: it may or may not have reached the disk, so
+    /// the header on disk is unknown (a table switch may have happened or not). Nothing more
+    /// is written until the image is reopened and the header read again.
+    pub(crate) fn poison_header(&mut self, e: &Error) {
+        let errno = match e {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => Some(e.errno()),
+        };
+        self.poisoned.get_or_insert(Poison {
+            errno,
+            header: true,
+        });
     }
 
     /// The error every write and flush returns once an fdatasync failed: the kernel may have
@@ -194,12 +220,17 @@ impl HostFile {
     pub(crate) fn poisoned(&self) -> Result<()> {
         match self.poisoned {
             None => Ok(()),
-            Some(errno) => Err(Error::Io {
+            Some(Poison { errno, header }) => Err(Error::Io {
                 file: self.name.to_string(),
-                context: "refusing to write: an earlier flush (fdatasync) failed, so data written \
-                          since the last successful flush may not be on disk; close and reopen \
-                          the image"
-                    .into(),
+                context: if header {
+                    "refusing to write: an earlier write to the image header failed, so the \
+                     header on disk may or may not have changed; close and reopen the image"
+                } else {
+                    "refusing to write: an earlier flush (fdatasync) failed, so data written \
+                     since the last successful flush may not be on disk; close and reopen \
+                     the image"
+                }
+                .into(),
                 source: match errno {
                     Some(n) => std::io::Error::from_raw_os_error(n),
                     None => std::io::Error::other("earlier flush failed"),

@@ -59,9 +59,10 @@
 //!    flags), then the L2 tables and L1 entries ▮. (Mutant `snap-copied-last`: set the flags
 //!    without waiting, so a crash can leave COPIED on a cluster whose refcount is still 2.)
 //!
-//! Lazy refcounts: refcounts are not trusted while the dirty bit is set (they are rebuilt, and
-//! COPIED flags repaired, on the next read-write open after a crash), so the refcount writes
-//! and their barriers are skipped there, as everywhere else.
+//! Lazy refcounts: every operation sets the dirty bit first, and refcounts are not trusted
+//! while it is set (they are rebuilt, and COPIED flags repaired, on the next read-write open
+//! after a crash), so the refcount writes and their barriers are skipped there, as everywhere
+//! else.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -559,25 +560,21 @@ impl State {
             self.header.snapshots_offset,
             self.geo.clusters_for(self.snapshots.table_size()),
         );
-        let (off, n) = self.write_new_table(&bytes, "new snapshot table")?;
-        let switch = (|| -> Result<()> {
-            if !mutant("snap-table-barrier") {
-                self.refcounts_stable()?;
-            }
-            let count = list.len() as u32;
-            self.write_header(
-                header::SNAPSHOT_FIELDS,
-                "header (snapshot table switch)",
-                |h| {
-                    h.nb_snapshots = count;
-                    h.snapshots_offset = off;
-                },
-            )
-        })();
-        if let Err(e) = switch {
-            let _ = self.release_now(off, n);
-            return Err(e);
+        // From here on a failure leaks the new table: a failed header write may still have
+        // reached the disk (and poisons the image), so nothing the new header names is freed.
+        let (off, _) = self.write_new_table(&bytes, "new snapshot table")?;
+        if !mutant("snap-table-barrier") {
+            self.refcounts_stable()?;
         }
+        let count = list.len() as u32;
+        self.write_header(
+            header::SNAPSHOT_FIELDS,
+            "header (snapshot table switch)",
+            |h| {
+                h.nb_snapshots = count;
+                h.snapshots_offset = off;
+            },
+        )?;
         self.snapshots.list = list;
         self.meta.invalidate();
         self.file.barrier()?;
@@ -589,6 +586,9 @@ impl State {
     /// I/O gate.
     fn quiet_for_snapshot(&mut self) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
         self.flush_inner()?;
+        // Lazy refcounts: the dirty bit first, so that a crash anywhere in the operation is
+        // repaired whole (refcounts and COPIED flags) by the next read-write open.
+        self.mark_dirty()?;
         // Give back the allocation run, so that the new tables go to the first free clusters
         // rather than past the run (nothing points into it).
         self.trim_unused_run()?;
@@ -693,13 +693,8 @@ impl State {
             let _ = self.release_now(l1_off, l1_n);
             return Err(e);
         }
-        let old = match self.switch_snapshot_table(list) {
-            Ok(old) => old,
-            Err(e) => {
-                let _ = self.release_now(l1_off, l1_n);
-                return Err(e);
-            }
-        };
+        // A failure from here on leaks the snapshot's L1 table (the header may name it).
+        let old = self.switch_snapshot_table(list)?;
         // Step 4 done: the old table is no longer named.
         self.release_now(old.0, old.1)?;
         Ok(info_of(&entry, size))
@@ -739,27 +734,23 @@ impl State {
         let old_n = self.geo.clusters_for(self.header.l1_size as u64 * 8);
         self.prepare_share(&new_l1, sn_at)?;
         self.walk_refcounts(&new_l1, sn_at, Delta::Up)?;
-        let (l1_off, l1_n) =
+        // A failure from here on leaks the new L1 table: a failed header write may still have
+        // reached the disk (and poisons the image), so nothing the new header names is freed.
+        let (l1_off, _) =
             self.write_new_table(&fmt_::encode_table(&new_l1), "new active L1 table")?;
-        let switch = (|| -> Result<()> {
-            self.caches.write_all(&mut self.file, Kind::L2)?;
-            if !mutant("snap-apply-barrier") {
-                self.refcounts_stable()?;
-            }
-            self.write_header(
-                header::SIZE_FIELD.start..header::L1_FIELDS.end,
-                "header (active L1 and size switch)",
-                |h| {
-                    h.size = disk_size;
-                    h.l1_size = new_len as u32;
-                    h.l1_table_offset = l1_off;
-                },
-            )
-        })();
-        if let Err(e) = switch {
-            let _ = self.release_now(l1_off, l1_n);
-            return Err(e);
+        self.caches.write_all(&mut self.file, Kind::L2)?;
+        if !mutant("snap-apply-barrier") {
+            self.refcounts_stable()?;
         }
+        self.write_header(
+            header::SIZE_FIELD.start..header::L1_FIELDS.end,
+            "header (active L1 and size switch)",
+            |h| {
+                h.size = disk_size;
+                h.l1_size = new_len as u32;
+                h.l1_table_offset = l1_off;
+            },
+        )?;
         let old_l1 = self.tables.replace(new_l1);
         self.meta.invalidate();
         self.decompressed.clear();

@@ -101,6 +101,7 @@ impl State {
 
     /// Change header fields: `change` is applied to a copy, the bytes of `field` are written
     /// from it, and only once that write succeeded does the in-memory header take the change.
+    /// A failed write poisons the image (the header on disk is unknown).
     pub(crate) fn write_header(
         &mut self,
         field: Range<usize>,
@@ -176,7 +177,13 @@ impl StoredHeader {
         let mut h = self.0.clone();
         change(&mut h);
         let b = h.field_bytes(field.clone());
-        file.write_meta(&b, HostOffset::new(field.start as u64), what)?;
+        if let Err(e) = file.write_meta(&b, HostOffset::new(field.start as u64), what) {
+            // A failed write may still have reached the disk: the header there is now the
+            // old one or the new one, and memory cannot know which (a table switch, above
+            // all). Refuse to go on until the image is reopened.
+            file.poison_header(&e);
+            return Err(e);
+        }
         self.0 = h;
         Ok(())
     }

@@ -26,6 +26,19 @@ pub enum Content {
     Backing,
     /// Data written by a guest write: slot in the arena.
     Data(u32),
+    /// What snapshot `k` (the `k`-th snapshot the workload created) holds at this sector: a
+    /// version an applied snapshot brings back.
+    Snap(u32),
+}
+
+/// What a snapshot holds: per sector, the versions it may hold (one, unless an op before it
+/// failed), and the disk size it recorded.
+#[derive(Debug, Clone)]
+pub struct SnapContents {
+    /// The guest op that created it.
+    pub op: usize,
+    pub size: u64,
+    pub sectors: Vec<Vec<Content>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -118,6 +131,8 @@ pub struct Guest {
     /// Whether a discard exposes the backing file (v2 image with a backing file).
     pub discard_shows_backing: bool,
     pub cluster: u64,
+    /// The snapshots the workload created, in order (whether or not the creation succeeded).
+    pub snaps: Vec<SnapContents>,
 }
 
 impl Guest {
@@ -129,6 +144,7 @@ impl Guest {
             sizes: vec![(0, size)],
             discard_shows_backing,
             cluster,
+            snaps: Vec::new(),
         }
     }
 
@@ -228,6 +244,33 @@ impl Guest {
         }
     }
 
+    /// Snapshot creation by op `op` (`ok(o)`: op `o` succeeded): the snapshot holds what a
+    /// read at that point may return. Returns its index.
+    pub fn snapshot(&mut self, op: usize, ok: impl Fn(usize) -> bool) -> usize {
+        let size = self.size();
+        let sectors = (0..size / SEC)
+            .map(|s| self.readable(s as usize, op, &ok))
+            .collect();
+        self.snaps.push(SnapContents { op, size, sectors });
+        self.snaps.len() - 1
+    }
+
+    /// Applying snapshot `k` by op `op`: every sector takes the snapshot's version, and the
+    /// disk its size.
+    pub fn apply(&mut self, op: usize, k: usize) {
+        let size = self.snaps[k].size;
+        for s in 0..size / SEC {
+            self.push(s, op, Content::Snap(k as u32));
+        }
+        // A shrink cuts the rest off: if the disk grows again it reads zeros there.
+        let old = self.size();
+        for s in size / SEC..old / SEC {
+            self.push(s, op, Content::Zero);
+        }
+        self.ensure(size / SEC);
+        self.sizes.push((op, size));
+    }
+
     /// What a read of sector `s` by op `before` may return: the latest version written by an
     /// earlier successful op (`ok`), or any version an earlier failed op wrote after it.
     pub fn readable(&self, s: usize, before: usize, ok: impl Fn(usize) -> bool) -> Vec<Content> {
@@ -264,6 +307,10 @@ impl Guest {
                 let a = i as usize * SEC as usize;
                 b == &self.arena[a..a + SEC as usize]
             }
+            Content::Snap(k) => match self.snaps[k as usize].sectors.get(s as usize) {
+                Some(cands) => cands.iter().any(|&c| self.bytes_match(s, c, b)),
+                None => is_zero(b),
+            },
         }
     }
 
@@ -282,6 +329,20 @@ impl Guest {
                 let a = i as usize * SEC as usize;
                 let op = u32::from_le_bytes(self.arena[a + 4..a + 8].try_into().unwrap());
                 format!("data of guest op {op}")
+            }
+            Content::Snap(k) => {
+                let snap = &self.snaps[k as usize];
+                let what: Vec<String> = snap
+                    .sectors
+                    .get(s as usize)
+                    .map_or(vec!["zeros".into()], |c| {
+                        c.iter().map(|&c| self.name(c, s)).collect()
+                    });
+                format!(
+                    "snapshot {k} (made by guest op {}): {}",
+                    snap.op,
+                    what.join(" or ")
+                )
             }
         }
     }

@@ -154,7 +154,32 @@ pub fn generate(seed: u64, i: usize) -> Spec {
     let mut cur = size;
     let n = 10 + r.below(51) as usize;
     let mut ops = Vec::new();
+    // One workload in four takes internal snapshots: the disk size of each (applying one
+    // resizes), and the ones not deleted.
+    let snapshots = r.chance(25);
+    let mut snap_sizes: Vec<u64> = Vec::new();
+    let mut live: Vec<usize> = Vec::new();
     while ops.len() < n {
+        if snapshots && r.chance(12) {
+            match r.below(10) {
+                0..=4 if snap_sizes.len() < 8 => {
+                    ops.push(G::Snapshot(snap_sizes.len()));
+                    live.push(snap_sizes.len());
+                    snap_sizes.push(cur);
+                }
+                5..=7 if !live.is_empty() => {
+                    let k = live[r.below(live.len() as u64) as usize];
+                    ops.push(G::ApplySnapshot(k));
+                    cur = snap_sizes[k];
+                }
+                _ if !live.is_empty() => {
+                    let k = live.remove(r.below(live.len() as u64) as usize);
+                    ops.push(G::DeleteSnapshot(k));
+                }
+                _ => {}
+            }
+            continue;
+        }
         match r.below(100) {
             0..=34 => {
                 let (o, l) = range(&mut r, cur, cs);
@@ -253,6 +278,9 @@ fn describe(s: &Spec) -> String {
     }
     if s.open.l2_cache_size.is_some() {
         v.push("2-cluster caches".into());
+    }
+    if s.ops.iter().any(|g| matches!(g, G::Snapshot(_))) {
+        v.push("internal snapshots".into());
     }
     if let Some(d) = s.backing_data {
         v.push(format!(

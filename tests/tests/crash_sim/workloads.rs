@@ -47,7 +47,19 @@ pub enum G {
     AddKey(usize),
     /// LUKS: erase that key slot (durable when it returns).
     RemoveKey(usize),
+    /// Create the workload's `k`-th internal snapshot (named `s{k % 3}`: names repeat).
+    /// Durable when it returns.
+    Snapshot(usize),
+    /// Apply the `k`-th snapshot (durable when it returns; the disk takes its size).
+    ApplySnapshot(usize),
+    /// Delete the `k`-th snapshot (durable when it returns).
+    DeleteSnapshot(usize),
 }
+
+/// The snapshots a run created, by ordinal: what `create_snapshot` returned (`None` when it
+/// failed). Each records its ordinal + 1 as its VM clock, so that a crash image's snapshots
+/// can be told apart whatever IDs they were given.
+pub type Snaps = Vec<Option<qcow2rs::SnapshotInfo>>;
 
 /// The password of LUKS key slot `slot` in the key-slot workloads (slot 0: the one the image
 /// is created and opened with).
@@ -76,6 +88,9 @@ impl std::fmt::Display for G {
             G::Drop => write!(f, "drop (after error)"),
             G::AddKey(s) => write!(f, "add a password in key slot {s}"),
             G::RemoveKey(s) => write!(f, "erase key slot {s}"),
+            G::Snapshot(k) => write!(f, "create snapshot #{k} ('s{}')", k % 3),
+            G::ApplySnapshot(k) => write!(f, "apply snapshot #{k}"),
+            G::DeleteSnapshot(k) => write!(f, "delete snapshot #{k}"),
             G::FlushDuring(inner) => {
                 write!(f, "flush on another thread, while it syncs:")?;
                 for g in inner {
@@ -1003,7 +1018,140 @@ pub fn all() -> Vec<Spec> {
     s.weight = 1;
     v.push(s);
 
+    snapshot_workloads(&mut v);
     v
+}
+
+/// Internal snapshots: creation over owned clusters and tables (COPIED cleared, refcounts
+/// raised, the table switched), copy-on-write of shared clusters and L2 tables after it,
+/// deletion (refcounts dropped, COPIED set again), applying (a new L1 switched with the size),
+/// with small caches, lazy refcounts, encryption, a backing file and a v2 image.
+fn snapshot_workloads(v: &mut Vec<Spec>) {
+    use G::*;
+    let basic = |s: &mut Spec| {
+        s.setup = vec![Write(0, 256 * KIB), Write(2 * MIB, 64 * KIB)];
+        s.ops = vec![
+            Snapshot(0),
+            Write(4 * KIB, 4 * KIB),
+            Write(MIB, 64 * KIB),
+            Flush,
+            Snapshot(1),
+            Discard(64 * KIB, 64 * KIB),
+            Zeroes(128 * KIB, 64 * KIB),
+            Write(2 * MIB + 512, 1024),
+            DeleteSnapshot(0),
+            Write(8 * KIB, 4 * KIB),
+            Flush,
+            ApplySnapshot(1),
+            Write(192 * KIB, 8 * KIB),
+            Snapshot(2),
+            DeleteSnapshot(1),
+            Write(0, 4 * KIB),
+            Close,
+        ];
+    };
+    let mut s = Spec::new(
+        "snapshots",
+        "snapshots: create, copy-on-write of shared clusters and tables, discard and zeroes of shared clusters, delete, apply",
+        4 * MIB,
+        65536,
+    );
+    basic(&mut s);
+    s.qemu_all = true;
+    s.weight = 4;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "snapshots_small_cache",
+        "snapshots over many L2 tables with 2-entry caches (512-byte clusters, 4-bit refcounts): evictions inside the snapshot walks",
+        MIB,
+        512,
+    );
+    s.create.refcount_bits = 4;
+    s.open.l2_cache_size = Some(2 * 512);
+    s.open.refcount_cache_size = Some(2 * 512);
+    s.setup = (0..12).map(|t| Write(t * 32 * KIB, 2 * KIB)).collect();
+    s.ops = vec![
+        Snapshot(0),
+        Write(KIB, 512),
+        Write(5 * 32 * KIB, KIB),
+        Snapshot(1),
+        Write(9 * 32 * KIB + 512, 512),
+        Flush,
+        DeleteSnapshot(0),
+        Write(3 * 32 * KIB, 2 * KIB),
+        ApplySnapshot(1),
+        Write(11 * 32 * KIB, 512),
+        DeleteSnapshot(1),
+        Write(KIB, 512),
+        Close,
+    ];
+    s.weight = 4;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "snapshots_lazy",
+        "snapshots with lazy refcounts, an unclean reopen after them",
+        4 * MIB,
+        4096,
+    );
+    s.create.lazy_refcounts = true;
+    basic(&mut s);
+    s.ops.insert(9, Kill);
+    s.weight = 3;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "snapshots_resize",
+        "snapshots of several disk sizes: applying one resizes (grow and shrink in one header write)",
+        2 * MIB,
+        65536,
+    );
+    s.setup = vec![Write(0, 128 * KIB), Write(2 * MIB - 64 * KIB, 64 * KIB)];
+    s.ops = vec![
+        Snapshot(0),
+        Resize(6 * MIB),
+        Write(5 * MIB, 64 * KIB),
+        Snapshot(1),
+        Resize(MIB),
+        Write(4 * KIB, 4 * KIB),
+        ApplySnapshot(1),
+        Write(5 * MIB + 4 * KIB, 4 * KIB),
+        ApplySnapshot(0),
+        Resize(3 * MIB),
+        Write(2 * MIB + 512, 512),
+        Close,
+    ];
+    s.weight = 3;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "snapshots_encrypted",
+        "snapshots of a LUKS image over a backing file: shared clusters re-encrypted where they are copied",
+        4 * MIB,
+        4096,
+    );
+    let mut e = EncryptionOptions::luks(super::random::PASSWORD);
+    e.iter_time_ms = 1;
+    s.create.encryption = Some(e);
+    s.open.password = Some(super::random::PASSWORD.into());
+    s.backing_data = Some(MIB);
+    basic(&mut s);
+    s.setup = vec![Write(0, 64 * KIB), Write(MIB + 512 * KIB, 16 * KIB)];
+    s.weight = 2;
+    v.push(s);
+
+    let mut s = Spec::new(
+        "snapshots_v2_backing",
+        "snapshots of a compat=0.10 image over a backing file (no zero clusters)",
+        4 * MIB,
+        65536,
+    );
+    s.create.compat = Compat::V2;
+    s.backing_data = Some(2 * MIB);
+    basic(&mut s);
+    s.weight = 3;
+    v.push(s);
 }
 
 /// A workload's starting point: the image after creation and setup, and the guest model of it.
@@ -1013,6 +1161,8 @@ pub struct Prepared {
     /// Records of `Start` and the setup ops (all durable at epoch 0).
     pub recs: Vec<OpRec>,
     pub name: String,
+    /// Snapshots created by the setup ops.
+    pub snaps: Snaps,
 }
 
 /// One executed guest operation.
@@ -1049,6 +1199,8 @@ pub struct Run {
     pub faults: Vec<Fault>,
     pub fired: u64,
     pub counts: [u64; 4],
+    /// The snapshots the run created (setup ops included).
+    pub snaps: Snaps,
 }
 
 impl Run {
@@ -1133,13 +1285,14 @@ pub fn prepare(spec: &Spec, dir: &Path) -> Result<Prepared, String> {
     let discard_shows_backing = spec.backing_data.is_some() && spec.create.compat == Compat::V2;
     let mut guest = Guest::new(size, cs, initial, discard_shows_backing);
     let mut recs = vec![rec0(G::Start)];
+    let mut snaps = Snaps::new();
     if !spec.setup.is_empty() {
         let img = Image::open_storage(mem.clone(), &name.display().to_string(), &spec.open)
             .map_err(io_err)?;
         for g in &spec.setup {
             let i = recs.len();
-            let p = model(&mut guest, i, g, cs);
-            exec(&img, &p, g).map_err(|e| format!("setup {g}: {e}"))?;
+            let p = model(&mut guest, i, g, cs, &|_| true);
+            exec(&img, &p, g, &mut snaps).map_err(|e| format!("setup {g}: {e}"))?;
             recs.push(rec0(g.clone()));
         }
         img.close().map_err(io_err)?;
@@ -1149,6 +1302,7 @@ pub fn prepare(spec: &Spec, dir: &Path) -> Result<Prepared, String> {
         guest,
         recs,
         name: name.display().to_string(),
+        snaps,
     })
 }
 
@@ -1168,9 +1322,19 @@ fn rec0(g: G) -> OpRec {
     }
 }
 
-/// Update the model for guest op `i`; returns the bytes it writes (if any).
-fn model(guest: &mut Guest, i: usize, g: &G, cs: u64) -> Vec<u8> {
+/// Update the model for guest op `i`; returns the bytes it writes (if any). `ok(o)`: an
+/// earlier op `o` succeeded (what a snapshot holds depends on it).
+fn model(guest: &mut Guest, i: usize, g: &G, cs: u64, ok: &dyn Fn(usize) -> bool) -> Vec<u8> {
     match *g {
+        G::Snapshot(k) => {
+            let made = guest.snapshot(i, ok);
+            assert_eq!(made, k, "snapshot ordinals must count up from 0");
+            Vec::new()
+        }
+        G::ApplySnapshot(k) => {
+            guest.apply(i, k);
+            Vec::new()
+        }
         G::Write(off, len) => guest.write(i, off, len, false),
         G::Compressed(off) => guest.write(i, off, cs, true),
         G::Zeroes(off, len) => {
@@ -1189,9 +1353,29 @@ fn model(guest: &mut Guest, i: usize, g: &G, cs: u64) -> Vec<u8> {
     }
 }
 
+/// The snapshot of ordinal `k`, as the image knows it, or an error when its creation failed.
+fn snap_ref(snaps: &Snaps, k: usize) -> qcow2rs::Result<qcow2rs::SnapshotRef> {
+    match snaps.get(k) {
+        Some(Some(info)) => Ok(qcow2rs::SnapshotRef::Id(info.id.clone())),
+        _ => Err(qcow2rs::Error::InvalidArgument(format!(
+            "snapshot #{k} was not created"
+        ))),
+    }
+}
+
 /// Run one guest op on `img` (the model was updated by [`model`], which gave `buf`).
-fn exec(img: &Image, buf: &[u8], g: &G) -> qcow2rs::Result<()> {
+fn exec(img: &Image, buf: &[u8], g: &G, snaps: &mut Snaps) -> qcow2rs::Result<()> {
     match *g {
+        G::Snapshot(k) => {
+            let mut o = qcow2rs::SnapshotOptions::new(format!("s{}", k % 3));
+            o.vm_clock_nsec = k as u64 + 1;
+            let r = img.create_snapshot_with(&o);
+            snaps.resize(k + 1, None);
+            snaps[k] = r.as_ref().ok().cloned();
+            r.map(|_| ())
+        }
+        G::ApplySnapshot(k) => img.apply_snapshot(snap_ref(snaps, k)?).map(|_| ()),
+        G::DeleteSnapshot(k) => img.delete_snapshot(snap_ref(snaps, k)?).map(|_| ()),
         G::Write(off, _) => img.write_at(buf, off),
         G::Compressed(off) => img.write_compressed(off, buf),
         G::Zeroes(off, len) => img.write_zeroes(off, len),
@@ -1269,6 +1453,8 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
     let cs = spec.create.cluster_size as u64;
     let mut guest = prep.guest.clone();
     let mut ops = prep.recs.clone();
+    let mut snaps = prep.snaps.clone();
+    let mut deleted: Vec<usize> = Vec::new();
     let mut read_failures = Vec::new();
     let mut leaked = false;
     let wt = spec.writethrough();
@@ -1346,8 +1532,8 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                             let j = i + 1 + inner_recs.len();
                             let log_start = rec.log_len();
                             let begin_seq = seq.fetch_add(1, Ordering::SeqCst);
-                            let buf = model(&mut guest, j, g, cs);
-                            let r = exec(image, &buf, g);
+                            let buf = model(&mut guest, j, g, cs, &|_| true);
+                            let r = exec(image, &buf, g, &mut Snaps::new());
                             let done_seq = seq.fetch_add(1, Ordering::SeqCst);
                             inner_recs.push(OpRec {
                                 log_start,
@@ -1376,9 +1562,22 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                         Err(e) => Err(e),
                     }
                 }
+                G::ApplySnapshot(k) | G::DeleteSnapshot(k)
+                    if snaps.get(*k).is_none_or(|s| s.is_none()) || deleted.contains(k) =>
+                {
+                    // Its creation failed, or it was deleted: nothing to run (and nothing for
+                    // the model), a failed op.
+                    Err(qcow2rs::Error::InvalidArgument(format!(
+                        "snapshot #{k} does not exist"
+                    )))
+                }
                 g => {
-                    let buf = model(&mut guest, i, g, cs);
-                    let r = exec(img.as_ref().unwrap(), &buf, g);
+                    let ok = |op: usize| ops[op].error.is_none() && !ops[op].lost;
+                    let buf = model(&mut guest, i, g, cs, &ok);
+                    let r = exec(img.as_ref().unwrap(), &buf, g, &mut snaps);
+                    if let (G::DeleteSnapshot(k), Ok(())) = (g, &r) {
+                        deleted.push(*k);
+                    }
                     if let (G::Resize(_), Err(_)) = (g, &r) {
                         guest.resize_failed(i, img.as_ref().unwrap().virtual_size());
                     }
@@ -1390,8 +1589,9 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             let sync = ok
                 && match g {
                     G::Flush | G::Close | G::Reopen | G::FlushDuring(..) => true,
-                    // Key-slot changes are durable when they return.
+                    // Key-slot changes and snapshot operations are durable when they return.
                     G::AddKey(_) | G::RemoveKey(_) => true,
+                    G::Snapshot(_) | G::ApplySnapshot(_) | G::DeleteSnapshot(_) => true,
                     G::Write(..) | G::Zeroes(..) | G::Discard(..) | G::Compressed(..) => wt,
                     _ => false,
                 };
@@ -1431,7 +1631,7 @@ pub fn run(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             lost: false,
         });
     }
-    finish(rec, ops, guest, faults, read_failures, leaked)
+    finish(rec, ops, guest, faults, read_failures, leaked, snaps)
 }
 
 fn finish(
@@ -1441,6 +1641,7 @@ fn finish(
     faults: &[Fault],
     read_failures: Vec<String>,
     leaked: bool,
+    snaps: Snaps,
 ) -> Run {
     let counts = [
         rec.op_count(OpKind::Write),
@@ -1456,6 +1657,7 @@ fn finish(
         faults: faults.to_vec(),
         fired: rec.faults_fired(),
         counts,
+        snaps,
     };
     if leaked {
         // A leaked image keeps the storage alive: free its bytes.
@@ -1481,7 +1683,7 @@ fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
         .ops
         .iter()
         .enumerate()
-        .map(|(j, g)| model(&mut guest, base + j, g, cs))
+        .map(|(j, g)| model(&mut guest, base + j, g, cs, &|_| true))
         .collect();
     let wt = spec.writethrough();
     let mut ops = prep.recs.clone();
@@ -1494,7 +1696,15 @@ fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                 sync: false,
                 ..rec0(G::Start)
             });
-            return finish(rec, ops, guest, faults, Vec::new(), false);
+            return finish(
+                rec,
+                ops,
+                guest,
+                faults,
+                Vec::new(),
+                false,
+                prep.snaps.clone(),
+            );
         }
     };
     if let Some(d) = spec.flush_delay {
@@ -1528,7 +1738,7 @@ fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
                                 Err(e) => Err(e),
                             }
                         }
-                        g => exec(img, &bufs[j], g),
+                        g => exec(img, &bufs[j], g, &mut Snaps::new()),
                     };
                     let done_seq = seq.fetch_add(1, Ordering::SeqCst);
                     *errors[j].lock().unwrap() = r.is_err();
@@ -1579,5 +1789,6 @@ fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
         faults,
         read_failures.into_inner().unwrap(),
         false,
+        prep.snaps.clone(),
     )
 }
