@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
-use qcow2rs::{CacheMode, Format, Image, MapEntry, OpenOptions};
+use qcow2rs::{CacheMode, Format, Image, MapEntry, OpenOptions, SnapshotRef};
 
 use crate::create::create_raw;
 use crate::disk::{open_error, open_io_error, parse_format, Disk, ExtentCursor};
@@ -286,13 +286,15 @@ pub fn run(a: &ConvertArgs) -> CliResult {
             .map_err(|e| CliError::new(e.msg.trim_start_matches(": ").to_string()))?;
     }
 
+    let snapshot = source_snapshot(a)?;
     let secrets = a.sec.secrets()?;
     let src_ref = a.sec.image(&a.src)?;
     let src_opts = src_ref.open_options(OpenOptions {
         cache: src_cache,
+        snapshot: snapshot.clone(),
         ..OpenOptions::read_only()
     });
-    let src = Disk::open(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;
+    let src = open_source(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;
     let size = src.size();
     if a.target_image_opts && !a.no_create {
         return Err(CliError::new("--target-image-opts requires use of -n flag"));
@@ -389,6 +391,65 @@ pub fn run(a: &ConvertArgs) -> CliResult {
     dst.finish()
         .map_err(|m| CliError::new(format!("{dst_name}: error while flushing: {m}")))?;
     Ok(0)
+}
+
+/// The source snapshot that `-l` or `-s` names. As in qemu-img, a `-l` that starts with
+/// `snapshot.` is an option list (`snapshot.id=ID`, `snapshot.name=NAME`: the snapshot with
+/// both, or with the one given) and wins over a plain `-l ID_OR_NAME` (an ID first, then a
+/// name); among several of a kind the last counts. `-s ID_OR_NAME` is older qemu-img's spelling
+/// of the plain form.
+fn source_snapshot(a: &ConvertArgs) -> CliResult<Option<SnapshotRef>> {
+    let mut params = None;
+    let mut plain = a.snapshot.clone().map(SnapshotRef::IdOrName);
+    for l in &a.source_snapshot {
+        if !l.starts_with("snapshot.") {
+            plain = Some(SnapshotRef::IdOrName(l.clone()));
+            continue;
+        }
+        let (mut id, mut name) = (None, None);
+        for (k, v) in crate::secrets::split_opts(l) {
+            match k.as_str() {
+                "snapshot.id" => id = Some(v),
+                "snapshot.name" => name = Some(v),
+                _ => {
+                    return Err(CliError::new(format!(
+                        "Invalid parameter '{k}'\nqcow2rs: Failed in parsing snapshot param '{l}'"
+                    )))
+                }
+            }
+        }
+        params = Some(match (id, name) {
+            (Some(i), Some(n)) => SnapshotRef::IdAndName(i, n),
+            (Some(i), None) => SnapshotRef::Id(i),
+            (None, Some(n)) => SnapshotRef::Name(n),
+            (None, None) => {
+                return Err(CliError::new(
+                    "Failed to load snapshot: snapshot_id and name are both NULL",
+                ))
+            }
+        });
+    }
+    Ok(params.or(plain))
+}
+
+/// Open the source; with a snapshot, a read-only view of it (its disk size, its contents).
+fn open_source(path: &str, fmt: Option<Format>, opts: &OpenOptions) -> CliResult<Disk> {
+    if opts.snapshot.is_none() {
+        return Disk::open(path, fmt, opts);
+    }
+    match crate::disk::resolve_format(path, fmt)? {
+        Format::Qcow2 => Image::open(path, opts)
+            .map(|img| Disk::Qcow2(Box::new(img)))
+            .map_err(|e| match e {
+                qcow2rs::Error::NotFound { .. } => {
+                    CliError::new("Failed to load snapshot: Can't find snapshot")
+                }
+                _ => open_error(path, &e),
+            }),
+        Format::Raw => Err(CliError::new(
+            "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots",
+        )),
+    }
 }
 
 /// Walk the source and let `workers` threads copy the chunks that need it.

@@ -2,10 +2,13 @@
 
 use std::os::unix::fs::MetadataExt;
 
-use qcow2rs::{Compat, EncryptionInfo, Format, Image, ImageInfo, OpenOptions, Password};
+use qcow2rs::{
+    Compat, EncryptionInfo, Format, Image, ImageInfo, OpenOptions, Password, SnapshotInfo,
+};
 
 use crate::disk::{open_error, open_io_error, parse_format, resolve_format};
 use crate::qjson::Value;
+use crate::snapshot;
 use crate::util::{path_combine, round_up, size_to_str, CliResult};
 use crate::{parse_output, InfoArgs};
 
@@ -15,6 +18,8 @@ struct Node {
     value: Value,
     /// Where the next image in the chain is, and its format.
     backing: Option<(String, Option<Format>)>,
+    /// The internal snapshots (also in `value`).
+    snapshots: Vec<SnapshotInfo>,
 }
 
 /// Length (rounded up to 512, as qemu's block layer sees it) and allocated bytes of a file.
@@ -123,6 +128,7 @@ fn node(path: &str, fmt: Option<Format>, password: Option<Password>) -> CliResul
             Ok(Node {
                 value,
                 backing: None,
+                snapshots: Vec::new(),
             })
         }
         Format::Qcow2 => {
@@ -160,11 +166,16 @@ fn node(path: &str, fmt: Option<Format>, password: Option<Password>) -> CliResul
                     .and_then(|f| Format::parse(f).ok());
                 backing = Some((full, bfmt));
             }
+            if !info.snapshots.is_empty() {
+                let list = info.snapshots.iter().map(snapshot::snapshot_json).collect();
+                v.push(("snapshots", Value::Arr(list)));
+            }
             v.push(("format-specific", qcow2_specific(&info)));
             v.push(("children", file_child(path, len, actual)));
             Ok(Node {
                 value: Value::obj(v),
                 backing,
+                snapshots: info.snapshots,
             })
         }
     }
@@ -233,7 +244,8 @@ fn dump_specific(out: &mut String, v: &Value, indent: usize) {
 }
 
 /// qemu's `bdrv_image_info_dump` for one image.
-fn human(v: &Value) -> String {
+fn human(node: &Node) -> String {
+    let v = &node.value;
     let mut out = String::new();
     let vs = get_int(v, "virtual-size").unwrap_or(0);
     let actual = get_int(v, "actual-size").unwrap_or(0);
@@ -266,6 +278,7 @@ fn human(v: &Value) -> String {
     if let Some(f) = get_str(v, "backing-filename-format") {
         out.push_str(&format!("backing file format: {f}\n"));
     }
+    out.push_str(&snapshot::list_text(&node.snapshots));
     if let Some(spec) = get(v, "format-specific") {
         out.push_str("Format specific information:\n");
         if let Some(data) = get(spec, "data") {
@@ -319,11 +332,7 @@ pub fn run(a: &InfoArgs) -> CliResult {
             nodes[0].value.pretty() + "\n"
         }
     } else {
-        nodes
-            .iter()
-            .map(|n| human(&n.value))
-            .collect::<Vec<_>>()
-            .join("\n")
+        nodes.iter().map(human).collect::<Vec<_>>().join("\n")
     };
     print!("{text}");
     Ok(0)

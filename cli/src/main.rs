@@ -17,6 +17,7 @@ mod progress;
 mod qjson;
 mod resize;
 mod secrets;
+mod snapshot;
 mod util;
 
 use std::io::Write;
@@ -58,6 +59,65 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Change an image's format options: LUKS key slots (-o encrypt.state=active|inactive,...)
     Amend(AmendArgs),
+    /// List, create, apply or delete internal snapshots: snapshot [-l | -a|-c|-d SNAPSHOT] FILE
+    #[command(after_help = SNAPSHOT_HELP)]
+    Snapshot(SnapshotArgs),
+}
+
+const SNAPSHOT_HELP: &str = "\
+-l is the default; it prints nothing for an image without snapshots. As in qemu-img, -a takes
+a snapshot ID, else a name (the first snapshot with it), and -d takes a name (the first
+snapshot with it); names need not be unique, and -c cuts them to 255 bytes.
+
+Encrypted images: -l lists the snapshots without the password (they are metadata; a password
+that is given is checked), where qemu-img needs the password even to list. -c, -a and -d need
+it, as in qemu-img (--object secret,... --image-opts ..., or --password-file). -l does not
+need the backing file either (qemu-img opens it).";
+
+/// Arguments of `snapshot`.
+#[derive(Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub sec: secrets::SecretArgs,
+    /// Image format (probed when omitted; incompatible with --image-opts)
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub fmt: Option<String>,
+    /// Open the image in shared mode: with -l only (refused with -c, -a, -d, as in qemu-img)
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// Quiet (the operations other than -l print nothing anyway)
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// List the snapshots of the image (the default)
+    #[arg(short = 'l', long = "list", action = clap::ArgAction::Count)]
+    pub list: u8,
+    /// Create a snapshot named SNAPSHOT of the disk as it is now
+    #[arg(
+        short = 'c',
+        long = "create",
+        value_name = "SNAPSHOT",
+        allow_hyphen_values = true
+    )]
+    pub create: Vec<String>,
+    /// Apply the snapshot with ID SNAPSHOT, else the first named SNAPSHOT: the disk reverts to it (and to its size)
+    #[arg(
+        short = 'a',
+        long = "apply",
+        value_name = "SNAPSHOT",
+        allow_hyphen_values = true
+    )]
+    pub apply: Vec<String>,
+    /// Delete the (first) snapshot named SNAPSHOT
+    #[arg(
+        short = 'd',
+        long = "delete",
+        value_name = "SNAPSHOT",
+        allow_hyphen_values = true
+    )]
+    pub delete: Vec<String>,
+    /// Image file (or with --image-opts an option string)
+    #[arg(value_name = "FILENAME")]
+    pub files: Vec<String>,
 }
 
 /// Arguments of `amend`.
@@ -217,6 +277,22 @@ pub struct ConvertArgs {
     /// Open the source without taking locks
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Convert a snapshot of the source: snapshot.id=ID[,snapshot.name=NAME], snapshot.name=NAME, or an ID or name (ID first). The output has the snapshot's disk size (qemu-img gives it the image's current size)
+    #[arg(
+        short = 'l',
+        long = "source-snapshot",
+        value_name = "SNAPSHOT_PARAMS",
+        allow_hyphen_values = true
+    )]
+    pub source_snapshot: Vec<String>,
+    /// Convert a snapshot of the source, by ID or name: the same as -l ID_OR_NAME (older qemu-img's form; qemu-img 10 no longer has it)
+    #[arg(
+        short = 's',
+        value_name = "SNAPSHOT_ID_OR_NAME",
+        conflicts_with = "source_snapshot",
+        allow_hyphen_values = true
+    )]
+    pub snapshot: Option<String>,
     /// Quiet
     #[arg(short = 'q')]
     pub quiet: bool,
@@ -337,6 +413,7 @@ fn run(args: Vec<String>) -> CliResult {
         Cmd::Resize(a) => resize::run(&a, resize_size.as_deref().unwrap_or("")),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Amend(a) => amend::run(&a),
+        Cmd::Snapshot(a) => snapshot::run(&a),
     }
 }
 

@@ -220,6 +220,36 @@ pub fn size_to_str(val: u64) -> String {
     format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
 }
 
+/// Unix time `sec` as local time, `%Y-%m-%d %H:%M:%S` (as qemu's snapshot list prints dates):
+/// the zone is the one the C library takes from `TZ` (or `/etc/localtime`), as GLib does.
+pub fn local_time(sec: i64) -> String {
+    extern "C" {
+        // POSIX; the libc crate does not declare it.
+        fn tzset();
+    }
+    let t = sec as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value (the one pointer in it may be null).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: `tzset` has no preconditions; `localtime_r` reads `t` and writes only `tm`, both
+    // valid for the call, and the program does not change `TZ` while it runs.
+    let ok = unsafe {
+        tzset();
+        !libc::localtime_r(&t, &mut tm).is_null()
+    };
+    if !ok {
+        return String::new();
+    }
+    format!(
+        "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year as i64 + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
 /// qemu's `path_combine`: a relative backing file name is relative to the directory of the image
 /// that names it (string concatenation, no normalisation).
 pub fn path_combine(base: &str, name: &str) -> String {

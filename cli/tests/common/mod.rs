@@ -42,6 +42,27 @@ fn run(prog: &str, dir: &Path, args: &[&str]) -> Run {
     Run::from(out)
 }
 
+/// Run `prog` in `dir` with extra environment variables (`None` removes one).
+pub fn run_env(prog: &str, dir: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> Run {
+    let mut cmd = Command::new(prog);
+    cmd.args(args).current_dir(dir);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    Run::from(out)
+}
+
+/// Our binary's path.
+pub fn ours_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_qcow2rs")
+}
+
 /// Run our binary in `dir`.
 pub fn ours(dir: &Path, args: &[&str]) -> Run {
     run(env!("CARGO_BIN_EXE_qcow2rs"), dir, args)
