@@ -59,6 +59,13 @@
 #define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
 
 /**
+ * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are
+ * decimal numbers (the highest numeric ID plus one, QEMU's rule) of at most 20 digits. The size
+ * `qcow2_snapshot_create` requires of its `id_buf`. IDs written by other programs may be longer.
+ */
+#define QCOW2_SNAPSHOT_ID_SIZE 32
+
+/**
  * Result code of every fallible `qcow2_*` function. The numbers are stable: new codes are only ever
  * appended.
  */
@@ -275,6 +282,15 @@ typedef struct qcow2_open_options {
      * Length of `backing_password`.
      */
     size_t backing_password_len;
+    /**
+     * Open an internal snapshot instead of the active disk: a read-only view of what the disk
+     * held when the snapshot was taken. The ID or name of the snapshot (NUL-terminated UTF-8),
+     * looked up as `qemu-img snapshot` looks it up (an ID first, then the first snapshot with
+     * that name). Needs `QCOW2_OPEN_RDONLY`. NULL (the default) for the active disk. Borrowed
+     * for the duration of the call only. A snapshot that does not exist fails the open with
+     * `QCOW2_ERR_NOT_FOUND`.
+     */
+    const char *snapshot;
 } qcow2_open_options;
 
 /**
@@ -448,6 +464,80 @@ typedef struct qcow2_check_report {
 } qcow2_check_report;
 
 /**
+ * What `qcow2_snapshot_create` records besides the name. Initialise it with
+ * `qcow2_snapshot_options_init`, then change the fields you need.
+ */
+typedef struct qcow2_snapshot_options {
+    /**
+     * Record `date_sec`/`date_nsec` as the creation time. Default false: the time of the call.
+     */
+    bool has_date;
+    /**
+     * Creation time to record: seconds since the Unix epoch (with `has_date`).
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time to record: nanoseconds (with `has_date`).
+     */
+    uint32_t date_nsec;
+    /**
+     * The guest clock to record, in nanoseconds. Default 0.
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * The instruction count to record, with `has_icount`. Default 0.
+     */
+    uint64_t icount;
+    /**
+     * Record `icount`; false records none (QEMU's -1). Default true.
+     */
+    bool has_icount;
+} qcow2_snapshot_options;
+
+/**
+ * One internal snapshot, as `qemu-img snapshot -l` lists it. Its ID and name are copied into
+ * the caller's buffers by the function that fills this struct; their lengths are here.
+ */
+typedef struct qcow2_snapshot_info {
+    /**
+     * Length of the ID in bytes, without the NUL terminator.
+     */
+    size_t id_len;
+    /**
+     * Length of the name in bytes, without the NUL terminator.
+     */
+    size_t name_len;
+    /**
+     * Creation time: seconds since the Unix epoch.
+     */
+    uint32_t date_sec;
+    /**
+     * Creation time: nanoseconds.
+     */
+    uint32_t date_nsec;
+    /**
+     * The guest clock when the snapshot was taken, in nanoseconds (0 for disk-only snapshots).
+     */
+    uint64_t vm_clock_nsec;
+    /**
+     * Bytes of saved VM state (0 for disk-only snapshots, such as `qemu-img snapshot -c` makes).
+     */
+    uint64_t vm_state_size;
+    /**
+     * The virtual disk size when the snapshot was taken.
+     */
+    uint64_t disk_size;
+    /**
+     * The instruction count (record/replay), valid when `has_icount`.
+     */
+    uint64_t icount;
+    /**
+     * `icount` is recorded (`qemu-img snapshot -l` shows it; QEMU stores -1 for none).
+     */
+    bool has_icount;
+} qcow2_snapshot_info;
+
+/**
  * qcow2 version 2 (`compat=0.10`).
  */
 #define QCOW2_COMPAT_V2 2
@@ -595,7 +685,7 @@ enum qcow2_error qcow2_create_options_init(struct qcow2_create_options *out);
 
 /**
  * Fill `*out` with the default open options: read-write, writeback cache, default cache sizes,
- * backing chain opened, lazy refcounts as the image header says.
+ * backing chain opened, lazy refcounts as the image header says, the active disk (no snapshot).
  *
  * Ownership: `out` belongs to the caller. Thread safety: any thread.
  * Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.
@@ -871,6 +961,118 @@ enum qcow2_error qcow2_map(const struct qcow2_image *img,
 enum qcow2_error qcow2_check(struct qcow2_image *img,
                              qcow2_repair_mode repair,
                              struct qcow2_check_report *out);
+
+/**
+ * Fill `*out` with what `qemu-img snapshot -c` records: the time of the call, VM clock 0,
+ * icount 0.
+ *
+ * Ownership: `out` belongs to the caller. Thread safety: any thread.
+ * Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.
+ */
+enum qcow2_error qcow2_snapshot_options_init(struct qcow2_snapshot_options *out);
+
+/**
+ * Store the number of internal snapshots in `*out_count`.
+ *
+ * Ownership: `out_count` belongs to the caller. Thread safety: may run concurrently with any call
+ * on the same handle but `qcow2_close`. On failure returns the code and leaves `*out_count`
+ * untouched.
+ */
+enum qcow2_error qcow2_snapshot_count(const struct qcow2_image *img, size_t *out_count);
+
+/**
+ * Describe the snapshot at position `index` (0-based) of the snapshot table, the order of
+ * `qemu-img snapshot -l`: its ID is copied into `id_buf` and its name into `name_buf`
+ * (NUL-terminated), the rest, with both lengths, into `*out`. A NULL buffer with length 0 skips
+ * that string (`*out` still gives its length), so a caller can ask for the lengths first, then
+ * allocate. Enumerate the snapshots with indexes `0 .. qcow2_snapshot_count() - 1`.
+ *
+ * Ownership: the buffers and `out` belong to the caller. Thread safety: may run concurrently with
+ * any call on the same handle but `qcow2_close`; each call sees one state of the table, but a
+ * snapshot created, deleted (or the whole table replaced by another program) between two calls
+ * shifts the indexes: look snapshots up by ID after such changes. On failure returns the code
+ * and writes neither buffer nor `*out`: `QCOW2_ERR_NOT_FOUND` when `index` is not below the count,
+ * `QCOW2_ERR_BUFFER_TOO_SMALL` when a buffer is not longer than its string,
+ * `QCOW2_ERR_INVALID_ARGUMENT` for NULL `img` or `out`, or a NULL buffer with a non-zero length.
+ */
+enum qcow2_error qcow2_snapshot_get(const struct qcow2_image *img,
+                                    size_t index,
+                                    char *id_buf,
+                                    size_t id_buf_len,
+                                    char *name_buf,
+                                    size_t name_buf_len,
+                                    struct qcow2_snapshot_info *out);
+
+/**
+ * Describe the snapshot the image shows, when it was opened on one (`qcow2_open_options.snapshot`):
+ * buffers and `*out` as in `qcow2_snapshot_get`.
+ *
+ * Ownership and thread safety: as `qcow2_snapshot_get`. On failure returns the code and writes
+ * neither buffer nor `*out`: `QCOW2_ERR_NOT_FOUND` when the image is open on its active disk,
+ * `QCOW2_ERR_BUFFER_TOO_SMALL`, `QCOW2_ERR_INVALID_ARGUMENT`.
+ */
+enum qcow2_error qcow2_snapshot_view(const struct qcow2_image *img,
+                                     char *id_buf,
+                                     size_t id_buf_len,
+                                     char *name_buf,
+                                     size_t name_buf_len,
+                                     struct qcow2_snapshot_info *out);
+
+/**
+ * Create an internal snapshot of the disk as it is now, named `name` (NUL-terminated UTF-8;
+ * names need not be unique), as `qemu-img snapshot -c NAME` does. `opts` may be NULL for the
+ * defaults of `qcow2_snapshot_options_init`. The new snapshot's ID is copied into `id_buf`
+ * (NUL-terminated), which needs `QCOW2_SNAPSHOT_ID_SIZE` bytes (or is NULL with length 0), and
+ * its description into `*out` (which may be NULL); it is the last in the table. Durable when the
+ * call returns; crash-safe: a power cut leaves the snapshot whole or absent (and at worst leaked
+ * clusters). Writes after it copy the clusters they change, so the snapshot keeps reading what
+ * the disk holds now.
+ *
+ * Ownership: `name` and `opts` are borrowed for the call; `id_buf` and `out` belong to the
+ * caller. Thread safety: may run concurrently with any call on the same handle but
+ * `qcow2_close`; writes running on other threads finish before the snapshot is taken, later
+ * ones wait for it. On failure returns the code, creates nothing and writes neither `id_buf` nor
+ * `*out`: `QCOW2_ERR_READ_ONLY` (open read-only or on a snapshot), `QCOW2_ERR_UNSUPPORTED` (an
+ * external data file), `QCOW2_ERR_BUFFER_TOO_SMALL` (`id_buf` shorter than
+ * `QCOW2_SNAPSHOT_ID_SIZE`), `QCOW2_ERR_INVALID_ARGUMENT` (NULL `name`, a name that is not UTF-8
+ * or longer than 65535 bytes, a bad option, QEMU's limit of 65536 snapshots), `QCOW2_ERR_IO`,
+ * `QCOW2_ERR_NO_SPACE`.
+ */
+enum qcow2_error qcow2_snapshot_create(struct qcow2_image *img,
+                                       const char *name,
+                                       const struct qcow2_snapshot_options *opts,
+                                       char *id_buf,
+                                       size_t id_buf_len,
+                                       struct qcow2_snapshot_info *out);
+
+/**
+ * Revert the disk to a snapshot, as `qemu-img snapshot -a` does: `id_or_name` (NUL-terminated
+ * UTF-8) names the snapshot by ID, else the first with that name. The snapshot's contents
+ * become the active disk and the virtual size becomes the size it recorded (see
+ * `qcow2_virtual_size`); the snapshot itself stays. Durable when the call returns; a power cut
+ * leaves the old or the new disk, never a mix.
+ *
+ * Ownership: `id_or_name` is borrowed for the call. Thread safety: may run concurrently with any
+ * call on the same handle but `qcow2_close`; I/O on other threads sees the old or the new disk
+ * (and fails past the end when the size shrinks). On failure returns the code and the disk is
+ * unchanged: `QCOW2_ERR_NOT_FOUND` (no such snapshot), `QCOW2_ERR_READ_ONLY`,
+ * `QCOW2_ERR_CORRUPT` (a damaged snapshot), `QCOW2_ERR_INVALID_ARGUMENT` (NULL or not UTF-8),
+ * `QCOW2_ERR_IO`, `QCOW2_ERR_NO_SPACE`.
+ */
+enum qcow2_error qcow2_snapshot_apply(struct qcow2_image *img, const char *id_or_name);
+
+/**
+ * Delete a snapshot, as `qemu-img snapshot -d` does (`id_or_name` as in
+ * `qcow2_snapshot_apply`), and free the clusters only it used. The active disk is unchanged.
+ * Durable when the call returns; a power cut leaves the snapshot or not, and at worst leaked
+ * clusters.
+ *
+ * Ownership: `id_or_name` is borrowed for the call. Thread safety: may run concurrently with any
+ * call on the same handle but `qcow2_close`. On failure returns the code:
+ * `QCOW2_ERR_NOT_FOUND` (no such snapshot), `QCOW2_ERR_READ_ONLY`,
+ * `QCOW2_ERR_INVALID_ARGUMENT` (NULL or not UTF-8), `QCOW2_ERR_IO`, ...
+ */
+enum qcow2_error qcow2_snapshot_delete(struct qcow2_image *img, const char *id_or_name);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -48,6 +48,8 @@ pub(crate) enum FfiError {
     Arg(String),
     /// An output buffer is too small.
     BufferTooSmall(String),
+    /// What the call names does not exist (a snapshot index past the end of the table, ...).
+    NotFound(String),
     /// A panic caught at the boundary.
     Panic(String),
 }
@@ -58,6 +60,7 @@ impl From<qcow2rs::Error> for FfiError {
     }
 }
 
+const ENOENT: i32 = 2;
 const EINVAL: i32 = 22;
 const EIO: i32 = 5;
 const ERANGE: i32 = 34;
@@ -88,6 +91,7 @@ impl FfiError {
             FfiError::BufferTooSmall(m) => {
                 (QCOW2_ERR_BUFFER_TOO_SMALL, ERANGE, format!("{func}: {m}"))
             }
+            FfiError::NotFound(m) => (QCOW2_ERR_NOT_FOUND, ENOENT, format!("{func}: {m}")),
             FfiError::Panic(m) => (
                 QCOW2_ERR_PANIC,
                 EIO,

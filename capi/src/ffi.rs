@@ -187,6 +187,11 @@ pub(crate) fn optional_str<'a>(s: *const c_char, what: &str) -> Result<Option<&'
     }
 }
 
+/// A required NUL-terminated UTF-8 string argument.
+pub(crate) fn str_arg<'a>(s: *const c_char, what: &str) -> Result<&'a str, FfiError> {
+    optional_str(s, what)?.ok_or_else(|| null(what))
+}
+
 /// An output parameter, checked before any work is done and written only on success.
 pub(crate) struct Out<'a, T> {
     ptr: NonNull<T>,
@@ -201,6 +206,14 @@ pub(crate) fn out<'a, T>(p: *mut T, what: &str) -> Result<Out<'a, T>, FfiError> 
         ptr,
         _borrow: PhantomData,
     })
+}
+
+/// Check an optional output pointer: NULL gives `None`, misaligned is an error.
+pub(crate) fn optional_out<'a, T>(p: *mut T, what: &str) -> Result<Option<Out<'a, T>>, FfiError> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    out(p, what).map(Some)
 }
 
 impl<T> Out<'_, T> {
@@ -229,11 +242,16 @@ pub(crate) fn str_out(buf: *mut c_char, len: usize, what: &str) -> Result<StrOut
 }
 
 impl StrOut {
-    /// Copy `s` and its NUL terminator, or fail with BUFFER_TOO_SMALL (writing nothing). Returns the
-    /// length of `s` (without the NUL); with a NULL buffer only that length is returned.
-    pub(crate) fn write(self, s: &str) -> Result<usize, FfiError> {
+    /// The buffer's size in bytes, or `None` when it is NULL (a length query).
+    pub(crate) fn capacity(&self) -> Option<usize> {
+        (!self.buf.is_null()).then_some(self.len)
+    }
+
+    /// Whether `write(s)` would succeed; nothing is written. Lets a function with several outputs
+    /// check them all before writing any.
+    pub(crate) fn check(&self, s: &str) -> Result<(), FfiError> {
         if self.buf.is_null() {
-            return Ok(s.len());
+            return Ok(());
         }
         if s.as_bytes().contains(&0) {
             return Err(FfiError::Arg("string contains a NUL byte".to_string()));
@@ -245,7 +263,16 @@ impl StrOut {
                 self.len
             )));
         }
-        copy_str_truncated(s, self.buf, self.len);
+        Ok(())
+    }
+
+    /// Copy `s` and its NUL terminator, or fail with BUFFER_TOO_SMALL (writing nothing). Returns the
+    /// length of `s` (without the NUL); with a NULL buffer only that length is returned.
+    pub(crate) fn write(self, s: &str) -> Result<usize, FfiError> {
+        self.check(s)?;
+        if !self.buf.is_null() {
+            copy_str_truncated(s, self.buf, self.len);
+        }
         Ok(s.len())
     }
 }

@@ -25,9 +25,12 @@ mod image;
 
 mod info;
 
+mod snapshot;
+
 mod ffi;
 
 pub use error::*;
 pub use image::*;
 pub use info::*;
 pub use options::*;
+pub use snapshot::*;

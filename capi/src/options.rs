@@ -8,7 +8,7 @@ use std::ffi::c_char;
 
 use qcow2rs::{
     CacheMode, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions, EncryptionOptions,
-    HashAlg, IvGenAlg, OpenOptions, Password, Preallocation,
+    HashAlg, IvGenAlg, OpenOptions, Password, Preallocation, SnapshotRef,
 };
 
 use crate::error::{qcow2_error, FfiError};
@@ -281,6 +281,13 @@ pub struct qcow2_open_options {
     pub backing_password: *const u8,
     /// Length of `backing_password`.
     pub backing_password_len: usize,
+    /// Open an internal snapshot instead of the active disk: a read-only view of what the disk
+    /// held when the snapshot was taken. The ID or name of the snapshot (NUL-terminated UTF-8),
+    /// looked up as `qemu-img snapshot` looks it up (an ID first, then the first snapshot with
+    /// that name). Needs `QCOW2_OPEN_RDONLY`. NULL (the default) for the active disk. Borrowed
+    /// for the duration of the call only. A snapshot that does not exist fails the open with
+    /// `QCOW2_ERR_NOT_FOUND`.
+    pub snapshot: *const c_char,
 }
 
 impl qcow2_open_options {
@@ -308,6 +315,7 @@ impl qcow2_open_options {
             password_len: 0,
             backing_password: std::ptr::null(),
             backing_password_len: 0,
+            snapshot: std::ptr::null(),
         }
     }
 
@@ -357,7 +365,8 @@ impl qcow2_open_options {
                 "opts->backing_password",
             )?,
             without_key: has(QCOW2_OPEN_WITHOUT_KEY),
-            snapshot: None,
+            snapshot: ffi::optional_str(self.snapshot, "opts->snapshot")?
+                .map(|s| SnapshotRef::IdOrName(s.to_string())),
         })
     }
 }
@@ -394,7 +403,7 @@ pub extern "C" fn qcow2_create_options_init(out: *mut qcow2_create_options) -> q
 }
 
 /// Fill `*out` with the default open options: read-write, writeback cache, default cache sizes,
-/// backing chain opened, lazy refcounts as the image header says.
+/// backing chain opened, lazy refcounts as the image header says, the active disk (no snapshot).
 ///
 /// Ownership: `out` belongs to the caller. Thread safety: any thread.
 /// Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.

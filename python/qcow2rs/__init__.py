@@ -14,6 +14,15 @@ Create an image, write to it and read it back::
 An open :class:`Image` is an :class:`io.RawIOBase`, so :func:`shutil.copyfileobj`,
 :class:`io.BufferedReader` and friends work on it. Errors are :class:`qcow2rs.Error`, an
 :class:`OSError` with ``errno`` and ``filename`` set. Calls that touch the disk release the GIL.
+
+Internal snapshots, as ``qemu-img snapshot`` makes them::
+
+    with qcow2rs.open("disk.qcow2", "rw") as img:
+        snap = img.create_snapshot("before-upgrade")   # a Snapshot: id, name, date, ...
+        img.write_at(0, b"oops")
+        img.apply_snapshot(snap.id)                     # the disk is as it was
+    with qcow2rs.open("disk.qcow2", snapshot="before-upgrade") as view:  # read-only view
+        data = view.read_at(0, 4)
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 try:
     from . import _qcow2rs
@@ -43,6 +53,7 @@ from ._errors import (
     NotFoundError,
     PermissionDeniedError,
     ReadOnlyError,
+    SnapshotNotFoundError,
     UnsupportedError,
 )
 from ._qcow2rs import __version__, create
@@ -58,6 +69,7 @@ __all__ = [
     "ImageInfo",
     "MapEntry",
     "CheckResult",
+    "Snapshot",
     "Error",
     "NotFoundError",
     "PermissionDeniedError",
@@ -69,9 +81,50 @@ __all__ = [
     "ReadOnlyError",
     "LockedError",
     "NoSpaceError",
+    "SnapshotNotFoundError",
 ]
 
 StrPath = Union[str, "os.PathLike[str]"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One internal snapshot, as ``qemu-img snapshot -l`` lists it."""
+
+    id: str
+    """The unique ID (QEMU numbers them: the highest numeric ID plus one)."""
+    name: str
+    """The name (tag); names need not be unique."""
+    date_sec: int
+    """Creation time: seconds since the Unix epoch."""
+    date_nsec: int
+    """Creation time: nanoseconds (see :attr:`date` for both as a datetime)."""
+    vm_clock_nsec: int
+    """The guest clock when the snapshot was taken, in nanoseconds (0 for disk-only snapshots)."""
+    vm_state_size: int
+    """Bytes of saved VM state (0 for disk-only snapshots such as ``qemu-img snapshot -c`` makes)."""
+    disk_size: int
+    """The virtual disk size when the snapshot was taken (applying it restores that size)."""
+    icount: Optional[int]
+    """The instruction count (record/replay), or None when not recorded (QEMU's -1)."""
+
+    @property
+    def date(self) -> datetime:
+        """The creation time, as an aware datetime in UTC (to the microsecond)."""
+        return _EPOCH + timedelta(seconds=self.date_sec, microseconds=self.date_nsec // 1000)
+
+
+def _date_arg(date: Union[datetime, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
+    """A creation time as (seconds, nanoseconds) since the epoch; a naive datetime is local time,
+    as :meth:`datetime.timestamp` takes it."""
+    if date is None or isinstance(date, tuple):
+        return date
+    if not isinstance(date, datetime):
+        raise TypeError(f"date must be a datetime or (seconds, nanoseconds), not {date!r}")
+    delta = date.astimezone(timezone.utc) - _EPOCH
+    return (delta.days * 86400 + delta.seconds, delta.microseconds * 1000)
 
 
 @dataclass(frozen=True)
@@ -112,6 +165,9 @@ class ImageInfo:
     """Number of internal snapshots."""
     read_only: bool
     """Whether the image is open read-only."""
+    snapshots: Tuple[Snapshot, ...] = ()
+    """The internal snapshots, in table order (``qemu-img snapshot -l``). Last and with a default
+    so that code building an ImageInfo by keyword from before snapshots keeps working."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +256,7 @@ class Image(io.RawIOBase):
         refcount_cache_size: Optional[int] = None,
         password: Optional[Union[str, bytes]] = None,
         backing_password: Optional[Union[str, bytes]] = None,
+        snapshot: Optional[str] = None,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -211,6 +268,7 @@ class Image(io.RawIOBase):
             refcount_cache_size=refcount_cache_size,
             password=password,
             backing_password=backing_password,
+            snapshot=snapshot,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -253,7 +311,9 @@ class Image(io.RawIOBase):
 
     def info(self) -> ImageInfo:
         """Facts about the image, as ``qemu-img info`` shows them."""
-        return ImageInfo(**self._native.info())
+        fields = self._native.info()
+        fields["snapshots"] = tuple(Snapshot(**s) for s in fields["snapshots"])
+        return ImageInfo(**fields)
 
     def map(self, offset: int = 0, length: Optional[int] = None) -> List[MapEntry]:
         """How ``[offset, offset + length)`` is stored (default: to the end of the disk)."""
@@ -263,6 +323,54 @@ class Image(io.RawIOBase):
         """Check consistency like ``qemu-img check``; `repair` is None, ``"leaks"`` or ``"all"``
         (repairing needs an image open read-write)."""
         return CheckResult(**self._native.check(repair))
+
+    # -- internal snapshots ----------------------------------------------------------------
+
+    def snapshots(self) -> List[Snapshot]:
+        """The internal snapshots, in table order, as ``qemu-img snapshot -l`` lists them."""
+        return [Snapshot(**s) for s in self._native.snapshots()]
+
+    def create_snapshot(
+        self,
+        name: str,
+        *,
+        vm_clock_nsec: int = 0,
+        icount: Optional[int] = 0,
+        date: Union[datetime, Tuple[int, int], None] = None,
+    ) -> Snapshot:
+        """Snapshot the disk as it is now, as ``qemu-img snapshot -c NAME`` does; return it.
+
+        Names need not be unique; the new snapshot gets the next ID. `date` is the creation time
+        to record (a datetime, or (seconds, nanoseconds) since the epoch; None: now),
+        `vm_clock_nsec` the guest clock, `icount` the instruction count (None: none). Durable
+        when it returns; later writes copy what they change, so the snapshot keeps today's data.
+        Raises :class:`ReadOnlyError` on an image open read-only or on a snapshot view.
+        """
+        return Snapshot(
+            **self._native.create_snapshot(
+                name, vm_clock_nsec=vm_clock_nsec, icount=icount, date=_date_arg(date)
+            )
+        )
+
+    def apply_snapshot(self, id_or_name: str) -> Snapshot:
+        """Revert the disk to a snapshot, as ``qemu-img snapshot -a`` does; return it.
+
+        `id_or_name` is looked up as an ID first, then as a name. The disk's contents and its
+        virtual size become the snapshot's (:attr:`size` follows); the snapshot stays. Durable
+        when it returns. Raises :class:`SnapshotNotFoundError` when there is no such snapshot.
+        """
+        return Snapshot(**self._native.apply_snapshot(id_or_name))
+
+    def delete_snapshot(self, id_or_name: str) -> Snapshot:
+        """Delete a snapshot (by ID, else by name), as ``qemu-img snapshot -d`` does, and free
+        what only it used; return it. Raises :class:`SnapshotNotFoundError` when there is none."""
+        return Snapshot(**self._native.delete_snapshot(id_or_name))
+
+    @property
+    def snapshot_view(self) -> Optional[Snapshot]:
+        """The snapshot this image shows when it was opened with ``snapshot=``, else None."""
+        view: Optional[Dict[str, Any]] = self._native.snapshot_view
+        return None if view is None else Snapshot(**view)
 
     @property
     def virtual_size(self) -> int:
@@ -404,6 +512,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     refcount_cache_size: Optional[int] = None,
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
+    snapshot: Optional[str] = None,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -412,7 +521,10 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
     `password` (str or bytes) opens an encrypted image; a wrong one raises
     :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
-    password of encrypted backing files.
+    password of encrypted backing files. `snapshot` (an ID or a name, looked up as
+    ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
+    active disk: `mode` must be ``"r"``; a missing snapshot raises
+    :class:`SnapshotNotFoundError`.
     """
     return Image(
         path,
@@ -422,4 +534,5 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         refcount_cache_size=refcount_cache_size,
         password=password,
         backing_password=backing_password,
+        snapshot=snapshot,
     )

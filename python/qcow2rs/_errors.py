@@ -20,6 +20,7 @@ __all__ = [
     "ReadOnlyError",
     "LockedError",
     "NoSpaceError",
+    "SnapshotNotFoundError",
 ]
 
 
@@ -90,5 +91,12 @@ class LockedError(Error):
 
 class NoSpaceError(Error):
     """The host file system is full (ENOSPC)."""
+
+    __module__ = "qcow2rs"
+
+
+class SnapshotNotFoundError(Error, LookupError):
+    """No internal snapshot has the ID or name given (ENOENT). Also a :class:`LookupError`;
+    not a :class:`FileNotFoundError`: the image file exists."""
 
     __module__ = "qcow2rs"

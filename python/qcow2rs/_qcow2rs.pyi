@@ -1,7 +1,7 @@
 """The native half of qcow2rs (private: import ``qcow2rs``)."""
 
 import os
-from typing import Any, Dict, List, Optional, Union, final
+from typing import Any, Dict, List, Optional, Tuple, Union, final
 
 __version__: str
 
@@ -48,6 +48,7 @@ def open(
     refcount_cache_size: Optional[int] = None,
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
+    snapshot: Optional[str] = None,
 ) -> NativeImage: ...
 @final
 class NativeImage:
@@ -61,6 +62,19 @@ class NativeImage:
     def info(self) -> Dict[str, Any]: ...
     def map(self, offset: int = 0, length: Optional[int] = None) -> List[Dict[str, Any]]: ...
     def check(self, repair: Optional[str] = None) -> Dict[str, Any]: ...
+    def snapshots(self) -> List[Dict[str, Any]]: ...
+    def create_snapshot(
+        self,
+        name: str,
+        *,
+        vm_clock_nsec: int = 0,
+        icount: Optional[int] = 0,
+        date: Optional[Tuple[int, int]] = None,
+    ) -> Dict[str, Any]: ...
+    def apply_snapshot(self, id_or_name: str) -> Dict[str, Any]: ...
+    def delete_snapshot(self, id_or_name: str) -> Dict[str, Any]: ...
+    @property
+    def snapshot_view(self) -> Optional[Dict[str, Any]]: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...

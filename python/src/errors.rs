@@ -1,9 +1,10 @@
 //! The one place where a core error becomes a Python exception.
 //!
 //! The exception classes live in `qcow2rs/_errors.py` (plain Python, so that they can also derive
-//! from `FileNotFoundError`, `PermissionError` and `ValueError`). Each one is an `OSError` built as
-//! `cls(errno, message, filename)`: `errno` is [`qcow2rs::Error::errno`], the message is the core's
-//! message, and `filename` is the file the core names (None when it names none).
+//! from `FileNotFoundError`, `PermissionError`, `ValueError` and `LookupError`). Each one is an
+//! `OSError` built as `cls(errno, message, filename)`: `errno` is [`qcow2rs::Error::errno`], the
+//! message is the core's message, and `filename` is the file the core names (None when it names
+//! none).
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -55,6 +56,7 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
         E::ReadOnly { file, .. } => (&READ_ONLY, Some(file)),
         E::Locked { file } => (&LOCKED, Some(file)),
         E::NoSpace { file, .. } => (&NO_SPACE, Some(file)),
+        E::NotFound { file, .. } => (&SNAPSHOT_NOT_FOUND, Some(file)),
         // A variant added to the core later: still a qcow2rs.Error with the right errno.
         _ => (&ERROR, None),
     };
@@ -95,3 +97,4 @@ static BAD_KEY: Class = Class::new("BadKeyError");
 static READ_ONLY: Class = Class::new("ReadOnlyError");
 static LOCKED: Class = Class::new("LockedError");
 static NO_SPACE: Class = Class::new("NoSpaceError");
+static SNAPSHOT_NOT_FOUND: Class = Class::new("SnapshotNotFoundError");

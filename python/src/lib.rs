@@ -13,7 +13,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use qcow2rs::{
     CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions,
     EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg, MapEntry,
-    OpenOptions, Password, Preallocation, RepairMode,
+    OpenOptions, Password, Preallocation, RepairMode, SnapshotInfo, SnapshotOptions, SnapshotRef,
 };
 
 mod errors;
@@ -173,7 +173,8 @@ fn create(
     raise(py, py.detach(|| Image::create(&path, &opts)))
 }
 
-/// Open an image file. `mode` is `"r"` (read-only) or `"rw"`/`"r+"` (read-write).
+/// Open an image file. `mode` is `"r"` (read-only) or `"rw"`/`"r+"` (read-write). `snapshot`
+/// (an ID or a name) opens a read-only view of that internal snapshot.
 #[pyfunction]
 #[pyo3(signature = (
     path,
@@ -184,6 +185,7 @@ fn create(
     refcount_cache_size = None,
     password = None,
     backing_password = None,
+    snapshot = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -195,6 +197,7 @@ fn open(
     refcount_cache_size: Option<i128>,
     password: Option<&Bound<'_, PyAny>>,
     backing_password: Option<&Bound<'_, PyAny>>,
+    snapshot: Option<String>,
 ) -> PyResult<NativeImage> {
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
@@ -224,6 +227,7 @@ fn open(
                     .transpose()?,
                 password,
                 backing_password,
+                snapshot: snapshot.map(SnapshotRef::IdOrName),
                 ..OpenOptions::default()
             })
         })(),
@@ -429,6 +433,72 @@ impl NativeImage {
     fn sync_count(&self, py: Python<'_>) -> PyResult<u64> {
         self.with(py, |img| Ok(img.sync_count()))
     }
+
+    /// The internal snapshots, in table order, as dicts.
+    fn snapshots<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.with(py, |img| Ok(img.snapshots()))?;
+        snapshot_list(py, &list)
+    }
+
+    /// The snapshot this image shows (opened with `snapshot=`), as a dict, or None.
+    #[getter]
+    fn snapshot_view<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let view = self.with(py, |img| Ok(img.snapshot_view()))?;
+        view.map(|s| snapshot_dict(py, &s)).transpose()
+    }
+
+    /// Create an internal snapshot named `name`; `date` is (seconds, nanoseconds) or None for
+    /// now, `icount` None for none. Returns it as a dict.
+    #[pyo3(signature = (name, *, vm_clock_nsec = 0, icount = Some(0), date = None))]
+    fn create_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        name: String,
+        vm_clock_nsec: i128,
+        icount: Option<i128>,
+        date: Option<(i128, i128)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let opts = raise(
+            py,
+            (|| {
+                Ok(SnapshotOptions {
+                    name,
+                    date: date
+                        .map(|(s, ns)| {
+                            Ok::<_, Error>((
+                                to_u32("date (seconds)", s)?,
+                                to_u32("date (nanoseconds)", ns)?,
+                            ))
+                        })
+                        .transpose()?,
+                    vm_clock_nsec: to_u64("vm_clock_nsec", vm_clock_nsec)?,
+                    icount: icount.map(|i| to_u64("icount", i)).transpose()?,
+                })
+            })(),
+        )?;
+        let s = self.with(py, |img| img.create_snapshot_with(&opts))?;
+        snapshot_dict(py, &s)
+    }
+
+    /// Revert the disk to the snapshot with this ID, else this name. Returns it as a dict.
+    fn apply_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        id_or_name: String,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.with(py, |img| img.apply_snapshot(id_or_name))?;
+        snapshot_dict(py, &s)
+    }
+
+    /// Delete the snapshot with this ID, else this name. Returns it as a dict.
+    fn delete_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        id_or_name: String,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.with(py, |img| img.delete_snapshot(id_or_name))?;
+        snapshot_dict(py, &s)
+    }
 }
 
 impl Drop for NativeImage {
@@ -463,8 +533,30 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> PyResult<Bound<'py, PyDict>
     d.set_item("full_backing_filename", &i.full_backing_filename)?;
     d.set_item("crypt_method", i.crypt_method)?;
     d.set_item("snapshot_count", i.snapshot_count)?;
+    d.set_item("snapshots", snapshot_list(py, &i.snapshots)?)?;
     d.set_item("read_only", i.read_only)?;
     Ok(d)
+}
+
+fn snapshot_dict<'py>(py: Python<'py>, s: &SnapshotInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", &s.id)?;
+    d.set_item("name", &s.name)?;
+    d.set_item("date_sec", s.date_sec)?;
+    d.set_item("date_nsec", s.date_nsec)?;
+    d.set_item("vm_clock_nsec", s.vm_clock_nsec)?;
+    d.set_item("vm_state_size", s.vm_state_size)?;
+    d.set_item("disk_size", s.disk_size)?;
+    d.set_item("icount", s.icount)?;
+    Ok(d)
+}
+
+fn snapshot_list<'py>(py: Python<'py>, list: &[SnapshotInfo]) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for s in list {
+        out.append(snapshot_dict(py, s)?)?;
+    }
+    Ok(out)
 }
 
 fn map_entry_dict<'py>(py: Python<'py>, e: &MapEntry) -> PyResult<Bound<'py, PyDict>> {

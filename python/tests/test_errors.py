@@ -28,6 +28,7 @@ def test_hierarchy() -> None:
         qcow2rs.ReadOnlyError,
         qcow2rs.LockedError,
         qcow2rs.NoSpaceError,
+        qcow2rs.SnapshotNotFoundError,
     ):
         assert issubclass(cls, qcow2rs.Error), cls
         assert cls.__module__ == "qcow2rs"
@@ -35,6 +36,7 @@ def test_hierarchy() -> None:
     assert issubclass(qcow2rs.NotFoundError, FileNotFoundError)
     assert issubclass(qcow2rs.PermissionDeniedError, PermissionError)
     assert issubclass(qcow2rs.InvalidArgumentError, ValueError)
+    assert issubclass(qcow2rs.SnapshotNotFoundError, LookupError)
 
 
 def test_missing_file_is_file_not_found(tmp_path: Path) -> None:

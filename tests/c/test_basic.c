@@ -8,75 +8,13 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "qcow2rs.h"
+#include "check.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-
-static int failures;
-
-static void print_last_error(void) {
-    char msg[1024];
-    qcow2_last_error_message(msg, sizeof msg);
-    fprintf(stderr, "    last error: code %d, errno %d, message \"%s\"\n", (int)qcow2_last_error(),
-            qcow2_last_errno(), msg);
-}
-
-#define CHECK(cond)                                                                     \
-    do {                                                                                \
-        if (!(cond)) {                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);    \
-            print_last_error();                                                         \
-            failures++;                                                                 \
-        }                                                                               \
-    } while (0)
-
-/* A call that must succeed; the test cannot go on without it. */
-#define MUST(call)                                                                       \
-    do {                                                                                 \
-        qcow2_error rc_ = (call);                                                        \
-        if (rc_ != QCOW2_OK) {                                                           \
-            fprintf(stderr, "%s:%d: %s returned %d (%s)\n", __FILE__, __LINE__, #call,   \
-                    (int)rc_, qcow2_strerror((int)rc_));                                 \
-            print_last_error();                                                          \
-            exit(1);                                                                     \
-        }                                                                                \
-    } while (0)
-
-/* A call that must fail with `code`. */
-#define EXPECT_ERR(call, code)                                                           \
-    do {                                                                                 \
-        qcow2_error rc_ = (call);                                                        \
-        if (rc_ != (code)) {                                                             \
-            fprintf(stderr, "%s:%d: %s returned %d (%s), expected %s\n", __FILE__,       \
-                    __LINE__, #call, (int)rc_, qcow2_strerror((int)rc_), #code);         \
-            print_last_error();                                                          \
-            failures++;                                                                  \
-        }                                                                                \
-    } while (0)
-
-static char *path_in(const char *dir, const char *name) {
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
-    if (!p) {
-        perror("malloc");
-        exit(1);
-    }
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static void *xcalloc(size_t n) {
-    void *p = calloc(1, n);
-    if (!p) {
-        perror("calloc");
-        exit(1);
-    }
-    return p;
-}
 
 static void fill_pattern(uint8_t *buf, size_t len, uint32_t seed) {
     uint32_t x = seed * 2654435761u + 1;
@@ -84,31 +22,6 @@ static void fill_pattern(uint8_t *buf, size_t len, uint32_t seed) {
         x = x * 1103515245u + 12345u;
         buf[i] = (uint8_t)(x >> 16);
     }
-}
-
-/* The last error message of this thread, in a static buffer. */
-static const char *last_message(void) {
-    static char msg[4096];
-    qcow2_last_error_message(msg, sizeof msg);
-    return msg;
-}
-
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    fflush(stdout);
-    fflush(stderr);
-    int status = system(cmd);
-    if (status == -1) {
-        perror("system");
-        return -1;
-    }
-    int code = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f);
-    if (code != 0) fprintf(stderr, "command failed with exit code %d: %s\n", code, cmd);
-    return code;
 }
 
 static void write_raw(const char *path, const uint8_t *data, size_t len) {

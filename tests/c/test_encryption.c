@@ -9,65 +9,11 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "qcow2rs.h"
+#include "check.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int failures;
-
-static void print_last_error(void) {
-    char msg[1024];
-    qcow2_last_error_message(msg, sizeof msg);
-    fprintf(stderr, "    last error: code %d, errno %d, message \"%s\"\n", (int)qcow2_last_error(),
-            qcow2_last_errno(), msg);
-}
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            print_last_error();                                                      \
-            failures++;                                                              \
-        }                                                                            \
-    } while (0)
-
-#define MUST(call)                                                                     \
-    do {                                                                               \
-        qcow2_error rc_ = (call);                                                      \
-        if (rc_ != QCOW2_OK) {                                                         \
-            fprintf(stderr, "%s:%d: %s returned %d (%s)\n", __FILE__, __LINE__, #call, \
-                    (int)rc_, qcow2_strerror((int)rc_));                               \
-            print_last_error();                                                        \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
-
-#define EXPECT_ERR(call, code)                                                     \
-    do {                                                                           \
-        qcow2_error rc_ = (call);                                                  \
-        if (rc_ != (code)) {                                                       \
-            fprintf(stderr, "%s:%d: %s returned %d (%s), expected %s\n", __FILE__, \
-                    __LINE__, #call, (int)rc_, qcow2_strerror((int)rc_), #code);   \
-            print_last_error();                                                    \
-            failures++;                                                            \
-        }                                                                          \
-    } while (0)
-
-static int run(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    fflush(stdout);
-    fflush(stderr);
-    int status = system(cmd);
-    int code = status == -1 ? -1 : (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128;
-    if (code != 0) fprintf(stderr, "command failed with exit code %d: %s\n", code, cmd);
-    return code;
-}
 
 /* "p\u00e4ssword" in UTF-8 (9 bytes), as bytes + length (no terminator): what QEMU can share. */
 static const uint8_t PASSWORD[] = {'p', 0xc3, 0xa4, 's', 's', 'w', 'o', 'r', 'd'};

@@ -16,6 +16,12 @@ qcow2_error (*const open_fn)(const char *, uint32_t, qcow2_image **) = qcow2_ope
 qcow2_error (*const read_fn)(const qcow2_image *, uint64_t, uint8_t *, size_t) = qcow2_read;
 qcow2_error (*const write_fn)(qcow2_image *, uint64_t, const uint8_t *, size_t) = qcow2_write;
 size_t (*const message_fn)(char *, size_t) = qcow2_last_error_message;
+qcow2_error (*const snapshot_get_fn)(const qcow2_image *, size_t, char *, size_t, char *, size_t,
+                                     qcow2_snapshot_info *) = qcow2_snapshot_get;
+qcow2_error (*const snapshot_create_fn)(qcow2_image *, const char *,
+                                        const qcow2_snapshot_options *, char *, size_t,
+                                        qcow2_snapshot_info *) = qcow2_snapshot_create;
+qcow2_error (*const snapshot_apply_fn)(qcow2_image *, const char *) = qcow2_snapshot_apply;
 
 int header_uses(void);
 int header_uses(void) {
@@ -24,11 +30,17 @@ int header_uses(void) {
     qcow2_image_info i;
     qcow2_map_entry m;
     qcow2_check_report r;
+    qcow2_snapshot_info si;
+    qcow2_snapshot_options so;
+    char id[QCOW2_SNAPSHOT_ID_SIZE];
+    (void)si;
+    (void)so;
+    (void)id;
     (void)c;
     (void)o;
     (void)i;
     (void)m;
     (void)r;
     return QCOW2_OK + QCOW2_ERR_BUFFER_TOO_SMALL + QCOW2_OPEN_RDONLY + QCOW2_CACHE_UNSAFE +
-           QCOW2_COMPAT_V2 + QCOW2_REPAIR_ALL + QCOW2_CRYPT_LUKS;
+           QCOW2_COMPAT_V2 + QCOW2_REPAIR_ALL + QCOW2_CRYPT_LUKS + QCOW2_ERR_NOT_FOUND;
 }

@@ -15,7 +15,12 @@ const CBINDGEN_VERSION: &str = "0.29.4";
 const C_FLAGS: &[&str] = &["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"];
 
 /// The C programs, each run with a scratch directory as its only argument.
-const PROGRAMS: &[&str] = &["test_basic", "test_threads", "test_encryption"];
+const PROGRAMS: &[&str] = &[
+    "test_basic",
+    "test_threads",
+    "test_encryption",
+    "test_snapshots",
+];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
