@@ -1997,6 +1997,7 @@ fn harness_catches_missing_barriers() {
         random: 0,
         seed: 0,
         stop_first: false,
+        first: Vec::new(),
     };
     let tmp = tempfile::tempdir().unwrap();
     let mut spec = workloads::all()
