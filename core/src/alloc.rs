@@ -130,12 +130,15 @@ impl State {
         let i = self
             .caches
             .get(&mut self.file, Kind::Refblock, block, false)?;
-        refcount::set(
-            self.caches.data_mut(Kind::Refblock, i),
-            self.geo.refcount_block_index(c),
-            self.geo.refcount_order(),
-            value,
-        );
+        let (idx, order) = (self.geo.refcount_block_index(c), self.geo.refcount_order());
+        if value > 0
+            && !mutant("punch-late")
+            && refcount::get(self.caches.data(Kind::Refblock, i), idx, order) == 0
+        {
+            // A free cluster about to be used must not be punched out afterwards.
+            self.file.punch_pending();
+        }
+        refcount::set(self.caches.data_mut(Kind::Refblock, i), idx, order, value);
         Ok(())
     }
 
@@ -196,10 +199,9 @@ impl State {
             self.alloc.comp_pos = HostOffset::new(0);
         }
         if mutant("deferred-frees") {
-            for i in 0..n {
-                self.release_cluster(first + i, discard)?;
-            }
-            return Ok(());
+            let r = (0..n).try_for_each(|i| self.release_cluster(first + i, discard));
+            self.file.punch_pending();
+            return r;
         }
         for i in 0..n {
             self.pending.defer_free(first + i, discard);
@@ -474,6 +476,10 @@ impl State {
         let first = area / per;
         let last = (area + nb + nt - 1) / per;
         let mut next = area;
+        // The area may hold freed clusters: punch them out now, not over the new tables.
+        if !mutant("punch-late") {
+            self.file.punch_pending();
+        }
         let mut new_blocks: Vec<(u64, Vec<u8>)> = Vec::new();
         for r in first..=last {
             if new_table[r as usize] & REFT_OFFSET_MASK == 0 {

@@ -279,9 +279,12 @@ impl State {
                 // Not applied (the refcount change failed): keep it and the rest for later.
                 self.pending.frees.push((c, discard));
                 self.pending.frees.extend(list);
+                self.file.punch_pending();
                 return Err(e);
             }
         }
+        // Still under the exclusive gate: no data I/O can reach what is punched out.
+        self.file.punch_pending();
         Ok(())
     }
 

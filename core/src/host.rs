@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
+use crate::mutants::active as mutant;
 use crate::offset::HostOffset;
 use crate::storage::Storage;
 
@@ -37,6 +38,10 @@ pub(crate) struct HostFile {
     /// Held shared by data I/O running outside the state lock; held exclusively while freed
     /// clusters are released, so that no such I/O can reach a cluster that is being reused.
     io_gate: Arc<RwLock<()>>,
+    /// Freed ranges not yet punched out (adjacent ones merged): see [`HostFile::punch`].
+    punches: Vec<(u64, u64)>,
+    /// Mutant `punch-late`: the batch before, issued with the next one.
+    late: Vec<(u64, u64)>,
 }
 
 impl HostFile {
@@ -50,6 +55,8 @@ impl HostFile {
             poisoned: None,
             data_written: Arc::new(AtomicBool::new(false)),
             io_gate: Arc::new(RwLock::new(())),
+            punches: Vec::new(),
+            late: Vec::new(),
         }
     }
 
@@ -148,10 +155,45 @@ impl HostFile {
         Ok(())
     }
 
-    /// Punch a hole (a hint: if it fails the range keeps its old bytes, which is safe, since a
-    /// reused cluster below the written extent is never taken as reading zeros).
-    pub(crate) fn punch(&self, off: HostOffset, len: u64) {
-        let _ = self.storage.discard(off.get(), len);
+    /// Note a freed range to punch out: [`HostFile::punch_pending`] issues the batch, sorted and
+    /// merged, so that freeing thousands of clusters (a snapshot deleted, a large discard) costs
+    /// a few fallocate calls instead of one each. The batch must be issued before any of its
+    /// clusters can be allocated again: every loop that frees clusters issues it when done, and
+    /// `store_refcount` issues it before a free cluster's refcount rises, as a safety net.
+    pub(crate) fn punch(&mut self, off: HostOffset, len: u64) {
+        let off = off.get();
+        match self.punches.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => self.punches.push((off, len)),
+        }
+    }
+
+    /// Punch out the freed ranges noted so far (a hint: if it fails a range keeps its old bytes,
+    /// which is safe, since a reused cluster below the written extent is never taken as reading
+    /// zeros).
+    pub(crate) fn punch_pending(&mut self) {
+        let mut list = std::mem::take(&mut self.punches);
+        if mutant("punch-late") {
+            std::mem::swap(&mut list, &mut self.late);
+        }
+        if list.is_empty() {
+            return;
+        }
+        list.sort_unstable();
+        let mut run: Option<(u64, u64)> = None;
+        for (off, len) in list {
+            run = match run {
+                Some((o, l)) if o + l >= off => Some((o, (off + len).max(o + l) - o)),
+                Some((o, l)) => {
+                    let _ = self.storage.discard(o, l);
+                    Some((off, len))
+                }
+                None => Some((off, len)),
+            };
+        }
+        if let Some((o, l)) = run {
+            let _ = self.storage.discard(o, l);
+        }
     }
 
     /// Durability barrier (fdatasync), unless barriers are off.

@@ -319,7 +319,9 @@ impl Image {
     }
 
     /// Delete a snapshot (`qemu-img snapshot -d`) and free what only it used. A string names
-    /// the snapshot by ID, else by name. Durable when it returns.
+    /// the snapshot by ID, else by name (qemu-img's `-d` looks up names only; pass
+    /// [`SnapshotRef::Name`] for exactly that, as the `qcow2rs snapshot -d` command does).
+    /// Durable when it returns.
     pub fn delete_snapshot(&self, snapshot: impl Into<SnapshotRef>) -> Result<SnapshotInfo> {
         let r = snapshot.into();
         let _q = self.commit.quiesce();

@@ -13,6 +13,11 @@
 //! the file in this session), a grown L1 table by the barrier before the header switch. The
 //! engine keeps the barrier (it costs one fdatasync per session) so that this stays true when a
 //! path is added.
+//!
+//! Also equivalent today: dropping only the safety net that issues pending punches before a
+//! free cluster's refcount rises (`store_refcount`): every loop that frees clusters issues its
+//! punches when it ends, before anything can allocate. `punch-late` drops the net and delays
+//! each batch to the next loop's end, which is what a forgotten issue would do.
 
 /// The catalogue: (name, the rule it breaks).
 #[cfg_attr(not(feature = "testing"), allow(dead_code))]
@@ -116,6 +121,10 @@ pub const ALL: &[(&str, &str)] = &[
     (
         "snap-copied-last",
         "deleting a snapshot sets COPIED flags before the lowered refcounts are stable",
+    ),
+    (
+        "punch-late",
+        "freed clusters are punched out with the next batch of frees, after they may be reused",
     ),
 ];
 

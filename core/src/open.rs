@@ -380,9 +380,17 @@ impl Image {
             let avail = file_len
                 .saturating_sub(h.snapshots_offset)
                 .min(snapshot::MAX_TABLE_SIZE);
-            let t = read_table(h.snapshots_offset, avail, "snapshot table", 64)?;
-            snapshots = snapshot::parse(&t, h.nb_snapshots)
-                .map_err(|(w, o)| Error::corrupt(name, w, h.snapshots_offset + o))?;
+            // The entries' sizes are known only as they are parsed: read a guess (plenty for
+            // entries of usual size), then more while the table runs past it.
+            let mut len = avail.min((h.nb_snapshots as u64 * 256).max(64 << 10));
+            snapshots = loop {
+                let t = read_table(h.snapshots_offset, len, "snapshot table", 64)?;
+                match snapshot::parse(&t, h.nb_snapshots) {
+                    Ok(list) => break list,
+                    Err(e) if e.truncated && len < avail => len = (len * 4).min(avail),
+                    Err(e) => return Err(Error::corrupt(name, e.what, h.snapshots_offset + e.at)),
+                }
+            };
             for (i, s) in snapshots.iter().enumerate() {
                 if s.l1_table_offset % cs != 0
                     || s.l1_size as u64 > header::MAX_L1_ENTRIES

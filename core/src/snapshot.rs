@@ -59,6 +59,12 @@
 //!    flags), then the L2 tables and L1 entries ▮. (Mutant `snap-copied-last`: set the flags
 //!    without waiting, so a crash can leave COPIED on a cluster whose refcount is still 2.)
 //!
+//! **Errors**: a failure before the header switch gives back nothing that the old header names
+//! and leaks what was allocated (check -r leaks takes it back). A failed header write may
+//! still have reached the disk, so it poisons the image (`HostFile::poison_header`: every
+//! further write refuses until the image is reopened and the header read again) and nothing
+//! the new header would name is freed: the tables are leaked, never handed out twice.
+//!
 //! Lazy refcounts: every operation sets the dirty bit first, and refcounts are not trusted
 //! while it is set (they are rebuilt, and COPIED flags repaired, on the next read-write open
 //! after a crash), so the refcount writes and their barriers are skipped there, as everywhere
@@ -100,7 +106,7 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
-/// Which snapshot: by ID, by name, by both, or as `qemu-img snapshot -a/-d` take it (an ID
+/// Which snapshot: by ID, by name, by both, or as `qemu-img snapshot -a` takes it (an ID
 /// first, then a name). A plain string converts to [`SnapshotRef::IdOrName`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotRef {
@@ -480,6 +486,12 @@ impl State {
     /// references are released at once (the caller made the pointer removal stable), and
     /// clusters that become free are punched out of the file.
     fn walk_refcounts(&mut self, l1: &[u64], l1_at: u64, delta: Delta) -> Result<()> {
+        let r = self.walk_refcounts_inner(l1, l1_at, delta);
+        self.file.punch_pending();
+        r
+    }
+
+    fn walk_refcounts_inner(&mut self, l1: &[u64], l1_at: u64, delta: Delta) -> Result<()> {
         for (i, &e) in l1.iter().enumerate() {
             let Some(t) = self.tree_table(e, l1_at + i as u64 * 8)? else {
                 continue;
@@ -513,10 +525,9 @@ impl State {
             return Ok(());
         }
         let first = self.geo.host_cluster(HostOffset::new(off));
-        for k in 0..n {
-            self.release_cluster(first + k, true)?;
-        }
-        Ok(())
+        let r = (0..n).try_for_each(|k| self.release_cluster(first + k, true));
+        self.file.punch_pending();
+        r
     }
 
     /// Write `bytes` (a table) to newly allocated clusters; returns their offset (0 for an

@@ -1016,7 +1016,8 @@ fn run_epoch(
     let mut seq = 0u64;
     let mut check = |plan: &Plan, img: Vec<u8>, label: &str, stats: &mut Stats| {
         seq += 1;
-        let qemu = work.spec.qemu_all
+        // (Mutant runs, which stop at the first failure, skip the workloads' own qemu_all.)
+        let qemu = (work.spec.qemu_all && !cfg.stop_first)
             || (cfg.qemu_det && label == "deterministic")
             || (cfg.qemu_every > 0 && seed.wrapping_add(seq).is_multiple_of(cfg.qemu_every));
         let all = (seed ^ seq) & 1 == 1;

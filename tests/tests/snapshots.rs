@@ -634,6 +634,99 @@ fn snapshot_table_limits_on_open() {
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
 }
 
+/// A snapshot table larger than the first read at open (long names: 300 entries of about 600
+/// bytes, 180 KiB): every entry is read, by us and by qemu-img, and the table we rewrite on
+/// delete is read back whole.
+#[test]
+fn large_snapshot_table() {
+    require_qemu();
+    let dir = tmpdir();
+    let t = Img {
+        path: path_in(&dir, "big.qcow2"),
+        encrypted: false,
+    };
+    Image::create(&t.path, &CreateOptions::new(4 * MIB)).unwrap();
+    let img = t.open();
+    let name = |i: usize| format!("{i:04}-{}", "x".repeat(590));
+    for i in 0..300 {
+        img.write_at(&[(i % 250) as u8 + 1; 512], (i as u64 % 8) * 65536)
+            .unwrap();
+        img.create_snapshot(name(i).as_str()).unwrap();
+    }
+    img.close().unwrap();
+    t.assert_qemu_clean("300 snapshots with long names");
+    let img = t.open();
+    let list = img.snapshots();
+    assert_eq!(list.len(), 300);
+    for (i, s) in list.iter().enumerate() {
+        assert_eq!(s.name, name(i));
+    }
+    img.delete_snapshot(SnapshotRef::Name(name(7))).unwrap();
+    img.close().unwrap();
+    let r = qemu_img(&["snapshot", "-l", t.path.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r}");
+    let listed = r
+        .stdout
+        .lines()
+        .filter(|l| l.contains("-xxxxxxxxxx"))
+        .count();
+    assert_eq!(listed, 299, "{r}");
+    assert!(!r.stdout.contains(&name(7)), "{r}");
+    t.assert_qemu_clean("after deleting one of 300");
+    // Snapshot 299 holds what the last write left (offset 299 % 8 clusters in).
+    let v = t.view(SnapshotRef::Name(name(299)));
+    let mut b = [0u8; 512];
+    v.read_at(&mut b, 3 * 65536).unwrap();
+    assert_eq!(b, [(299 % 250) as u8 + 1; 512]);
+}
+
+/// Freed clusters are punched out of the file in merged ranges, not one call each: deleting a
+/// snapshot after 256 copy-on-write writes leaves the file's allocated blocks down by about
+/// as much, and takes a handful of discards (counted by the recording storage).
+#[test]
+fn freed_clusters_are_punched_in_ranges() {
+    use qcow2rs::storage::{OpKind, RecordingStorage};
+    let dir = tmpdir();
+    let p = path_in(&dir, "p.qcow2");
+    let mut o = CreateOptions::new(64 * MIB);
+    o.cluster_size = 65536;
+    Image::create(&p, &o).unwrap();
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    img.write_at(&vec![1u8; 16 * MIB as usize], 0).unwrap();
+    img.create_snapshot("s").unwrap();
+    for i in 0..256u64 {
+        img.write_at(&[2u8; 4096], i * 65536).unwrap();
+    }
+    img.close().unwrap();
+    // The calls, on a recording copy.
+    let rec = std::sync::Arc::new(RecordingStorage::new(std::fs::read(&p).unwrap()));
+    let img = Image::open_storage(rec.clone(), "p.qcow2", &OpenOptions::new()).unwrap();
+    img.apply_snapshot("s").unwrap();
+    img.close().unwrap();
+    let discards = rec.op_count(OpKind::Discard);
+    assert!(
+        (1..=4).contains(&discards),
+        "{discards} discards for 256 freed clusters"
+    );
+    // The space, on the real file.
+    let before = blocks(&p);
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    img.apply_snapshot("s").unwrap();
+    img.close().unwrap();
+    let after = blocks(&p);
+    assert!(
+        before - after >= 256 * 65536 * 9 / 10,
+        "{before} -> {after} bytes allocated"
+    );
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    assert!(read_disk(&img)[..16 * MIB as usize].iter().all(|&b| b == 1));
+}
+
+fn blocks(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
 /// The expected state of an image with snapshots.
 struct SnapModel {
     disk: Model,

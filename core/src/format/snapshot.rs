@@ -47,29 +47,45 @@ impl SnapshotEntry {
     }
 }
 
-/// Parse `count` entries from the table bytes. Returns an error text and the byte offset in the
-/// table on malformed input.
-pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotEntry>, (String, u64)> {
+/// Why a snapshot table does not parse.
+#[derive(Debug)]
+pub struct TableError {
+    /// What is wrong.
+    pub what: String,
+    /// Where, relative to the start of the table.
+    pub at: u64,
+    /// The bytes ran out before the entries did (a longer read may succeed).
+    pub truncated: bool,
+}
+
+/// Parse `count` entries from the table bytes (which may run past the table's end).
+pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotEntry>, TableError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
+    let truncated = |i: u32, pos: usize| TableError {
+        what: format!("snapshot table entry {i} is truncated"),
+        at: pos as u64,
+        truncated: true,
+    };
     for i in 0..count {
         if pos + 40 > table.len() {
-            return Err((format!("snapshot table entry {i} is truncated"), pos as u64));
+            return Err(truncated(i, pos));
         }
         let e = &table[pos..];
         let id_len = be16(e, 12) as usize;
         let name_len = be16(e, 14) as usize;
         let extra_len = be32(e, 36);
         if extra_len > MAX_EXTRA {
-            return Err((
-                format!("snapshot {i} has too much extra data ({extra_len} bytes)"),
-                pos as u64,
-            ));
+            return Err(TableError {
+                what: format!("snapshot {i} has too much extra data ({extra_len} bytes)"),
+                at: pos as u64,
+                truncated: false,
+            });
         }
         let extra_len = extra_len as usize;
         let total = 40 + extra_len + id_len + name_len;
         if pos + total > table.len() {
-            return Err((format!("snapshot table entry {i} is truncated"), pos as u64));
+            return Err(truncated(i, pos));
         }
         let extra = e[40..40 + extra_len].to_vec();
         let id = String::from_utf8_lossy(&e[40 + extra_len..40 + extra_len + id_len]).into_owned();
