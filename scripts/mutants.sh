@@ -53,7 +53,8 @@ catchers() {
         deferred-frees | punch-late) echo reuse,discard ;;
         dirty-bit) echo dirty_bit ;;
         unlinked-flag) echo unlinked_flag ;;
-        comp-pos | comp-cache) echo comp_reuse ;;
+        comp-pos) echo comp_reuse ;;
+        comp-cache) echo comp_cache ;;
         refblock-barrier) echo refblock_growth ;;
         reftable-barrier) echo reftable_growth ;;
         l1-grow-barrier) echo l1_growth ;;

@@ -650,6 +650,12 @@ impl State {
                 self.name()
             )));
         }
+        if opts.date.is_some_and(|(_, nsec)| nsec >= 1_000_000_000) {
+            return Err(Error::invalid(format!(
+                "{}: a snapshot date's nanoseconds must be below 1000000000",
+                self.name()
+            )));
+        }
         if self.snapshots.entries().len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::invalid(format!(
                 "{}: the image already has {MAX_SNAPSHOTS} snapshots, QEMU's limit",

@@ -634,6 +634,31 @@ fn snapshot_table_limits_on_open() {
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
 }
 
+/// Bad arguments to create are refused before anything changes.
+#[test]
+fn bad_snapshot_arguments() {
+    let dir = tmpdir();
+    let p = path_in(&dir, "a.qcow2");
+    Image::create(&p, &CreateOptions::new(4 * MIB)).unwrap();
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    img.write_at(&[1u8; 512], 0).unwrap();
+    let mut o = qcow2rs::SnapshotOptions::new("a\0b");
+    let e = img.create_snapshot_with(&o).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    o = qcow2rs::SnapshotOptions::new("x".repeat(65536));
+    let e = img.create_snapshot_with(&o).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    o = qcow2rs::SnapshotOptions::new("late");
+    o.date = Some((1, 1_000_000_000));
+    let e = img.create_snapshot_with(&o).unwrap_err();
+    assert!(e.to_string().contains("nanoseconds"), "{e}");
+    assert!(img.snapshots().is_empty());
+    o.date = Some((1, 999_999_999));
+    let s = img.create_snapshot_with(&o).unwrap();
+    assert_eq!((s.date_sec, s.date_nsec), (1, 999_999_999));
+    assert_our_clean(&img, "after refused creates");
+}
+
 /// A snapshot table larger than the first read at open (long names: 300 entries of about 600
 /// bytes, 180 KiB): every entry is read, by us and by qemu-img, and the table we rewrite on
 /// delete is read back whole.

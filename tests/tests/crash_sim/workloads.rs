@@ -912,6 +912,48 @@ pub fn all() -> Vec<Spec> {
     v.push(s);
 
     let mut s = Spec::new(
+        "comp_cache",
+        "a compressed cluster read (and so cached decompressed), freed, and its host cluster reused at the same offset by new compressed data (1 KiB clusters)",
+        4 * MIB,
+        1024,
+    );
+    // 1013 clusters use up the allocation run that the first write started (and its L2
+    // tables), so the next compressed cluster starts the next run, at the lowest free cluster:
+    // the one freed by the discard (checked below).
+    s.ops = vec![
+        Compressed(0),
+        Read(0, KIB),
+        Discard(0, KIB),
+        Flush,
+        Write(64 * KIB, 1013 * KIB),
+        Compressed(3 * MIB),
+        Read(3 * MIB, KIB),
+        Flush,
+        Read(0, 4 * MIB),
+        Close,
+    ];
+    s.expect = Some(|_, end| {
+        // Guest 3 MiB is compressed at the start of a host cluster below all the filled data.
+        let (_, l1o, .., cs) = header_facts(end);
+        let per = cs / 8;
+        let c = 3 * MIB / cs;
+        let l2 = be64(end, (l1o + c / per * 8) as usize) & 0x00ff_ffff_ffff_fe00;
+        let e = be64(end, (l2 + c % per * 8) as usize);
+        let bits = 62 - (cs.trailing_zeros() as u64 - 8);
+        let at = e & ((1 << bits) - 1);
+        let img = open_copy(end)?;
+        let fill = img.map(64 * KIB, 1013 * KIB).map_err(io_err)?;
+        let lowest = fill.iter().filter_map(|m| m.offset).min().unwrap_or(0);
+        (e >> 62 & 1 == 1 && at % cs == 0 && at < lowest)
+            .then_some(())
+            .ok_or(format!(
+                "the compressed cluster is at {at:#x} (entry {e:#x}), the fill from {lowest:#x}: the freed cluster was not reused for it"
+            ))
+    });
+    s.weight = 2;
+    v.push(s);
+
+    let mut s = Spec::new(
         "unlinked_flag",
         "concurrent writeback, 2-table L2 cache: allocations into a table created just before another thread's flush, while that flush syncs",
         512 * KIB,
