@@ -944,7 +944,7 @@ pub fn all() -> Vec<Spec> {
         let img = open_copy(end)?;
         let fill = img.map(64 * KIB, 1013 * KIB).map_err(io_err)?;
         let lowest = fill.iter().filter_map(|m| m.offset).min().unwrap_or(0);
-        (e >> 62 & 1 == 1 && at % cs == 0 && at < lowest)
+        (e >> 62 & 1 == 1 && at.is_multiple_of(cs) && at < lowest)
             .then_some(())
             .ok_or(format!(
                 "the compressed cluster is at {at:#x} (entry {e:#x}), the fill from {lowest:#x}: the freed cluster was not reused for it"
