@@ -52,7 +52,7 @@ catchers() {
         virgin-check) echo reuse,resize ;;
         deferred-frees | punch-late) echo reuse,discard ;;
         dirty-bit) echo dirty_bit ;;
-        unlinked-flag) echo unlinked_flag ;;
+        unlinked-flag) echo flush_window,unlinked_flag ;;
         comp-pos) echo comp_reuse ;;
         comp-cache) echo comp_cache ;;
         refblock-barrier) echo refblock_growth ;;

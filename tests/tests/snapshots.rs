@@ -634,6 +634,79 @@ fn snapshot_table_limits_on_open() {
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
 }
 
+/// `check -r all` on an image with snapshots counts every snapshot's references: after the
+/// refcounts are damaged (one shared cluster's lowered; a whole refcount block zeroed), repair
+/// leaves an image qemu-img calls clean, with every snapshot reading back and still deletable.
+#[test]
+fn repair_counts_snapshot_references() {
+    require_qemu();
+    for damage in ["one refcount", "a refcount block"] {
+        let dir = tmpdir();
+        let t = Img {
+            path: path_in(&dir, "r.qcow2"),
+            encrypted: false,
+        };
+        Image::create(&t.path, &CreateOptions::new(8 * MIB)).unwrap();
+        let img = t.open();
+        img.write_at(&vec![1u8; 2 * MIB as usize], 0).unwrap();
+        img.create_snapshot("s1").unwrap();
+        img.write_at(&vec![2u8; MIB as usize], MIB).unwrap();
+        img.create_snapshot("s2").unwrap();
+        img.write_at(&vec![3u8; 512 * 1024], 0).unwrap();
+        img.close().unwrap();
+        let disk = |parts: &[(u8, u64)]| {
+            let mut d = Vec::new();
+            for &(v, n) in parts {
+                d.extend(std::iter::repeat_n(v, n as usize));
+            }
+            d.resize(8 * MIB as usize, 0);
+            d
+        };
+        let active = disk(&[(3, MIB / 2), (1, MIB / 2), (2, MIB)]);
+        let s2 = disk(&[(1, MIB), (2, MIB)]);
+        let s1 = disk(&[(1, 2 * MIB)]);
+        let reftable = peek_be64(&t.path, 48);
+        let block = peek_be64(&t.path, reftable);
+        if damage == "one refcount" {
+            // Guest cluster 10 (768 KiB) was never rewritten: s1, s2 and the active disk
+            // share it (refcount 3). Make it 1.
+            let l1 = peek_be64(&t.path, 40);
+            let l2 = peek_be64(&t.path, l1) & 0x00ff_ffff_ffff_fe00;
+            let host = peek_be64(&t.path, l2 + 8 * 10) & 0x00ff_ffff_ffff_fe00;
+            let at = block + 2 * (host / 65536);
+            assert_eq!(peek_be16(&t.path, at), 3);
+            poke_be16(&t.path, at, 1);
+        } else {
+            poke_bytes(&t.path, block, &vec![0u8; 65536]);
+        }
+        let r = qemu_img(&["check", t.path.to_str().unwrap()]);
+        assert_eq!(r.code, 2, "{damage}: qemu-img must see the damage: {r}");
+        let img = t.open();
+        let rep = img.check(Some(qcow2rs::RepairMode::All)).unwrap();
+        assert!(rep.corruptions_fixed > 0, "{damage}: {rep:?}");
+        let after = img.check(None).unwrap();
+        assert!(
+            after.is_clean() && after.missing_copied == 0,
+            "{damage}: {after:?}"
+        );
+        assert_eq!(read_disk(&img), active, "{damage}: active disk");
+        img.close().unwrap();
+        t.assert_qemu_clean(&format!("{damage}: after repair"));
+        for (name, want) in [("s1", &s1), ("s2", &s2)] {
+            let v = t.view(SnapshotRef::Name(name.into()));
+            assert_eq!(&read_disk(&v), want, "{damage}: {name}");
+        }
+        let r = qemu_img(&["snapshot", "-d", "s1", t.path.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{r}");
+        t.assert_qemu_clean(&format!("{damage}: after qemu-img deleted s1"));
+        let img = t.open();
+        img.delete_snapshot("s2").unwrap();
+        assert_our_clean(&img, "after we deleted s2");
+        img.close().unwrap();
+        t.assert_qemu_clean(&format!("{damage}: after we deleted s2"));
+    }
+}
+
 /// Bad arguments to create are refused before anything changes.
 #[test]
 fn bad_snapshot_arguments() {
