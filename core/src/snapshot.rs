@@ -679,6 +679,7 @@ impl State {
             vm_clock_nsec: opts.vm_clock_nsec,
             vm_state_size: 0,
             extra,
+            raw: None,
         };
         let mut list = self.snapshots.entries().to_vec();
         list.push(entry.clone());
@@ -887,6 +888,7 @@ mod tests {
             vm_clock_nsec: 0,
             vm_state_size: 0,
             extra: Vec::new(),
+            raw: None,
         }
     }
 

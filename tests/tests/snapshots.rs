@@ -707,6 +707,47 @@ fn repair_counts_snapshot_references() {
     }
 }
 
+/// A snapshot name that is not UTF-8 (qemu-img takes any bytes) survives our rewrites of the
+/// snapshot table byte for byte; we show it with replacement characters.
+#[test]
+fn non_utf8_snapshot_names_are_kept() {
+    use std::os::unix::ffi::OsStrExt;
+    require_qemu();
+    let dir = tmpdir();
+    let p = path_in(&dir, "u.qcow2");
+    qemu_create(&p, 4 * MIB, "");
+    let raw: &[u8] = b"caf\xe9-\xff";
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-c"])
+        .arg(std::ffi::OsStr::from_bytes(raw))
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    assert_eq!(img.snapshots()[0].name, String::from_utf8_lossy(raw));
+    img.create_snapshot("second").unwrap();
+    img.delete_snapshot("second").unwrap();
+    img.close().unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.windows(raw.len()).any(|w| w == raw),
+        "the name's bytes changed: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-d"])
+        .arg(std::ffi::OsStr::from_bytes(raw))
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// Bad arguments to create are refused before anything changes.
 #[test]
 fn bad_snapshot_arguments() {

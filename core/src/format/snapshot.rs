@@ -30,9 +30,20 @@ pub struct SnapshotEntry {
     pub vm_state_size: u32,
     /// Extra data, kept byte-exact (vm_state_size_large, disk_size, icount, unknown).
     pub extra: Vec<u8>,
+    /// The ID and name bytes as stored, when either is not UTF-8 (`id` and `name` then hold
+    /// lossy copies): a rewritten table keeps them byte-exact.
+    pub raw: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl SnapshotEntry {
+    /// The ID's bytes, as stored.
+    pub fn id_bytes(&self) -> &[u8] {
+        self.raw.as_ref().map_or(self.id.as_bytes(), |r| &r.0)
+    }
+    /// The name's bytes, as stored.
+    pub fn name_bytes(&self) -> &[u8] {
+        self.raw.as_ref().map_or(self.name.as_bytes(), |r| &r.1)
+    }
     /// Virtual disk size at snapshot time, if recorded.
     pub fn disk_size(&self) -> Option<u64> {
         (self.extra.len() >= 16).then(|| be64(&self.extra, 8))
@@ -88,8 +99,12 @@ pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotEntry>, TableError>
             return Err(truncated(i, pos));
         }
         let extra = e[40..40 + extra_len].to_vec();
-        let id = String::from_utf8_lossy(&e[40 + extra_len..40 + extra_len + id_len]).into_owned();
-        let name = String::from_utf8_lossy(&e[40 + extra_len + id_len..total]).into_owned();
+        let id_raw = &e[40 + extra_len..40 + extra_len + id_len];
+        let name_raw = &e[40 + extra_len + id_len..total];
+        let id = String::from_utf8_lossy(id_raw).into_owned();
+        let name = String::from_utf8_lossy(name_raw).into_owned();
+        let raw = (id.as_bytes() != id_raw || name.as_bytes() != name_raw)
+            .then(|| (id_raw.to_vec(), name_raw.to_vec()));
         out.push(SnapshotEntry {
             l1_table_offset: be64(e, 0),
             l1_size: be32(e, 8),
@@ -100,6 +115,7 @@ pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotEntry>, TableError>
             vm_clock_nsec: be64(e, 24),
             vm_state_size: be32(e, 32),
             extra,
+            raw,
         });
         pos += total.div_ceil(8) * 8;
     }
@@ -110,7 +126,10 @@ pub fn parse(table: &[u8], count: u32) -> Result<Vec<SnapshotEntry>, TableError>
 pub fn table_size(entries: &[SnapshotEntry]) -> u64 {
     entries
         .iter()
-        .map(|e| ((40 + e.extra.len() + e.id.len() + e.name.len()) as u64).div_ceil(8) * 8)
+        .map(|e| {
+            ((40 + e.extra.len() + e.id_bytes().len() + e.name_bytes().len()) as u64).div_ceil(8)
+                * 8
+        })
         .sum()
 }
 
@@ -119,13 +138,14 @@ pub fn serialize(entries: &[SnapshotEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
         let start = out.len();
-        let total = 40 + e.extra.len() + e.id.len() + e.name.len();
+        let (id, name) = (e.id_bytes(), e.name_bytes());
+        let total = 40 + e.extra.len() + id.len() + name.len();
         out.resize(start + total.div_ceil(8) * 8, 0);
         let b = &mut out[start..];
         put64(b, 0, e.l1_table_offset);
         put32(b, 8, e.l1_size);
-        put16(b, 12, e.id.len() as u16);
-        put16(b, 14, e.name.len() as u16);
+        put16(b, 12, id.len() as u16);
+        put16(b, 14, name.len() as u16);
         put32(b, 16, e.date_sec);
         put32(b, 20, e.date_nsec);
         put64(b, 24, e.vm_clock_nsec);
@@ -134,9 +154,9 @@ pub fn serialize(entries: &[SnapshotEntry]) -> Vec<u8> {
         let mut p = 40;
         b[p..p + e.extra.len()].copy_from_slice(&e.extra);
         p += e.extra.len();
-        b[p..p + e.id.len()].copy_from_slice(e.id.as_bytes());
-        p += e.id.len();
-        b[p..p + e.name.len()].copy_from_slice(e.name.as_bytes());
+        b[p..p + id.len()].copy_from_slice(id);
+        p += id.len();
+        b[p..p + name.len()].copy_from_slice(name);
     }
     out
 }
