@@ -33,30 +33,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = os.path.join(ROOT, "target", "release", "qcow2rs")
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(cmd, **kw):
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    if r.returncode != 0:
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}")
-    return r
-
-
-def strace_syncs(path):
-    n = 0
-    with open(path) as f:
-        for line in f:
-            t = line.split()
-            if t and t[-1] in ("fdatasync", "fsync") and len(t) >= 5:
-                n += int(t[3])
-    return n
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import GiB, KiB, MiB, OURS, ROOT, log, run, strace_syncs  # noqa: E402
 
 
 def tool(which):
