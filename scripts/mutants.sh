@@ -51,6 +51,7 @@ catchers() {
         pre-barrier) echo new_l2,first_write ;;
         virgin-check) echo reuse,resize ;;
         deferred-frees | punch-late) echo reuse,discard ;;
+        repair-copied-order) echo snapshots ;;
         dirty-bit) echo dirty_bit ;;
         unlinked-flag) echo flush_window,unlinked_flag ;;
         comp-pos) echo comp_reuse ;;

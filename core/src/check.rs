@@ -12,6 +12,7 @@ use crate::format::header;
 use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED};
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::format::{self as fmt};
+use crate::mutants::active as mutant;
 use crate::offset::{HostCluster, HostOffset};
 use crate::state::State;
 
@@ -466,7 +467,7 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
     // references are one is only missing (see `CheckReport::missing_copied`): `-r leaks`
     // sets it too (fixing a leak can make one), as harmless as the leak fix itself.
     let leaks_mode = repair == Some(RepairMode::Leaks) && s.access.writable_storage();
-    if fixed && repair.is_some() && s.access.writable_storage() {
+    if fixed && repair.is_some() && s.access.writable_storage() && !mutant("repair-copied-order") {
         // A COPIED flag set below must not reach the disk before the lowered refcount that
         // justifies it (a crash between them would leave COPIED on a cluster whose stored
         // refcount is still 2).

@@ -123,6 +123,10 @@ pub const ALL: &[(&str, &str)] = &[
         "deleting a snapshot sets COPIED flags before the lowered refcounts are stable",
     ),
     (
+        "repair-copied-order",
+        "check -r sets a missing COPIED flag without waiting for the lowered refcount it relies on",
+    ),
+    (
         "punch-late",
         "freed clusters are punched out with the next batch of frees, after they may be reused",
     ),

@@ -1198,6 +1198,7 @@ fn recovery_crashes(
                 let _ = std::fs::write(base.with_extension("txt"), &text);
             }
             stats.report(&found.kinds, text);
+            note_failure(ctx.cfg);
         }
     }
 }
