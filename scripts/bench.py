@@ -513,6 +513,19 @@ def targets(results):
     return out
 
 
+def build():
+    log("building: cargo build --release -p qcow2rs-cli")
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "qcow2rs-cli"], cwd=ROOT, check=True)
+
+
+def filesystem(d):
+    """The file system type of directory d; warns when fdatasync costs nothing there."""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", d], stdout=subprocess.PIPE, text=True).stdout.strip()
+    if fs == "tmpfs":
+        log(f"warning: {d} is on tmpfs: fdatasync costs nothing there; use --dir on a disk")
+    return fs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1/32 scale, one repetition (smoke run)")
@@ -545,12 +558,9 @@ def main():
         OURS = os.path.abspath(a.ours)
         a.no_build = True
     if not a.no_build:
-        log("building: cargo build --release -p qcow2rs-cli")
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "qcow2rs-cli"], cwd=ROOT, check=True)
+        build()
     b = Bench(a)
-    fs = subprocess.run(["stat", "-f", "-c", "%T", b.dir], stdout=subprocess.PIPE, text=True).stdout.strip()
-    if fs == "tmpfs":
-        log(f"warning: {b.dir} is on tmpfs: fdatasync costs nothing there; use --dir on a disk")
+    fs = filesystem(b.dir)
     if not b.strace and not a.no_strace:
         log("strace not found: QEMU's fdatasync counts are reported as n/a")
     qv = run(["qemu-img", "--version"]).stdout.splitlines()[0]

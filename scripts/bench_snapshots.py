@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import GiB, KiB, MiB, OURS, ROOT, log, run, strace_syncs  # noqa: E402
+from bench import GiB, KiB, MiB, OURS, build, filesystem, log, run, strace_syncs  # noqa: E402
 
 
 def tool(which):
@@ -194,12 +194,9 @@ def main():
         if not shutil.which(prog):
             raise SystemExit(f"{prog} is needed (apt-get install qemu-utils)")
     if not a.no_build:
-        log("building: cargo build --release -p qcow2rs-cli")
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "qcow2rs-cli"], cwd=ROOT, check=True)
+        build()
     b = Bench(a)
-    fs = subprocess.run(["stat", "-f", "-c", "%T", b.dir], stdout=subprocess.PIPE, text=True).stdout.strip()
-    if fs == "tmpfs":
-        log(f"warning: {b.dir} is on tmpfs: fdatasync costs nothing there; use --dir on a disk")
+    fs = filesystem(b.dir)
     qv = run(["qemu-img", "--version"]).stdout.splitlines()[0]
     log(f"images in {b.dir} ({fs}); {a.data >> 20} MiB of data; {a.repeat} timed pass(es); {qv}")
     try:
