@@ -41,6 +41,7 @@ use aes::cipher::{
     consts::U16, BlockBackend, BlockClosure, BlockDecrypt, BlockEncrypt, BlockSizeUser, KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256, Block};
+use qcow2rs_vaes::Keys;
 
 /// Sector size of every qcow2 encryption method.
 pub(crate) const SECTOR: usize = 512;
@@ -53,42 +54,57 @@ const MAX_PAR: usize = 8;
 /// Buffers at least this large are split across cores.
 const PARALLEL_MIN: usize = 256 << 10;
 
-/// AES with a 128, 192 or 256-bit key. The round keys are zeroized on drop (`aes/zeroize`).
-pub(crate) enum BlockCipher {
+/// AES with a 128, 192 or 256-bit key, and its round keys for the VAES kernels where the CPU
+/// runs them. The round keys are zeroized on drop (`aes/zeroize`, and `Keys`' own drop).
+pub(crate) struct BlockCipher {
+    aes: Aes,
+    vaes: Option<Keys>,
+}
+
+enum Aes {
     Aes128(Aes128),
     Aes192(Aes192),
     Aes256(Aes256),
 }
 
 impl BlockCipher {
-    /// A cipher for `key` (16, 24 or 32 bytes).
+    /// A cipher for `key` (16, 24 or 32 bytes), with the VAES kernels if the CPU has them.
     pub(crate) fn new(key: &[u8]) -> Option<BlockCipher> {
-        Some(match key.len() {
-            16 => BlockCipher::Aes128(Aes128::new(GenericArray::from_slice(key))),
-            24 => BlockCipher::Aes192(Aes192::new(GenericArray::from_slice(key))),
-            32 => BlockCipher::Aes256(Aes256::new(GenericArray::from_slice(key))),
+        let mut c = BlockCipher::portable(key)?;
+        c.vaes = Keys::new(key);
+        Some(c)
+    }
+
+    /// A cipher for `key` that only uses the `aes` crate (for the tweak and ESSIV ciphers,
+    /// which only encrypt IVs, a block per sector).
+    pub(crate) fn portable(key: &[u8]) -> Option<BlockCipher> {
+        let aes = match key.len() {
+            16 => Aes::Aes128(Aes128::new(GenericArray::from_slice(key))),
+            24 => Aes::Aes192(Aes192::new(GenericArray::from_slice(key))),
+            32 => Aes::Aes256(Aes256::new(GenericArray::from_slice(key))),
             _ => return None,
-        })
+        };
+        Some(BlockCipher { aes, vaes: None })
     }
 
     fn encrypt(&self, blocks: &mut [Block]) {
-        match self {
-            BlockCipher::Aes128(c) => c.encrypt_blocks(blocks),
-            BlockCipher::Aes192(c) => c.encrypt_blocks(blocks),
-            BlockCipher::Aes256(c) => c.encrypt_blocks(blocks),
+        match &self.aes {
+            Aes::Aes128(c) => c.encrypt_blocks(blocks),
+            Aes::Aes192(c) => c.encrypt_blocks(blocks),
+            Aes::Aes256(c) => c.encrypt_blocks(blocks),
         }
     }
 
     /// Run `op` with this cipher's encryption (or decryption) backend.
     fn run(&self, encrypt: bool, op: impl Op) {
         let f = WithBackend(op);
-        match (self, encrypt) {
-            (BlockCipher::Aes128(c), true) => c.encrypt_with_backend(f),
-            (BlockCipher::Aes192(c), true) => c.encrypt_with_backend(f),
-            (BlockCipher::Aes256(c), true) => c.encrypt_with_backend(f),
-            (BlockCipher::Aes128(c), false) => c.decrypt_with_backend(f),
-            (BlockCipher::Aes192(c), false) => c.decrypt_with_backend(f),
-            (BlockCipher::Aes256(c), false) => c.decrypt_with_backend(f),
+        match (&self.aes, encrypt) {
+            (Aes::Aes128(c), true) => c.encrypt_with_backend(f),
+            (Aes::Aes192(c), true) => c.encrypt_with_backend(f),
+            (Aes::Aes256(c), true) => c.encrypt_with_backend(f),
+            (Aes::Aes128(c), false) => c.decrypt_with_backend(f),
+            (Aes::Aes192(c), false) => c.decrypt_with_backend(f),
+            (Aes::Aes256(c), false) => c.decrypt_with_backend(f),
         }
     }
 }
@@ -218,24 +234,56 @@ impl SectorCipher {
     }
 
     fn run_serial(&self, buf: &mut [u8], sector: u64, encrypt: bool) {
-        let (blocks, _) = InOutBuf::from(buf).into_chunks::<U16>();
-        let blocks = blocks.into_out();
+        // The VAES kernels, where the CPU has them: XTS both ways and CBC decryption.
+        let fast = match (&self.mode, encrypt) {
+            (Mode::Xts { data, .. }, _) => data.vaes.as_ref(),
+            (Mode::Cbc(c), false) => c.vaes.as_ref(),
+            (Mode::Cbc(_), true) => None,
+        };
         // The IVs (and XTS's tweaks) of up to IVS sectors are made in one call, then the
         // mode goes through those sectors.
         let mut ivs = [Block::default(); IVS];
-        for (g, group) in blocks.chunks_mut(BLOCKS * IVS).enumerate() {
-            let n = group.len() / BLOCKS;
+        for (g, group) in buf.chunks_mut(SECTOR * IVS).enumerate() {
+            let n = group.len() / SECTOR;
             self.ivgen
                 .ivs(sector.wrapping_add((g * IVS) as u64), &mut ivs[..padded(n)]);
             if let Mode::Xts { tweak, .. } = &self.mode {
                 tweak.encrypt(&mut ivs[..padded(n)]);
             }
             let ivs = &ivs[..n];
-            match (&self.mode, encrypt) {
-                (Mode::Xts { data, .. }, _) => data.run(encrypt, Xts { blocks: group, ivs }),
-                (Mode::Cbc(c), true) => c.run(true, CbcEncrypt { blocks: group, ivs }),
-                (Mode::Cbc(c), false) => c.run(false, CbcDecrypt { blocks: group, ivs }),
+            match (fast, &self.mode, encrypt) {
+                (Some(k), Mode::Xts { .. }, true) => k.xts_encrypt(group, ivs),
+                (Some(k), Mode::Xts { .. }, false) => k.xts_decrypt(group, ivs),
+                (Some(k), Mode::Cbc(_), _) => k.cbc_decrypt(group, ivs),
+                (None, mode, _) => {
+                    let (blocks, _) = InOutBuf::from(group).into_chunks::<U16>();
+                    let blocks = blocks.into_out();
+                    match (mode, encrypt) {
+                        (Mode::Xts { data, .. }, _) => data.run(encrypt, Xts { blocks, ivs }),
+                        (Mode::Cbc(c), true) => c.run(true, CbcEncrypt { blocks, ivs }),
+                        (Mode::Cbc(c), false) => c.run(false, CbcDecrypt { blocks, ivs }),
+                    }
+                }
             }
+        }
+    }
+
+    /// The same cipher without the VAES kernels (the tests check both paths).
+    #[cfg(test)]
+    fn portable(mut self) -> SectorCipher {
+        match &mut self.mode {
+            Mode::Xts { data, .. } => data.vaes = None,
+            Mode::Cbc(c) => c.vaes = None,
+        }
+        self
+    }
+
+    /// Whether the data cipher has the VAES kernels.
+    #[cfg(test)]
+    fn has_vaes(&self) -> bool {
+        match &self.mode {
+            Mode::Xts { data, .. } => data.vaes.is_some(),
+            Mode::Cbc(c) => c.vaes.is_some(),
         }
     }
 }
@@ -493,16 +541,20 @@ mod tests {
         }
     }
 
-    /// Every mode, key size and IV generator against the crates: encryption of a pattern and
-    /// decryption of unrelated bytes, in place, in buffers at an even and an odd address,
-    /// for every size in `sizes()` (the larger ones split across cores).
+    /// Every mode, key size and IV generator against the crates, with the VAES kernels (where
+    /// the CPU has them) and without: encryption of a pattern and decryption of unrelated
+    /// bytes, in place, in buffers at an even and an odd address, for every size in `sizes()`
+    /// (the larger ones split across cores).
     #[test]
     fn modes_match_the_crates() {
         for xts in [true, false] {
             for aes_len in [16usize, 24, 32] {
                 let key_len = if xts { 2 * aes_len } else { aes_len };
                 let key: Vec<u8> = (0..key_len).map(|i| i as u8 ^ 0x5a).collect();
-                for gen in [Gen::Plain, Gen::Plain64, Gen::Essiv] {
+                for (gen, vaes) in [Gen::Plain, Gen::Plain64, Gen::Essiv]
+                    .into_iter()
+                    .flat_map(|g| [(g, true), (g, false)])
+                {
                     let ours = SectorCipher {
                         mode: if xts {
                             Mode::Xts {
@@ -518,6 +570,7 @@ mod tests {
                             Gen::Essiv => IvGen::Essiv(BlockCipher::new(&ESSIV_KEY).unwrap()),
                         },
                     };
+                    let ours = if vaes { ours } else { ours.portable() };
                     let theirs = |first, buf: &mut [u8], encrypt| {
                         let f = match (xts, aes_len) {
                             (true, 16) => xts_ref::<Aes128>,
@@ -535,7 +588,9 @@ mod tests {
                         _ => (1 << 32) - 300,
                     };
                     for sectors in sizes() {
-                        let what = format!("xts {xts}, {aes_len}-byte AES, {gen:?}, {sectors}");
+                        let what = format!(
+                            "xts {xts}, {aes_len}-byte AES, {gen:?}, vaes {vaes}, {sectors}"
+                        );
                         let len = sectors * SECTOR;
                         let mut store = vec![0u8; len + 1];
                         for (data, encrypt) in [(pattern(len, 1), true), (pattern(len, 99), false)]
@@ -553,6 +608,83 @@ mod tests {
                                 assert!(buf == want, "{what}, encrypt {encrypt}, offset {at}");
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Both paths (the VAES kernels and the `aes` crate's backend) against the crates on
+    /// random keys (XTS with 128 and 256-bit AES, CBC with 128, 192 and 256), random data and
+    /// random first sectors, for every buffer of 1 to 70 sectors, at a random address
+    /// (mostly unaligned). The seed is in every failure message.
+    #[test]
+    fn random_keys_both_paths() {
+        let mut seed = [0u8; 8];
+        getrandom::getrandom(&mut seed).unwrap();
+        let seed = u64::from_le_bytes(seed) | 1;
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        if !Keys::available() {
+            eprintln!("this CPU has no VAES: only the portable path is tested");
+        }
+        let mut store = vec![0u8; 70 * SECTOR + 64];
+        for (xts, aes_len) in [
+            (true, 16),
+            (true, 32),
+            (false, 16),
+            (false, 24),
+            (false, 32),
+        ] {
+            for sectors in 1..=70 {
+                let key_len = if xts { 2 * aes_len } else { aes_len };
+                let key: Vec<u8> = (0..key_len).map(|_| next() as u8).collect();
+                let make = || SectorCipher {
+                    mode: if xts {
+                        Mode::Xts {
+                            data: BlockCipher::new(&key[..aes_len]).unwrap(),
+                            tweak: BlockCipher::portable(&key[aes_len..]).unwrap(),
+                        }
+                    } else {
+                        Mode::Cbc(BlockCipher::new(&key).unwrap())
+                    },
+                    ivgen: IvGen::Plain64,
+                };
+                let vaes = make();
+                assert_eq!(vaes.has_vaes(), Keys::available());
+                let portable = make().portable();
+                let first = next() >> (next() % 64);
+                let len = sectors * SECTOR;
+                let at = (next() % 64) as usize;
+                let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                for encrypt in [true, false] {
+                    let mut want = data.clone();
+                    let f = match (xts, aes_len) {
+                        (true, 16) => xts_ref::<Aes128>,
+                        (true, _) => xts_ref::<Aes256>,
+                        (false, 16) => cbc_ref::<Aes128>,
+                        (false, 24) => cbc_ref::<Aes192>,
+                        (false, _) => cbc_ref::<Aes256>,
+                    };
+                    f(&key, Gen::Plain64, first, &mut want, encrypt);
+                    for (name, ours) in [("vaes", &vaes), ("portable", &portable)] {
+                        let buf = &mut store[at..at + len];
+                        buf.copy_from_slice(&data);
+                        if encrypt {
+                            ours.encrypt(buf, first);
+                        } else {
+                            ours.decrypt(buf, first);
+                        }
+                        assert!(
+                            buf == want,
+                            "seed {seed:#x}: {name}, xts {xts}, {aes_len}-byte AES, \
+                             {sectors} sectors from {first} at +{at}, encrypt {encrypt}"
+                        );
                     }
                 }
             }
@@ -584,7 +716,8 @@ mod tests {
         assert_eq!(b, data);
     }
 
-    /// Single-thread throughput of the modes with AES-256 and of `aes` alone, in MiB/s (medians
+    /// Single-thread throughput of the modes with AES-256 (with the VAES kernels where the CPU
+    /// has them, and without) and of `aes` alone, in MiB/s of the thread's CPU time (medians
     /// of interleaved rounds):
     /// `cargo test --release -p qcow2rs --lib cipher::tests::throughput -- --ignored
     /// --nocapture`.
@@ -592,38 +725,63 @@ mod tests {
     #[ignore]
     fn throughput() {
         const SIZE: usize = 64 << 20;
-        // Below PARALLEL_MIN: one thread.
-        const CHUNK: usize = 128 << 10;
+        // One 64 KiB buffer over and over, as the I/O path decrypts a request right after
+        // reading it (in cache; a 64 MiB buffer measured the memory instead). Below
+        // PARALLEL_MIN: one thread.
+        const CHUNK: usize = 64 << 10;
         let key: Vec<u8> = (0..64).collect();
-        let xts = SectorCipher {
+        let mk_xts = || SectorCipher {
             mode: Mode::Xts {
                 data: BlockCipher::new(&key[..32]).unwrap(),
-                tweak: BlockCipher::new(&key[32..]).unwrap(),
+                tweak: BlockCipher::portable(&key[32..]).unwrap(),
             },
             ivgen: IvGen::Plain64,
         };
-        let cbc = SectorCipher {
+        let mk_cbc = || SectorCipher {
             mode: Mode::Cbc(BlockCipher::new(&key[..32]).unwrap()),
-            ivgen: IvGen::Essiv(BlockCipher::new(&key[32..]).unwrap()),
+            ivgen: IvGen::Essiv(BlockCipher::portable(&key[32..]).unwrap()),
         };
+        let (xts_p, cbc_p) = (mk_xts().portable(), mk_cbc().portable());
+        let (xts, cbc) = (mk_xts(), mk_cbc());
         let aes = Aes256::new(GenericArray::from_slice(&key[..32]));
-        let mut buf = pattern(SIZE, 5);
+        let mut buf = pattern(CHUNK, 5);
+        // The thread's CPU time where Linux gives it (so that other load on the machine
+        // matters less), else wall time.
+        let cpu = || {
+            std::fs::read_to_string("/proc/thread-self/schedstat")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+                .map(|ns| ns / 1e9)
+        };
         let rate = |buf: &mut [u8], f: &dyn Fn(&mut [u8], u64)| {
-            let t = std::time::Instant::now();
-            for (i, c) in buf.chunks_mut(CHUNK).enumerate() {
-                f(c, (i * CHUNK / SECTOR) as u64);
+            let (t, c0) = (std::time::Instant::now(), cpu());
+            for i in 0..SIZE / CHUNK {
+                f(buf, (i * CHUNK / SECTOR) as u64);
             }
-            SIZE as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
+            let secs = match (c0, cpu()) {
+                (Some(a), Some(b)) => b - a,
+                _ => t.elapsed().as_secs_f64(),
+            };
+            SIZE as f64 / (1 << 20) as f64 / secs
         };
         fn blocks(c: &mut [u8]) -> &mut [Block] {
             InOutBuf::from(c).into_chunks::<U16>().0.into_out()
         }
         type Run<'a> = &'a dyn Fn(&mut [u8], u64);
-        let ops: [(&str, Run); 6] = [
+        let ops: [(&str, Run); 9] = [
             ("XTS-AES-256 encrypt", &|c: &mut [u8], s| xts.encrypt(c, s)),
             ("XTS-AES-256 decrypt", &|c: &mut [u8], s| xts.decrypt(c, s)),
             ("CBC-AES-256 encrypt", &|c: &mut [u8], s| cbc.encrypt(c, s)),
             ("CBC-AES-256 decrypt", &|c: &mut [u8], s| cbc.decrypt(c, s)),
+            ("XTS-AES-256 encrypt, portable", &|c: &mut [u8], s| {
+                xts_p.encrypt(c, s)
+            }),
+            ("XTS-AES-256 decrypt, portable", &|c: &mut [u8], s| {
+                xts_p.decrypt(c, s)
+            }),
+            ("CBC-AES-256 decrypt, portable", &|c: &mut [u8], s| {
+                cbc_p.decrypt(c, s)
+            }),
             ("AES-256 encrypt_blocks", &|c: &mut [u8], _| {
                 aes.encrypt_blocks(blocks(c))
             }),
