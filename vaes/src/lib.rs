@@ -1,5 +1,6 @@
 //! Sector kernels for qcow2rs with VAES: XTS encryption and decryption and CBC decryption of
-//! 512-byte sectors, two AES blocks per instruction in 256-bit registers.
+//! 512-byte sectors, and block-by-block encryption of IVs, two AES blocks per instruction in
+//! 256-bit registers.
 //!
 //! This crate holds the SIMD code, and so the `unsafe`, that the engine (`qcow2rs`, which keeps
 //! `#![forbid(unsafe_code)]`) needs for its cipher to keep up with the page cache. Its API is
@@ -71,7 +72,7 @@ impl Keys {
     ///
     /// # Panics
     /// If `buf` is not whole sectors or there are fewer tweaks than sectors.
-    pub fn xts_encrypt<T: AsRef<[u8; 16]>>(&self, buf: &mut [u8], tweaks: &[T]) {
+    pub fn xts_encrypt(&self, buf: &mut [u8], tweaks: &[[u8; 16]]) {
         check(buf, tweaks.len());
         #[cfg(target_arch = "x86_64")]
         self.inner.xts(buf, tweaks, true);
@@ -83,10 +84,22 @@ impl Keys {
     ///
     /// # Panics
     /// If `buf` is not whole sectors or there are fewer tweaks than sectors.
-    pub fn xts_decrypt<T: AsRef<[u8; 16]>>(&self, buf: &mut [u8], tweaks: &[T]) {
+    pub fn xts_decrypt(&self, buf: &mut [u8], tweaks: &[[u8; 16]]) {
         check(buf, tweaks.len());
         #[cfg(target_arch = "x86_64")]
         self.inner.xts(buf, tweaks, false);
+        #[cfg(not(target_arch = "x86_64"))]
+        match self.never {}
+    }
+
+    /// Encrypt each 16-byte block of `buf` on its own (ECB: for IVs and XTS tweaks).
+    ///
+    /// # Panics
+    /// If `buf` is not whole blocks.
+    pub fn encrypt_blocks(&self, buf: &mut [u8]) {
+        assert!(buf.len().is_multiple_of(16), "{} bytes", buf.len());
+        #[cfg(target_arch = "x86_64")]
+        self.inner.encrypt_blocks(buf);
         #[cfg(not(target_arch = "x86_64"))]
         match self.never {}
     }
@@ -95,7 +108,7 @@ impl Keys {
     ///
     /// # Panics
     /// If `buf` is not whole sectors or there are fewer IVs than sectors.
-    pub fn cbc_decrypt<T: AsRef<[u8; 16]>>(&self, buf: &mut [u8], ivs: &[T]) {
+    pub fn cbc_decrypt(&self, buf: &mut [u8], ivs: &[[u8; 16]]) {
         check(buf, ivs.len());
         #[cfg(target_arch = "x86_64")]
         self.inner.cbc_decrypt(buf, ivs);

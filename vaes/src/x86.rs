@@ -57,29 +57,40 @@ impl Keys {
         Some(k)
     }
 
-    pub(crate) fn xts<T: AsRef<[u8; 16]>>(&self, buf: &mut [u8], tweaks: &[T], encrypt: bool) {
+    pub(crate) fn xts(&self, buf: &mut [u8], tweaks: &[[u8; 16]], encrypt: bool) {
         let keys = if encrypt { &self.enc } else { &self.dec };
         // SAFETY: a `Keys` exists only where `available()` holds, and `xts` enables no
         // feature beyond those.
         unsafe {
             match (self.rounds, encrypt) {
-                (10, true) => xts::<10, true, T>(keys, buf, tweaks),
-                (12, true) => xts::<12, true, T>(keys, buf, tweaks),
-                (_, true) => xts::<14, true, T>(keys, buf, tweaks),
-                (10, false) => xts::<10, false, T>(keys, buf, tweaks),
-                (12, false) => xts::<12, false, T>(keys, buf, tweaks),
-                (_, false) => xts::<14, false, T>(keys, buf, tweaks),
+                (10, true) => xts::<10, true>(keys, buf, tweaks),
+                (12, true) => xts::<12, true>(keys, buf, tweaks),
+                (_, true) => xts::<14, true>(keys, buf, tweaks),
+                (10, false) => xts::<10, false>(keys, buf, tweaks),
+                (12, false) => xts::<12, false>(keys, buf, tweaks),
+                (_, false) => xts::<14, false>(keys, buf, tweaks),
             }
         }
     }
 
-    pub(crate) fn cbc_decrypt<T: AsRef<[u8; 16]>>(&self, buf: &mut [u8], ivs: &[T]) {
+    pub(crate) fn encrypt_blocks(&self, blocks: &mut [u8]) {
         // SAFETY: as in `xts`.
         unsafe {
             match self.rounds {
-                10 => cbc_decrypt::<10, T>(&self.dec, buf, ivs),
-                12 => cbc_decrypt::<12, T>(&self.dec, buf, ivs),
-                _ => cbc_decrypt::<14, T>(&self.dec, buf, ivs),
+                10 => ecb_encrypt::<10>(&self.enc, blocks),
+                12 => ecb_encrypt::<12>(&self.enc, blocks),
+                _ => ecb_encrypt::<14>(&self.enc, blocks),
+            }
+        }
+    }
+
+    pub(crate) fn cbc_decrypt(&self, buf: &mut [u8], ivs: &[[u8; 16]]) {
+        // SAFETY: as in `xts`.
+        unsafe {
+            match self.rounds {
+                10 => cbc_decrypt::<10>(&self.dec, buf, ivs),
+                12 => cbc_decrypt::<12>(&self.dec, buf, ivs),
+                _ => cbc_decrypt::<14>(&self.dec, buf, ivs),
             }
         }
     }
@@ -190,61 +201,134 @@ fn mul_bytes<const B: i32, const L: i32>(t: __m256i, gf: Gf) -> __m256i {
 /// then the other pairs of the first half times x^2, x^4, x^6 and x^8 from those, and the
 /// second half's times x^16 (byte shifts).
 #[target_feature(enable = "aes,avx,avx2,vaes,vpclmulqdq")]
-fn xts<const R: usize, const ENC: bool, T: AsRef<[u8; 16]>>(
-    keys: &[__m256i; 15],
-    buf: &mut [u8],
-    tweaks: &[T],
-) {
+fn xts<const R: usize, const ENC: bool>(keys: &[__m256i; 15], buf: &mut [u8], tweaks: &[[u8; 16]]) {
     let gf = Gf {
         poly: _mm256_set_epi64x(0, 0x87, 0, 0x87),
         high: _mm256_set_epi64x(-1, 0, -1, 0),
     };
-    for (sector, t) in buf.chunks_exact_mut(SECTOR).zip(tweaks) {
-        // SAFETY: 16 bytes read from a `[u8; 16]`.
-        let t = unsafe { _mm_loadu_si128(t.as_ref().as_ptr().cast()) };
-        let t = _mm256_broadcastsi128_si256(t);
-        let mut tw = [zero(); REGS];
-        tw[0] = _mm256_blend_epi32::<0xf0>(t, mul_bits::<1, 63>(t, gf));
-        tw[1] = mul_bits::<2, 62>(tw[0], gf);
-        tw[2] = mul_bits::<4, 60>(tw[0], gf);
-        tw[3] = mul_bits::<6, 58>(tw[0], gf);
-        for j in 4..REGS {
-            tw[j] = mul_bytes::<1, 15>(tw[j - 4], gf);
+    let sectors = (buf.len() / SECTOR).min(tweaks.len());
+    let Some(first) = tweaks.first() else {
+        return;
+    };
+    // The first half's tweaks of the next sector are made while this sector's second half goes
+    // through the rounds.
+    let mut next = first_tweaks(first, gf);
+    for (s, sector) in buf.chunks_exact_mut(SECTOR).take(sectors).enumerate() {
+        let (a, b) = sector.split_at_mut(SECTOR / 2);
+        let tw = next;
+        xts_half::<R, ENC>(keys, a, &tw);
+        let mut tw2 = [zero(); REGS];
+        for (t2, t) in tw2.iter_mut().zip(&tw) {
+            *t2 = mul_bytes::<2, 14>(*t, gf);
         }
-        for (h, blocks) in sector.chunks_exact_mut(SECTOR / 2).enumerate() {
-            if h == 1 {
-                for tw in &mut tw {
-                    *tw = mul_bytes::<2, 14>(*tw, gf);
-                }
-            }
-            let p = blocks.as_mut_ptr().cast::<__m256i>();
-            let mut x = [zero(); REGS];
-            for (j, x) in x.iter_mut().enumerate() {
-                // SAFETY: register j is bytes 32j..32j+32 of the 256-byte half.
-                let v = unsafe { _mm256_loadu_si256(p.add(j)) };
-                *x = _mm256_xor_si256(v, _mm256_xor_si256(tw[j], keys[0]));
-            }
-            for k in &keys[1..R] {
-                let k = &round_key(k);
-                for x in &mut x {
-                    *x = if ENC {
-                        _mm256_aesenc_epi128(*x, *k)
-                    } else {
-                        _mm256_aesdec_epi128(*x, *k)
-                    };
-                }
-            }
-            for (j, x) in x.iter().enumerate() {
-                let last = _mm256_xor_si256(keys[R], tw[j]);
-                let v = if ENC {
-                    _mm256_aesenclast_epi128(*x, last)
-                } else {
-                    _mm256_aesdeclast_epi128(*x, last)
-                };
-                // SAFETY: as for the load.
-                unsafe { _mm256_storeu_si256(p.add(j), v) };
+        if let Some(t) = tweaks.get(s + 1) {
+            next = first_tweaks(t, gf);
+        }
+        xts_half::<R, ENC>(keys, b, &tw2);
+    }
+}
+
+/// The tweaks of a sector's first sixteen blocks from its encrypted IV `t`: blocks 0 and 1
+/// (`T`, `T * x`), then the other pairs times x^2, x^4, x^6 and x^8 from those.
+#[inline]
+#[target_feature(enable = "avx2,vpclmulqdq")]
+fn first_tweaks(t: &[u8; 16], gf: Gf) -> [__m256i; REGS] {
+    // SAFETY: 16 bytes read from a `[u8; 16]`.
+    let t = unsafe { _mm_loadu_si128(t.as_ptr().cast()) };
+    let t = _mm256_broadcastsi128_si256(t);
+    let mut tw = [zero(); REGS];
+    tw[0] = _mm256_blend_epi32::<0xf0>(t, mul_bits::<1, 63>(t, gf));
+    tw[1] = mul_bits::<2, 62>(tw[0], gf);
+    tw[2] = mul_bits::<4, 60>(tw[0], gf);
+    tw[3] = mul_bits::<6, 58>(tw[0], gf);
+    for j in 4..REGS {
+        tw[j] = mul_bytes::<1, 15>(tw[j - 4], gf);
+    }
+    tw
+}
+
+/// XTS of half a sector (256 bytes) with its tweaks, two blocks per register.
+#[inline]
+#[target_feature(enable = "aes,avx,avx2,vaes")]
+fn xts_half<const R: usize, const ENC: bool>(
+    keys: &[__m256i; 15],
+    blocks: &mut [u8],
+    tw: &[__m256i; REGS],
+) {
+    assert_eq!(blocks.len(), SECTOR / 2);
+    let p = blocks.as_mut_ptr().cast::<__m256i>();
+    let mut x = [zero(); REGS];
+    for (j, x) in x.iter_mut().enumerate() {
+        // SAFETY: register j is bytes 32j..32j+32 of the 256 bytes.
+        let v = unsafe { _mm256_loadu_si256(p.add(j)) };
+        *x = _mm256_xor_si256(v, _mm256_xor_si256(tw[j], keys[0]));
+    }
+    for k in &keys[1..R] {
+        let k = &round_key(k);
+        for x in &mut x {
+            *x = if ENC {
+                _mm256_aesenc_epi128(*x, *k)
+            } else {
+                _mm256_aesdec_epi128(*x, *k)
+            };
+        }
+    }
+    for (j, x) in x.iter().enumerate() {
+        let last = _mm256_xor_si256(keys[R], tw[j]);
+        let v = if ENC {
+            _mm256_aesenclast_epi128(*x, last)
+        } else {
+            _mm256_aesdeclast_epi128(*x, last)
+        };
+        // SAFETY: as for the load.
+        unsafe { _mm256_storeu_si256(p.add(j), v) };
+    }
+}
+
+/// Encryption of each 16-byte block of `buf` on its own (for IVs and tweaks): sixteen blocks
+/// at a time, then two, then one.
+#[target_feature(enable = "aes,avx,avx2,vaes")]
+fn ecb_encrypt<const R: usize>(keys: &[__m256i; 15], buf: &mut [u8]) {
+    let mut wide = buf.chunks_exact_mut(SECTOR / 2);
+    for blocks in &mut wide {
+        let p = blocks.as_mut_ptr().cast::<__m256i>();
+        let mut x = [zero(); REGS];
+        for (j, x) in x.iter_mut().enumerate() {
+            // SAFETY: register j is bytes 32j..32j+32 of the 256 bytes.
+            *x = _mm256_xor_si256(unsafe { _mm256_loadu_si256(p.add(j)) }, keys[0]);
+        }
+        for k in &keys[1..R] {
+            let k = &round_key(k);
+            for x in &mut x {
+                *x = _mm256_aesenc_epi128(*x, *k);
             }
         }
+        for (j, x) in x.iter().enumerate() {
+            // SAFETY: as for the load.
+            unsafe { _mm256_storeu_si256(p.add(j), _mm256_aesenclast_epi128(*x, keys[R])) };
+        }
+    }
+    let mut pairs = wide.into_remainder().chunks_exact_mut(32);
+    for pair in &mut pairs {
+        let p = pair.as_mut_ptr().cast::<__m256i>();
+        // SAFETY: 32 bytes.
+        let mut x = _mm256_xor_si256(unsafe { _mm256_loadu_si256(p) }, keys[0]);
+        for k in &keys[1..R] {
+            x = _mm256_aesenc_epi128(x, *k);
+        }
+        // SAFETY: as for the load.
+        unsafe { _mm256_storeu_si256(p, _mm256_aesenclast_epi128(x, keys[R])) };
+    }
+    for one in pairs.into_remainder().chunks_exact_mut(16) {
+        let p = one.as_mut_ptr().cast::<__m128i>();
+        let lo = |k: __m256i| _mm256_castsi256_si128(k);
+        // SAFETY: 16 bytes.
+        let mut x = _mm_xor_si128(unsafe { _mm_loadu_si128(p) }, lo(keys[0]));
+        for k in &keys[1..R] {
+            x = _mm_aesenc_si128(x, lo(*k));
+        }
+        // SAFETY: as for the load.
+        unsafe { _mm_storeu_si128(p, _mm_aesenclast_si128(x, lo(keys[R]))) };
     }
 }
 
@@ -253,14 +337,10 @@ fn xts<const R: usize, const ENC: bool, T: AsRef<[u8; 16]>>(
 /// the ciphertext a half needs is loaded before that half is overwritten, and the half's last
 /// ciphertext block is carried to the next.
 #[target_feature(enable = "aes,avx,avx2,vaes")]
-fn cbc_decrypt<const R: usize, T: AsRef<[u8; 16]>>(
-    keys: &[__m256i; 15],
-    buf: &mut [u8],
-    ivs: &[T],
-) {
+fn cbc_decrypt<const R: usize>(keys: &[__m256i; 15], buf: &mut [u8], ivs: &[[u8; 16]]) {
     for (sector, iv) in buf.chunks_exact_mut(SECTOR).zip(ivs) {
         // SAFETY: 16 bytes read from a `[u8; 16]`.
-        let mut prev = unsafe { _mm_loadu_si128(iv.as_ref().as_ptr().cast()) };
+        let mut prev = unsafe { _mm_loadu_si128(iv.as_ptr().cast()) };
         for blocks in sector.chunks_exact_mut(SECTOR / 2) {
             let b = blocks.as_mut_ptr();
             let p = b.cast::<__m256i>();
@@ -347,6 +427,35 @@ mod tests {
                     assert_eq!(&enc[..], &want[..], "{len}-byte key, seed {seed}");
                     assert_eq!(&dec[..], b, "{len}-byte key, seed {seed}");
                 }
+            }
+        }
+    }
+
+    /// `encrypt_blocks` (sixteen, two and one block at a time) against the `aes` crate, for
+    /// every count of blocks from 0 to 40 and each key size.
+    #[test]
+    fn ecb_matches_the_aes_crate() {
+        if !available() {
+            eprintln!("no VAES on this CPU: skipped");
+            return;
+        }
+        for len in [16, 24, 32] {
+            let key = bytes(len, len as u64);
+            let k = crate::Keys::new(&key).unwrap();
+            for n in 0..=40 {
+                let data = bytes(16 * n, n as u64 + 100);
+                let mut want = data.clone();
+                for b in want.chunks_mut(16) {
+                    let b = GenericArray::from_mut_slice(b);
+                    match len {
+                        16 => aes::Aes128::new_from_slice(&key).unwrap().encrypt_block(b),
+                        24 => aes::Aes192::new_from_slice(&key).unwrap().encrypt_block(b),
+                        _ => aes::Aes256::new_from_slice(&key).unwrap().encrypt_block(b),
+                    }
+                }
+                let mut got = data.clone();
+                k.encrypt_blocks(&mut got);
+                assert_eq!(got, want, "{len}-byte key, {n} blocks");
             }
         }
     }

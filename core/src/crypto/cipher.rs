@@ -48,6 +48,8 @@ pub(crate) const SECTOR: usize = 512;
 const BLOCKS: usize = SECTOR / 16;
 /// Sectors whose IVs are made in one call.
 const IVS: usize = 64;
+/// An IV (or an encrypted XTS tweak).
+type Iv = [u8; 16];
 /// Most blocks a backend takes in one parallel call (AES-NI's eight; the software backends
 /// take two or four).
 const MAX_PAR: usize = 8;
@@ -75,9 +77,8 @@ impl BlockCipher {
         Some(c)
     }
 
-    /// A cipher for `key` that only uses the `aes` crate (for the tweak and ESSIV ciphers,
-    /// which only encrypt IVs, a block per sector).
-    pub(crate) fn portable(key: &[u8]) -> Option<BlockCipher> {
+    /// A cipher for `key` that only uses the `aes` crate.
+    fn portable(key: &[u8]) -> Option<BlockCipher> {
         let aes = match key.len() {
             16 => Aes::Aes128(Aes128::new(GenericArray::from_slice(key))),
             24 => Aes::Aes192(Aes192::new(GenericArray::from_slice(key))),
@@ -87,7 +88,14 @@ impl BlockCipher {
         Some(BlockCipher { aes, vaes: None })
     }
 
-    fn encrypt(&self, blocks: &mut [Block]) {
+    /// Encrypt each block of `blocks` on its own.
+    fn encrypt(&self, blocks: &mut [Iv]) {
+        let bytes = blocks.as_flattened_mut();
+        if let Some(k) = &self.vaes {
+            return k.encrypt_blocks(bytes);
+        }
+        let (blocks, _) = InOutBuf::from(bytes).into_chunks::<U16>();
+        let blocks = blocks.into_out();
         match &self.aes {
             Aes::Aes128(c) => c.encrypt_blocks(blocks),
             Aes::Aes192(c) => c.encrypt_blocks(blocks),
@@ -162,10 +170,10 @@ pub(crate) enum IvGen {
 }
 
 impl IvGen {
-    fn ivs(&self, first: u64, out: &mut [Block]) {
+    fn ivs(&self, first: u64, out: &mut [Iv]) {
         for (i, iv) in out.iter_mut().enumerate() {
             let n = first.wrapping_add(i as u64);
-            *iv = Block::default();
+            *iv = [0; 16];
             match self {
                 IvGen::Plain => iv[..4].copy_from_slice(&(n as u32).to_le_bytes()),
                 IvGen::Plain64 | IvGen::Essiv(_) => iv[..8].copy_from_slice(&n.to_le_bytes()),
@@ -242,7 +250,7 @@ impl SectorCipher {
         };
         // The IVs (and XTS's tweaks) of up to IVS sectors are made in one call, then the
         // mode goes through those sectors.
-        let mut ivs = [Block::default(); IVS];
+        let mut ivs = [[0u8; 16]; IVS];
         for (g, group) in buf.chunks_mut(SECTOR * IVS).enumerate() {
             let n = group.len() / SECTOR;
             self.ivgen
@@ -272,8 +280,14 @@ impl SectorCipher {
     #[cfg(test)]
     fn portable(mut self) -> SectorCipher {
         match &mut self.mode {
-            Mode::Xts { data, .. } => data.vaes = None,
+            Mode::Xts { data, tweak } => {
+                data.vaes = None;
+                tweak.vaes = None;
+            }
             Mode::Cbc(c) => c.vaes = None,
+        }
+        if let IvGen::Essiv(c) = &mut self.ivgen {
+            c.vaes = None;
         }
         self
     }
@@ -301,8 +315,8 @@ fn xor(a: &mut Block, b: &Block) {
 
 /// A tweak: 16 bytes as a little-endian 128-bit number (IEEE 1619 numbers its bits so).
 #[inline(always)]
-fn tweak(b: &Block) -> u128 {
-    u128::from_le_bytes((*b).into())
+fn tweak(b: &Iv) -> u128 {
+    u128::from_le_bytes(*b)
 }
 
 /// Fill `out` with the tweaks from `t` on, multiplying by alpha: shift left, folding the
@@ -319,7 +333,7 @@ fn tweaks(mut t: u128, out: &mut [Block]) -> u128 {
 /// XTS on whole sectors; `ivs` holds their encrypted IVs.
 struct Xts<'a> {
     blocks: &'a mut [Block],
-    ivs: &'a [Block],
+    ivs: &'a [Iv],
 }
 
 impl Op for Xts<'_> {
@@ -366,7 +380,7 @@ impl Op for Xts<'_> {
 /// block); in a short last set, lanes past the last sector are padding.
 struct CbcEncrypt<'a> {
     blocks: &'a mut [Block],
-    ivs: &'a [Block],
+    ivs: &'a [Iv],
 }
 
 impl Op for CbcEncrypt<'_> {
@@ -377,7 +391,9 @@ impl Op for CbcEncrypt<'_> {
         let lane = &mut lanes[..p];
         for (part, ivs) in self.blocks.chunks_mut(BLOCKS * p).zip(self.ivs.chunks(p)) {
             let n = ivs.len();
-            lane[..n].copy_from_slice(ivs);
+            for (l, iv) in lane.iter_mut().zip(ivs) {
+                *l = Block::from(*iv);
+            }
             if n == p {
                 for i in 0..BLOCKS {
                     for (j, l) in lane.iter_mut().enumerate() {
@@ -410,7 +426,7 @@ impl Op for CbcEncrypt<'_> {
 /// CBC decryption of whole sectors with IVs `ivs`, `P` blocks per call.
 struct CbcDecrypt<'a> {
     blocks: &'a mut [Block],
-    ivs: &'a [Block],
+    ivs: &'a [Iv],
 }
 
 impl Op for CbcDecrypt<'_> {
@@ -421,7 +437,7 @@ impl Op for CbcDecrypt<'_> {
         let out = &mut scratch[..p];
         for (sector, iv) in self.blocks.chunks_exact_mut(BLOCKS).zip(self.ivs) {
             // The ciphertext block before the chunk (overwritten by then).
-            let mut prev = *iv;
+            let mut prev = Block::from(*iv);
             for chunk in sector.chunks_exact_mut(p) {
                 let input = GenericArray::from_slice(chunk);
                 b.proc_par_blocks((input, GenericArray::from_mut_slice(out)).into());
@@ -648,7 +664,7 @@ mod tests {
                     mode: if xts {
                         Mode::Xts {
                             data: BlockCipher::new(&key[..aes_len]).unwrap(),
-                            tweak: BlockCipher::portable(&key[aes_len..]).unwrap(),
+                            tweak: BlockCipher::new(&key[aes_len..]).unwrap(),
                         }
                     } else {
                         Mode::Cbc(BlockCipher::new(&key).unwrap())
@@ -733,13 +749,13 @@ mod tests {
         let mk_xts = || SectorCipher {
             mode: Mode::Xts {
                 data: BlockCipher::new(&key[..32]).unwrap(),
-                tweak: BlockCipher::portable(&key[32..]).unwrap(),
+                tweak: BlockCipher::new(&key[32..]).unwrap(),
             },
             ivgen: IvGen::Plain64,
         };
         let mk_cbc = || SectorCipher {
             mode: Mode::Cbc(BlockCipher::new(&key[..32]).unwrap()),
-            ivgen: IvGen::Essiv(BlockCipher::portable(&key[32..]).unwrap()),
+            ivgen: IvGen::Essiv(BlockCipher::new(&key[32..]).unwrap()),
         };
         let (xts_p, cbc_p) = (mk_xts().portable(), mk_cbc().portable());
         let (xts, cbc) = (mk_xts(), mk_cbc());

@@ -326,7 +326,7 @@ impl CipherSpec {
         let mode = match self.mode {
             CipherMode::Xts => Mode::Xts {
                 data: BlockCipher::new(&key[..aes]).expect("AES key length"),
-                tweak: BlockCipher::portable(&key[aes..2 * aes]).expect("AES key length"),
+                tweak: BlockCipher::new(&key[aes..2 * aes]).expect("AES key length"),
             },
             CipherMode::Cbc => Mode::Cbc(BlockCipher::new(&key[..aes]).expect("AES key length")),
         };
@@ -335,7 +335,7 @@ impl CipherSpec {
             IvGenAlg::Plain64 => IvGen::Plain64,
             IvGenAlg::Essiv => {
                 let h = self.ivgen_hash.unwrap_or(HashAlg::Sha256).hash(&[key]);
-                IvGen::Essiv(BlockCipher::portable(&h).expect("validated ESSIV hash length"))
+                IvGen::Essiv(BlockCipher::new(&h).expect("validated ESSIV hash length"))
             }
         };
         SectorCipher { mode, ivgen }
