@@ -39,7 +39,12 @@ pub fn parse_format(name: &str) -> CliResult<Format> {
 /// `Could not open 'X': ...` for a failure while opening an image.
 pub fn open_error(path: &str, e: &qcow2rs::Error) -> CliError {
     match e {
-        qcow2rs::Error::Io { source, .. } => CliError::new(format!(
+        // The file itself could not be opened: qemu-img's wording.
+        qcow2rs::Error::Io {
+            source,
+            file,
+            context,
+        } if file == path && context == "Could not open" => CliError::new(format!(
             "Could not open '{path}': Could not open '{path}': {}",
             io_text(source)
         )),

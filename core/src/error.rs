@@ -68,6 +68,19 @@ pub enum Error {
         /// What was not found (`snapshot 'name'`).
         what: String,
     },
+    /// The backing file named by an image could not be opened, or the open options'
+    /// [`crate::BackingPolicy`] refused it. `source` says why: `NotFound` for a missing file,
+    /// `PermissionDenied` for a file the policy refuses (or the OS does), `InvalidInput` for a
+    /// file that cannot be a backing file (a directory, a FIFO, a socket).
+    Backing {
+        /// The image whose header names the backing file.
+        file: String,
+        /// The backing file's name, as the image names it, resolved against the image's
+        /// directory (as qemu shows it).
+        backing: String,
+        /// Why it could not be opened.
+        source: io::Error,
+    },
     /// The host file system is full.
     NoSpace {
         /// The file.
@@ -160,6 +173,12 @@ impl Error {
             Error::Locked { .. } => 11,
             Error::NoSpace { .. } => 28,
             Error::NotFound { .. } => 2,
+            Error::Backing { source, .. } => source.raw_os_error().unwrap_or(match source.kind() {
+                io::ErrorKind::NotFound => 2,
+                io::ErrorKind::PermissionDenied => 13,
+                io::ErrorKind::InvalidInput => 22,
+                _ => 5,
+            }),
         }
     }
 }
@@ -193,6 +212,15 @@ impl fmt::Display for Error {
                 write!(f, "{file}: {context}: No space left on device")
             }
             Error::NotFound { file, what } => write!(f, "{file}: {what} not found"),
+            Error::Backing {
+                file,
+                backing,
+                source,
+            } => write!(
+                f,
+                "{file}: Could not open backing file '{backing}': {}",
+                io_text(source)
+            ),
         }
     }
 }
@@ -200,8 +228,17 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::Backing { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// An OS error's text without Rust's " (os error N)" suffix, as strerror says it.
+fn io_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }

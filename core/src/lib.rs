@@ -60,7 +60,9 @@ pub use error::{Error, Result};
 pub use image::Image;
 pub use keyslots::{KeySlotChange, KeySlotState};
 pub use map::{ImageInfo, MapEntry};
-pub use options::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
+pub use options::{
+    BackingPolicy, CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation,
+};
 pub use snapshot::{SnapshotInfo, SnapshotOptions, SnapshotRef};
 pub use storage::{FileStorage, MemStorage, Storage};
 

@@ -152,6 +152,7 @@ impl Image {
                     bf,
                     backing_format.as_deref(),
                     opts.backing_password.as_ref(),
+                    &crate::BackingPolicy::Any,
                     &mut chain,
                 )?;
                 if size == 0 {
@@ -299,7 +300,7 @@ impl Image {
         Image::open_storage_chain(storage, name, opts, &mut Vec::new())
     }
 
-    fn open_storage_chain(
+    pub(crate) fn open_storage_chain(
         storage: Arc<dyn Storage>,
         name: &str,
         opts: &OpenOptions,
@@ -416,15 +417,16 @@ impl Image {
             read_only = true;
             ro_reason = "the image is marked corrupt; repair it with check -r all".into();
         }
-        let backing = match (&h.backing_file, opts.open_backing) {
-            (Some(bf), true) => Some(backing::open(
+        let backing = match (&h.backing_file, opts.backing_policy()) {
+            (Some(_), crate::BackingPolicy::None) | (None, _) => None,
+            (Some(bf), policy) => Some(backing::open(
                 name,
                 bf,
                 h.backing_format().as_deref(),
                 opts.backing_password.as_ref(),
+                &policy,
                 chain,
             )?),
-            _ => None,
         };
         let l2_cap = match opts.l2_cache_size {
             Some(b) => (b / cs) as usize,
