@@ -1,7 +1,7 @@
 """The native half of qcow2rs (private: import ``qcow2rs``)."""
 
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 
 __version__: str
 
@@ -49,6 +49,7 @@ def open(
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
+    backing: Union[str, Iterable[Union[str, os.PathLike[str]]], None] = None,
 ) -> NativeImage: ...
 @final
 class NativeImage:
