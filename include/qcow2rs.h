@@ -59,6 +59,15 @@
 #define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
 
 /**
+ * Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
+ * L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
+ * where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
+ * reports the damage; reading a cluster the file no longer holds fails with
+ * `QCOW2_ERR_CORRUPT`.
+ */
+#define QCOW2_OPEN_DAMAGED (1 << 5)
+
+/**
  * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are
  * decimal numbers (the highest numeric ID plus one, QEMU's rule) of at most 20 digits. The size
  * `qcow2_snapshot_create` requires of its `id_buf`. IDs written by other programs may be longer.

@@ -83,7 +83,15 @@ pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
 /// check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
 pub const QCOW2_OPEN_WITHOUT_KEY: u32 = 1 << 4;
 
-const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_RDONLY
+/// Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
+/// L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
+/// where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
+/// reports the damage; reading a cluster the file no longer holds fails with
+/// `QCOW2_ERR_CORRUPT`.
+pub const QCOW2_OPEN_DAMAGED: u32 = 1 << 5;
+
+const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_DAMAGED
+    | QCOW2_OPEN_RDONLY
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_LAZY_REFCOUNTS
     | QCOW2_OPEN_NO_LAZY_REFCOUNTS
@@ -424,6 +432,7 @@ impl qcow2_open_options {
                 "opts->backing_password",
             )?,
             without_key: has(QCOW2_OPEN_WITHOUT_KEY),
+            damaged: has(QCOW2_OPEN_DAMAGED),
             snapshot: ffi::optional_str(self.snapshot, "opts->snapshot")?
                 .map(|s| SnapshotRef::IdOrName(s.to_string())),
         })

@@ -306,6 +306,11 @@ impl Image {
         opts: &OpenOptions,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Image> {
+        if opts.damaged && !opts.read_only {
+            return Err(Error::invalid(format!(
+                "{name}: a damaged image can only be opened read-only"
+            )));
+        }
         let file_len = storage.len().map_err(|e| Error::io(name, "stat", e))?;
         if file_len < header::V2_HEADER_LEN as u64 {
             return Err(Error::corrupt(
@@ -351,7 +356,19 @@ impl Image {
             if len == 0 {
                 return Ok(Vec::new());
             }
-            if off.checked_add(len).is_none_or(|e| e > file_len) {
+            let end = off.checked_add(len);
+            if opts.damaged && end.is_some() && len <= 32 << 20 {
+                // What the file still holds, zeros past its end (as QEMU reads it).
+                let mut b = vec![0u8; len as usize];
+                let have = file_len.saturating_sub(off).min(len) as usize;
+                if have > 0 {
+                    storage
+                        .read_at(&mut b[..have], off)
+                        .map_err(|e| Error::io(name, format!("read {what}"), e))?;
+                }
+                return Ok(b);
+            }
+            if end.is_none_or(|e| e > file_len) {
                 return Err(Error::corrupt(
                     name,
                     format!("{what} at {off:#x} ({len} bytes) lies past the end of the file"),
@@ -450,12 +467,15 @@ impl Image {
         let clear_autoclear =
             !read_only && h.autoclear_features & !header::AUTOCLEAR_DATA_FILE_RAW != 0;
         let geo = Geometry::new(cb, h.extended_l2(), h.refcount_order);
-        let file = HostFile::new(
+        let mut file = HostFile::new(
             name,
             storage.clone(),
             file_len,
             opts.cache == CacheMode::Unsafe,
         );
+        if opts.damaged {
+            file.set_damaged();
+        }
         let state = State {
             geo,
             file,

@@ -243,6 +243,12 @@ pub struct OpenOptions {
     /// Open an encrypted image without its password, for inspection: `info`, `map` and `check`
     /// work; reading or writing guest data fails with [`Error::NeedKey`].
     pub without_key: bool,
+    /// Open a damaged image for inspection and rescue: an L1, refcount or snapshot table that
+    /// lies (partly) past the end of a truncated file reads as zeros where the file ends, as
+    /// QEMU reads it, instead of failing the open. Needs `read_only`. `check` then reports the
+    /// damage (as qemu-img check does); reading a cluster that the file no longer holds still
+    /// fails with [`crate::Error::Corrupt`], naming the guest offset.
+    pub damaged: bool,
     /// Open an internal snapshot instead of the active disk: a read-only view of what the
     /// disk held when the snapshot was taken (`qemu-img convert -l`). Needs `read_only`.
     pub snapshot: Option<crate::SnapshotRef>,
@@ -261,6 +267,7 @@ impl Default for OpenOptions {
             password: None,
             backing_password: None,
             without_key: false,
+            damaged: false,
             snapshot: None,
         }
     }
