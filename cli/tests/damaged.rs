@@ -81,3 +81,67 @@ fn repair_of_a_truncated_image_is_refused_not_made_worse() {
     );
     assert_eq!(std::fs::read(dir.join("t.qcow2")).unwrap(), before);
 }
+
+#[test]
+fn convert_names_the_damaged_range_and_salvage_rescues_the_rest() {
+    let t = tmp();
+    let dir = t.path();
+    image(dir);
+    // Cut inside the first data cluster: 32 KiB of it remain; the other 31 clusters of the
+    // first MiB and the whole second data MiB are gone.
+    cut(dir, 0x58000);
+    let r = ours(dir, &["convert", "-O", "raw", "t.qcow2", "o.raw"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .starts_with("qcow2rs: error while reading at byte 65536: ")
+            && r.stderr.contains("guest offset 0x10000")
+            && r.stderr.contains("past the end of the file"),
+        "{}",
+        r.stderr
+    );
+    // (cut, bytes skipped, warnings about tables cut short)
+    for (len, skipped, tables) in [
+        (0x58000u64, 0x1f0000u64, 0),
+        (0x48000, 0x200000, 0),
+        (0x30000, 0, 1),
+        (0x18000, 0, 2),
+    ] {
+        cut(dir, len);
+        let r = ours(
+            dir,
+            &["convert", "--salvage", "-O", "raw", "t.qcow2", "o.raw"],
+        );
+        assert_eq!(r.code, 0, "cut at {len:#x}: {}", r.stderr);
+        // qemu-img reads what lies past the end of the file as zeros: the same bytes.
+        qemu_img(dir, &["convert", "-O", "raw", "t.qcow2", "q.raw"]).expect(0);
+        let ours_raw = std::fs::read(dir.join("o.raw")).unwrap();
+        assert!(
+            ours_raw == std::fs::read(dir.join("q.raw")).unwrap(),
+            "cut at {len:#x}"
+        );
+        if len == 0x58000 {
+            assert!(ours_raw[..0x8000].iter().all(|&b| b == 0xaa));
+        }
+        let total = format!(
+            "qcow2rs: warning: --salvage: {skipped} bytes of 't.qcow2' could not be read and were written as zeros\n"
+        );
+        if skipped > 0 {
+            assert!(r.stderr.ends_with(&total), "cut at {len:#x}: {}", r.stderr);
+            assert!(
+                r.stderr.contains("error while reading offset "),
+                "{}",
+                r.stderr
+            );
+        } else {
+            assert!(!r.stderr.contains("--salvage"), "{}", r.stderr);
+        }
+        assert_eq!(
+            r.stderr.matches("lies past the end of the file (").count()
+                - r.stderr.matches("data cluster").count(),
+            tables,
+            "cut at {len:#x}: {}",
+            r.stderr
+        );
+    }
+}

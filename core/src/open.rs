@@ -352,6 +352,7 @@ impl Image {
             opts.without_key,
         )?
         .map(Arc::new);
+        let damage = std::cell::RefCell::new(Vec::new());
         let read_table = |off: u64, len: u64, what: &str, field: u64| -> Result<Vec<u8>> {
             if len == 0 {
                 return Ok(Vec::new());
@@ -361,6 +362,12 @@ impl Image {
                 // What the file still holds, zeros past its end (as QEMU reads it).
                 let mut b = vec![0u8; len as usize];
                 let have = file_len.saturating_sub(off).min(len) as usize;
+                if (have as u64) < len {
+                    damage.borrow_mut().push(format!(
+                        "{what} at {off:#x} ({len} bytes) lies past the end of the file ({file_len} bytes): {} bytes of it read as zeros",
+                        len - have as u64
+                    ));
+                }
                 if have > 0 {
                     storage
                         .read_at(&mut b[..have], off)
@@ -474,7 +481,7 @@ impl Image {
             opts.cache == CacheMode::Unsafe,
         );
         if opts.damaged {
-            file.set_damaged();
+            file.set_damaged(damage.take());
         }
         let state = State {
             geo,
