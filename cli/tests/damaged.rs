@@ -145,3 +145,60 @@ fn convert_names_the_damaged_range_and_salvage_rescues_the_rest() {
         );
     }
 }
+
+#[test]
+fn map_shows_what_it_can_then_names_the_damaged_range() {
+    let t = tmp();
+    let dir = t.path();
+    // 4 KiB clusters: each L2 table covers 2 MiB. The second one (at 0x205000, made for the
+    // write at 2 MiB) is cut short; the first 2 MiB are whole.
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            "img.qcow2",
+            "4M",
+        ],
+    )
+    .expect(0);
+    qemu_io(
+        dir,
+        &[
+            "-c",
+            "write -P 0xaa 0 3M",
+            "-c",
+            "write -P 0xbb 3M 1M",
+            "img.qcow2",
+        ],
+    )
+    .expect(0);
+    cut(dir, 0x205800);
+    // qemu-img maps what the cut table's remaining bytes say, to clusters past the end of the
+    // file, and exits 0; we show the whole part and name the damaged range.
+    let q = qemu_img(dir, &["map", "t.qcow2"]).expect(0);
+    assert!(q.stdout.contains("0x206000"), "{}", q.stdout);
+    let r = ours(dir, &["map", "t.qcow2"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        "Offset          Length          Mapped to       File\n0               0x200000        0x5000          t.qcow2\n"
+    );
+    assert!(
+        r.stderr.starts_with(
+            "qcow2rs: Could not read file metadata: guest range 0x200000..0x210000 is damaged: "
+        ) && r.stderr.contains("L2 table at 0x205000"),
+        "{}",
+        r.stderr
+    );
+    let r = ours(dir, &["map", "--output=json", "t.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.stdout,
+        "[{ \"start\": 0, \"length\": 2097152, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": 20480}]\n"
+    );
+}
