@@ -112,7 +112,7 @@ pub(crate) fn open(
     open_inner(overlay, backing, format, password, policy, chain).map_err(|e| {
         // Errors deep in a chain are reported once, against the image the user opened.
         if top {
-            e.in_backing_of(overlay, backing)
+            e.in_backing_of(overlay, &resolve(overlay, backing).display().to_string())
         } else {
             e
         }

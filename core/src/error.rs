@@ -125,9 +125,16 @@ impl Error {
     }
 
     /// The same error, reported against the overlay whose backing file failed to open: the
-    /// message names the image the user opened, then the backing file and what is wrong.
+    /// message names the image the user opened, then the backing file (`backing`, resolved as
+    /// it was opened) and what is wrong, each once. A file deeper in the chain is named too.
     pub(crate) fn in_backing_of(self, overlay: &str, backing: &str) -> Error {
-        let prefix = format!("Could not open backing file '{backing}'");
+        let prefix = |file: &str| {
+            if file == backing {
+                format!("Could not open backing file '{backing}'")
+            } else {
+                format!("Could not open backing file '{backing}': {file}")
+            }
+        };
         match self {
             Error::Io {
                 file,
@@ -135,27 +142,21 @@ impl Error {
                 source,
             } => Error::Io {
                 file: overlay.to_string(),
-                context: format!("{prefix}: {file}: {context}"),
+                context: format!("{}: {context}", prefix(&file)),
                 source,
             },
             Error::NoSpace { file, context } => Error::NoSpace {
                 file: overlay.to_string(),
-                context: format!("{prefix}: {file}: {context}"),
+                context: format!("{}: {context}", prefix(&file)),
             },
-            e @ Error::Corrupt { .. } => {
-                let offset = match &e {
-                    Error::Corrupt { offset, .. } => *offset,
-                    _ => 0,
-                };
-                Error::Corrupt {
-                    file: overlay.to_string(),
-                    what: format!("{prefix}: {e}"),
-                    offset,
-                }
-            }
-            e @ Error::Unsupported { .. } => Error::Unsupported {
+            Error::Corrupt { file, what, offset } => Error::Corrupt {
                 file: overlay.to_string(),
-                feature: format!("{prefix}: {e}"),
+                what: format!("{}: {what}", prefix(&file)),
+                offset,
+            },
+            Error::Unsupported { file, feature } => Error::Unsupported {
+                file: overlay.to_string(),
+                feature: format!("{}: {feature}", prefix(&file)),
             },
             other => other,
         }

@@ -299,3 +299,41 @@ fn a_missing_backing_file_is_named_as_qemu_names_it() {
     );
     assert!(msg.ends_with("Is a directory"), "{msg}");
 }
+
+#[test]
+fn errors_in_a_backing_chain_name_each_file_once() {
+    let (_t, dir) = tmp();
+    let b = dir.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", b.to_str().unwrap(), "1M"]).ok();
+    let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.set_len(100).unwrap();
+    let ov = dir.join("ov.qcow2");
+    overlay(&ov, "b.qcow2", "qcow2");
+    let e = open_timed(&ov, OpenOptions::read_only()).err().unwrap();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: image is corrupt: Could not open backing file '{}': qcow2 header too short (offset 0x64)",
+            ov.display(),
+            b.display()
+        )
+    );
+    // Two levels down: the middle image and the broken one, each named once.
+    let mid = dir.join("mid.qcow2");
+    overlay(&mid, "b.qcow2", "qcow2");
+    overlay(&ov, "mid.qcow2", "qcow2");
+    let msg = open_timed(&ov, OpenOptions::read_only())
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        msg,
+        format!(
+            "{}: image is corrupt: Could not open backing file '{}': {}: qcow2 header too short (offset 0x64)",
+            ov.display(),
+            mid.display(),
+            b.display()
+        )
+    );
+}
