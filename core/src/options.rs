@@ -209,10 +209,11 @@ pub enum BackingPolicy {
     /// reads them with `backing=null`). The same as `open_backing: false`.
     None,
     /// Open only regular files whose real path (symbolic links and `..` resolved, on the file
-    /// actually opened) lies under one of these directories; devices, FIFOs, sockets and
-    /// anything under `/proc`, `/sys` or `/dev` are refused. A refused file fails the open
-    /// with [`crate::Error::Backing`] (`PermissionDenied`), naming the image, the backing
-    /// name and the policy. An empty list refuses every backing file.
+    /// actually opened) lies under one of these directories; devices and anything under
+    /// `/proc`, `/sys` or `/dev` are refused too. A refused file fails the open with
+    /// [`crate::Error::Backing`] (`PermissionDenied`), naming the image, the backing name and
+    /// the policy (FIFOs, sockets and directories fail with `InvalidInput`, as under every
+    /// policy). An empty list refuses every backing file.
     Allow(Vec<std::path::PathBuf>),
 }
 

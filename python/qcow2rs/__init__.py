@@ -258,6 +258,7 @@ class Image(io.RawIOBase):
         backing_password: Optional[Union[str, bytes]] = None,
         snapshot: Optional[str] = None,
         backing: Union[str, Iterable[StrPath], None] = "any",
+        damaged: bool = False,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -271,6 +272,7 @@ class Image(io.RawIOBase):
             backing_password=backing_password,
             snapshot=snapshot,
             backing=backing,
+            damaged=damaged,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -320,6 +322,11 @@ class Image(io.RawIOBase):
     def map(self, offset: int = 0, length: Optional[int] = None) -> List[MapEntry]:
         """How ``[offset, offset + length)`` is stored (default: to the end of the disk)."""
         return [MapEntry(**e) for e in self._native.map(offset, length)]
+
+    def damage(self) -> List[str]:
+        """For an image opened with ``damaged=True``: the tables cut short by the end of the
+        file (read as zeros there), one line each."""
+        return self._native.damage()
 
     def check(self, repair: Optional[str] = None) -> CheckResult:
         """Check consistency like ``qemu-img check``; `repair` is None, ``"leaks"`` or ``"all"``
@@ -516,6 +523,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
     backing: Union[str, Iterable[StrPath], None] = "any",
+    damaged: bool = False,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -537,6 +545,11 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     resolved) lies under one of them, for every file of the chain; anything else raises
     :class:`PermissionDeniedError` naming the backing file (``e.filename``). A missing backing
     file raises :class:`NotFoundError` (a :class:`FileNotFoundError`), naming it.
+
+    `damaged` opens a damaged (truncated) image for inspection and rescue; `mode` must be
+    ``"r"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
+    (:meth:`Image.damage` lists them), :meth:`Image.check` reports the damage as
+    ``qemu-img check`` does, and reading what the file lost raises :class:`CorruptImageError`.
     """
     return Image(
         path,
@@ -548,4 +561,5 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         backing_password=backing_password,
         snapshot=snapshot,
         backing=backing,
+        damaged=damaged,
     )

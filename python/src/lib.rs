@@ -213,6 +213,7 @@ fn create(
     backing_password = None,
     snapshot = None,
     backing = None,
+    damaged = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -226,6 +227,7 @@ fn open(
     backing_password: Option<&Bound<'_, PyAny>>,
     snapshot: Option<String>,
     backing: Option<&Bound<'_, PyAny>>,
+    damaged: bool,
 ) -> PyResult<NativeImage> {
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
@@ -258,6 +260,7 @@ fn open(
                 backing_password,
                 snapshot: snapshot.map(SnapshotRef::IdOrName),
                 backing,
+                damaged,
                 ..OpenOptions::default()
             })
         })(),
@@ -393,6 +396,11 @@ impl NativeImage {
             list.append(map_entry_dict(py, e)?)?;
         }
         Ok(list)
+    }
+
+    /// The tables a damaged open found cut short by the end of the file.
+    fn damage(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |i| Ok(i.damage()))
     }
 
     /// Check consistency; `repair` is None, `"leaks"` or `"all"`.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -72,3 +73,23 @@ def test_missing_backing_file_is_file_not_found(tmp_path: Path, qemu_img: QemuIm
     base = str(tmp_path / "base.qcow2")
     assert err.filename == base
     assert str(err) == f"{ov}: Could not open backing file '{base}': No such file or directory"
+
+
+def test_damaged_image(tmp_path: Path, qemu_img: QemuImg, qemu_io: QemuImg) -> None:
+    img_path = tmp_path / "t.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", img_path, "4M").returncode == 0
+    r = qemu_io("-c", "write -P 0xaa 0 1M", img_path)
+    assert r.returncode == 0, r.stderr
+    # Cut inside the refcount table: the L1 table (at 0x30000) is gone.
+    os.truncate(img_path, 0x18000)
+    with pytest.raises(qcow2rs.CorruptImageError):
+        qcow2rs.open(img_path)
+    with pytest.raises(qcow2rs.InvalidArgumentError):
+        qcow2rs.open(img_path, "rw", damaged=True)
+    with qcow2rs.open(img_path, damaged=True) as img:
+        assert any(d.startswith("L1 table at 0x30000") for d in img.damage())
+        result = img.check()
+        assert result.corruptions > 0
+        q = qemu_img("check", "--output=json", img_path)
+        assert q.returncode == 2
+        assert result.corruptions == json.loads(q.stdout)["corruptions"]

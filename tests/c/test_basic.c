@@ -410,6 +410,14 @@ static void test_backing_chain(const char *dir) {
     EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
     oo.backing_policy = 7;
     EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
+    /* A damaged image opens read-only only; a whole one opens as damaged like any other. */
+    MUST(qcow2_open_options_init(&oo));
+    oo.flags = QCOW2_OPEN_DAMAGED;
+    EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
+    oo.flags = QCOW2_OPEN_DAMAGED | QCOW2_OPEN_RDONLY;
+    MUST(qcow2_open_ex(top, &oo, &img));
+    verify(img, shadow, 0, size);
+    MUST(qcow2_close(img));
 
     write_raw(raw, shadow, size);
     CHECK(run("qemu-img check -q '%s'", base) == 0);
