@@ -59,6 +59,15 @@
 #define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
 
 /**
+ * Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
+ * L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
+ * where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
+ * reports the damage; reading a cluster the file no longer holds fails with
+ * `QCOW2_ERR_CORRUPT`.
+ */
+#define QCOW2_OPEN_DAMAGED (1 << 5)
+
+/**
  * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are
  * decimal numbers (the highest numeric ID plus one, QEMU's rule) of at most 20 digits. The size
  * `qcow2_snapshot_create` requires of its `id_buf`. IDs written by other programs may be longer.
@@ -245,6 +254,12 @@ typedef struct qcow2_create_options {
 typedef uint32_t qcow2_cache_mode;
 
 /**
+ * Which backing files an image may make us open (`QCOW2_BACKING_*`); see
+ * `qcow2_open_options.backing_policy`.
+ */
+typedef uint32_t qcow2_backing_policy;
+
+/**
  * Options for `qcow2_open_ex`. Initialise it with `qcow2_open_options_init`, then change
  * the fields you need.
  */
@@ -291,6 +306,23 @@ typedef struct qcow2_open_options {
      * `QCOW2_ERR_NOT_FOUND`.
      */
     const char *snapshot;
+    /**
+     * Which backing files the image (and each file of its chain) may make us open
+     * (`QCOW2_BACKING_*`). Default `QCOW2_BACKING_ANY`, QEMU's behaviour. Use
+     * `QCOW2_BACKING_NONE` or `QCOW2_BACKING_ALLOW` for images from an untrusted source: their
+     * header can name any file (`/etc/shadow`, a device).
+     */
+    qcow2_backing_policy backing_policy;
+    /**
+     * With `QCOW2_BACKING_ALLOW`: the allowed directories, `backing_allow_len` NUL-terminated
+     * paths (borrowed for the duration of the call). An empty list refuses every backing file.
+     * Must be NULL/0 with the other policies.
+     */
+    const char *const *backing_allow;
+    /**
+     * Number of entries in `backing_allow`.
+     */
+    size_t backing_allow_len;
 } qcow2_open_options;
 
 /**
@@ -606,6 +638,25 @@ typedef struct qcow2_snapshot_info {
  * Flushes are ignored; one sync at close. For conversions only.
  */
 #define QCOW2_CACHE_UNSAFE 4
+
+/**
+ * Open whatever the image names, as QEMU does (regular files and devices; FIFOs and sockets
+ * are refused rather than hang the open). The default.
+ */
+#define QCOW2_BACKING_ANY 0
+
+/**
+ * Never open a backing file: clusters the image does not allocate read as zeros (the same as
+ * `QCOW2_OPEN_NO_BACKING`).
+ */
+#define QCOW2_BACKING_NONE 1
+
+/**
+ * Open only regular files whose real path (symbolic links and `..` resolved) lies under one
+ * of `qcow2_open_options.backing_allow`; anything else fails the open with `QCOW2_ERR_IO`,
+ * errno `EACCES`, and a message naming the image, the backing file and the policy.
+ */
+#define QCOW2_BACKING_ALLOW 2
 
 /**
  * Not encrypted.

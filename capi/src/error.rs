@@ -72,7 +72,7 @@ impl FfiError {
         match self {
             FfiError::Core(e) => {
                 let code = match e {
-                    E::Io { .. } => QCOW2_ERR_IO,
+                    E::Io { .. } | E::Backing { .. } => QCOW2_ERR_IO,
                     E::Corrupt { .. } => QCOW2_ERR_CORRUPT,
                     E::Unsupported { .. } => QCOW2_ERR_UNSUPPORTED,
                     E::InvalidArgument(_) => QCOW2_ERR_INVALID_ARGUMENT,

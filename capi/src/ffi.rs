@@ -121,6 +121,21 @@ pub(crate) fn bytes<'a>(buf: *const u8, len: usize, what: &str) -> Result<&'a [u
     Ok(unsafe { std::slice::from_raw_parts(buf, len) })
 }
 
+/// A caller's input array of `len` elements. NULL is allowed only with `len == 0`.
+pub(crate) fn input_array<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], FfiError> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(null(what));
+    }
+    check_aligned(p, what)?;
+    check_len::<T>(len, what)?;
+    // SAFETY: non-NULL, aligned, size fits in isize, and the caller guarantees `len` initialised
+    // elements that are not mutated during the call.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
 /// A caller's output buffer. NULL is allowed only with `len == 0`.
 pub(crate) fn bytes_mut<'a>(
     buf: *mut u8,

@@ -7,8 +7,8 @@
 use std::ffi::c_char;
 
 use qcow2rs::{
-    CacheMode, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions, EncryptionOptions,
-    HashAlg, IvGenAlg, OpenOptions, Password, Preallocation, SnapshotRef,
+    BackingPolicy, CacheMode, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions,
+    EncryptionOptions, HashAlg, IvGenAlg, OpenOptions, Password, Preallocation, SnapshotRef,
 };
 
 use crate::error::{qcow2_error, FfiError};
@@ -57,6 +57,20 @@ pub const QCOW2_CACHE_DIRECTSYNC: qcow2_cache_mode = 3;
 /// Flushes are ignored; one sync at close. For conversions only.
 pub const QCOW2_CACHE_UNSAFE: qcow2_cache_mode = 4;
 
+/// Which backing files an image may make us open (`QCOW2_BACKING_*`); see
+/// `qcow2_open_options.backing_policy`.
+pub type qcow2_backing_policy = u32;
+/// Open whatever the image names, as QEMU does (regular files and devices; FIFOs and sockets
+/// are refused rather than hang the open). The default.
+pub const QCOW2_BACKING_ANY: qcow2_backing_policy = 0;
+/// Never open a backing file: clusters the image does not allocate read as zeros (the same as
+/// `QCOW2_OPEN_NO_BACKING`).
+pub const QCOW2_BACKING_NONE: qcow2_backing_policy = 1;
+/// Open only regular files whose real path (symbolic links and `..` resolved) lies under one
+/// of `qcow2_open_options.backing_allow`; anything else fails the open with `QCOW2_ERR_IO`,
+/// errno `EACCES`, and a message naming the image, the backing file and the policy.
+pub const QCOW2_BACKING_ALLOW: qcow2_backing_policy = 2;
+
 /// Open flag: open read-only (writes fail with `QCOW2_ERR_READ_ONLY`).
 pub const QCOW2_OPEN_RDONLY: u32 = 1 << 0;
 /// Open flag: do not open the backing chain; unallocated clusters read as zeros.
@@ -69,7 +83,15 @@ pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
 /// check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
 pub const QCOW2_OPEN_WITHOUT_KEY: u32 = 1 << 4;
 
-const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_RDONLY
+/// Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
+/// L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
+/// where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
+/// reports the damage; reading a cluster the file no longer holds fails with
+/// `QCOW2_ERR_CORRUPT`.
+pub const QCOW2_OPEN_DAMAGED: u32 = 1 << 5;
+
+const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_DAMAGED
+    | QCOW2_OPEN_RDONLY
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_LAZY_REFCOUNTS
     | QCOW2_OPEN_NO_LAZY_REFCOUNTS
@@ -288,6 +310,17 @@ pub struct qcow2_open_options {
     /// for the duration of the call only. A snapshot that does not exist fails the open with
     /// `QCOW2_ERR_NOT_FOUND`.
     pub snapshot: *const c_char,
+    /// Which backing files the image (and each file of its chain) may make us open
+    /// (`QCOW2_BACKING_*`). Default `QCOW2_BACKING_ANY`, QEMU's behaviour. Use
+    /// `QCOW2_BACKING_NONE` or `QCOW2_BACKING_ALLOW` for images from an untrusted source: their
+    /// header can name any file (`/etc/shadow`, a device).
+    pub backing_policy: qcow2_backing_policy,
+    /// With `QCOW2_BACKING_ALLOW`: the allowed directories, `backing_allow_len` NUL-terminated
+    /// paths (borrowed for the duration of the call). An empty list refuses every backing file.
+    /// Must be NULL/0 with the other policies.
+    pub backing_allow: *const *const c_char,
+    /// Number of entries in `backing_allow`.
+    pub backing_allow_len: usize,
 }
 
 impl qcow2_open_options {
@@ -316,7 +349,40 @@ impl qcow2_open_options {
             backing_password: std::ptr::null(),
             backing_password_len: 0,
             snapshot: std::ptr::null(),
+            backing_policy: match d.backing {
+                BackingPolicy::None => QCOW2_BACKING_NONE,
+                BackingPolicy::Allow(_) => QCOW2_BACKING_ALLOW,
+                _ => QCOW2_BACKING_ANY,
+            },
+            backing_allow: std::ptr::null(),
+            backing_allow_len: 0,
         }
+    }
+
+    fn backing(&self) -> Result<BackingPolicy, FfiError> {
+        let dirs = ffi::input_array(
+            self.backing_allow,
+            self.backing_allow_len,
+            "opts->backing_allow",
+        )?;
+        let policy = match self.backing_policy {
+            QCOW2_BACKING_ANY => BackingPolicy::Any,
+            QCOW2_BACKING_NONE => BackingPolicy::None,
+            QCOW2_BACKING_ALLOW => {
+                let mut v = Vec::with_capacity(dirs.len());
+                for &d in dirs {
+                    v.push(ffi::path(d, "opts->backing_allow[i]")?.to_path_buf());
+                }
+                return Ok(BackingPolicy::Allow(v));
+            }
+            v => return Err(bad_value("backing_policy", v)),
+        };
+        if !dirs.is_empty() {
+            return Err(FfiError::Arg(
+                "opts->backing_allow is for QCOW2_BACKING_ALLOW only".to_string(),
+            ));
+        }
+        Ok(policy)
     }
 
     /// The core's options.
@@ -357,6 +423,7 @@ impl qcow2_open_options {
             l2_cache_size: nonzero(self.l2_cache_size),
             refcount_cache_size: nonzero(self.refcount_cache_size),
             open_backing: !has(QCOW2_OPEN_NO_BACKING),
+            backing: self.backing()?,
             lazy_refcounts,
             password: password(self.password, self.password_len, "opts->password")?,
             backing_password: password(
@@ -365,6 +432,7 @@ impl qcow2_open_options {
                 "opts->backing_password",
             )?,
             without_key: has(QCOW2_OPEN_WITHOUT_KEY),
+            damaged: has(QCOW2_OPEN_DAMAGED),
             snapshot: ffi::optional_str(self.snapshot, "opts->snapshot")?
                 .map(|s| SnapshotRef::IdOrName(s.to_string())),
         })

@@ -110,6 +110,9 @@ pub fn run(a: &CheckArgs) -> CliResult {
         open_backing: false,
         // Checking reads metadata only: an encrypted image is checked without its key too.
         without_key: true,
+        // A truncated image is opened and its damage reported, as qemu-img check does; repair
+        // needs the image whole.
+        damaged: repair.is_none(),
         ..OpenOptions::default()
     });
     let img = Image::open(file, &opts).map_err(|e| open_error(file, &e))?;

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use qcow2rs::{CacheMode, Format, Image, MapEntry, OpenOptions, SnapshotRef};
@@ -118,7 +118,13 @@ struct Job<'a> {
     /// The target reads as zeros where nothing was written (freshly created, no backing file).
     zero_init: bool,
     progress: &'a Progress,
+    /// `--salvage`: unreadable ranges are written as zeros; the bytes skipped so far.
+    salvage: Option<&'a AtomicU64>,
 }
+
+/// Unit in which a range that failed to read is read again, to find what can be read (and, for
+/// an error message, where it failed): 64 KiB, the usual cluster size.
+const RETRY_UNIT: u64 = 64 << 10;
 
 /// Whether every byte is zero (written to vectorise).
 pub fn is_zero(buf: &[u8]) -> bool {
@@ -132,6 +138,51 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 impl Job<'_> {
+    /// A read of `buf` at `start` failed: read it again unit by unit. Without `--salvage` the
+    /// first unit that fails is the error; with it, each run of failed units is zeroed and
+    /// reported as a warning, and counted as skipped.
+    fn read_again(&self, buf: &mut [u8], start: u64) -> CliResult<()> {
+        let end = start + buf.len() as u64;
+        let mut bad: Option<(u64, u64, String)> = None;
+        let report = |bad: &mut Option<(u64, u64, String)>| {
+            if let Some((s, e, m)) = bad.take() {
+                eprintln!(
+                    "qcow2rs: warning: error while reading offset {s} ({} bytes, written as zeros): {m}",
+                    e - s
+                );
+                if let Some(skipped) = self.salvage {
+                    skipped.fetch_add(e - s, Ordering::Relaxed);
+                }
+            }
+        };
+        let mut u = start;
+        while u < end {
+            let ue = ((u / RETRY_UNIT + 1) * RETRY_UNIT).min(end);
+            let piece = &mut buf[(u - start) as usize..(ue - start) as usize];
+            match self.src.read_at(piece, u) {
+                Ok(()) => report(&mut bad),
+                Err(m) => {
+                    if self.salvage.is_none() {
+                        return Err(CliError::new(format!(
+                            "error while reading at byte {u}: {m}"
+                        )));
+                    }
+                    piece.fill(0);
+                    match &mut bad {
+                        Some((_, e, _)) if *e == u => *e = ue,
+                        _ => {
+                            report(&mut bad);
+                            bad = Some((u, ue, m));
+                        }
+                    }
+                }
+            }
+            u = ue;
+        }
+        report(&mut bad);
+        Ok(())
+    }
+
     fn wr(&self, r: Result<(), String>, offset: u64) -> CliResult<()> {
         r.map_err(|m| CliError::new(format!("error while writing at byte {offset}: {m}")))
     }
@@ -142,9 +193,9 @@ impl Job<'_> {
         for p in &item.pieces {
             let range = (p.start - base) as usize..(p.start - base + p.len) as usize;
             if p.kind == Kind::Data {
-                self.src.read_at(&mut buf[range], p.start).map_err(|m| {
-                    CliError::new(format!("error while reading at byte {}: {m}", p.start))
-                })?;
+                if self.src.read_at(&mut buf[range.clone()], p.start).is_err() {
+                    self.read_again(&mut buf[range], p.start)?;
+                }
             } else {
                 buf[range].fill(0);
             }
@@ -292,9 +343,16 @@ pub fn run(a: &ConvertArgs) -> CliResult {
     let src_opts = src_ref.open_options(OpenOptions {
         cache: src_cache,
         snapshot: snapshot.clone(),
+        // Salvage opens a truncated source too (its tables read as zeros past the end).
+        damaged: a.salvage,
         ..OpenOptions::read_only()
     });
     let src = open_source(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;
+    if let Disk::Qcow2(img) = &src {
+        for d in img.damage() {
+            eprintln!("qcow2rs: warning: {}: {d}", src_ref.path);
+        }
+    }
     let size = src.size();
     if a.target_image_opts && !a.no_create {
         return Err(CliError::new("--target-image-opts requires use of -n flag"));
@@ -376,6 +434,7 @@ pub fn run(a: &ConvertArgs) -> CliResult {
         1
     };
     let progress = Progress::new(a.progress && !a.quiet, size);
+    let skipped = AtomicU64::new(0);
     let job = Job {
         src: &src,
         dst: &dst,
@@ -385,9 +444,17 @@ pub fn run(a: &ConvertArgs) -> CliResult {
         sparse: sparse_size != 0,
         zero_init: !a.no_create && !target_has_backing,
         progress: &progress,
+        salvage: a.salvage.then_some(&skipped),
     };
     copy(&job, chunk, workers, target_has_backing)?;
     progress.finish();
+    let skipped = skipped.into_inner();
+    if skipped > 0 {
+        eprintln!(
+            "qcow2rs: warning: --salvage: {skipped} bytes of '{}' could not be read and were written as zeros",
+            a.src
+        );
+    }
     dst.finish()
         .map_err(|m| CliError::new(format!("{dst_name}: error while flushing: {m}")))?;
     Ok(0)
@@ -486,6 +553,10 @@ fn copy(job: &Job, chunk: u64, workers: usize, target_has_backing: bool) -> CliR
         }
 
         let mut cur = ExtentCursor::new(job.src, job.size);
+        if job.salvage.is_some() {
+            // Small windows: a damaged range fails the queries near it only.
+            cur = cur.with_window(4 << 20);
+        }
         let mut c = 0u64;
         while c < job.size && !failed.load(Ordering::SeqCst) {
             let l = chunk.min(job.size - c);
@@ -494,6 +565,12 @@ fn copy(job: &Job, chunk: u64, workers: usize, target_has_backing: bool) -> CliR
             while p < c + l {
                 let e = match cur.at(p) {
                     Ok(e) => e,
+                    // Salvage: the extent is unknown; read it as data (what cannot be read
+                    // is zeroed).
+                    Err(_) if job.salvage.is_some() => {
+                        let ue = ((p / RETRY_UNIT + 1) * RETRY_UNIT).min(c + l);
+                        salvage_extent(job.src, p, ue)
+                    }
                     Err(m) => {
                         record(CliError::new(format!(
                             "error while reading block status at offset {p}: {m}"
@@ -540,5 +617,34 @@ fn copy(job: &Job, chunk: u64, workers: usize, target_has_backing: bool) -> CliR
     match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The extent at `p` (within `[p, end)`) when the map of a larger range failed: the map of this
+/// range alone, or, if that fails too, data to be read.
+fn salvage_extent(src: &Disk, p: u64, end: u64) -> MapEntry {
+    if let Ok(v) = src.map(p, end - p) {
+        if let Some(e) = v
+            .into_iter()
+            .find(|e| e.start <= p && e.start + e.length > p)
+        {
+            let skip = p - e.start;
+            return MapEntry {
+                start: p,
+                length: (e.start + e.length).min(end) - p,
+                offset: e.offset.map(|o| o + skip),
+                ..e
+            };
+        }
+    }
+    MapEntry {
+        start: p,
+        length: end - p,
+        depth: 0,
+        present: true,
+        zero: false,
+        data: true,
+        compressed: false,
+        offset: None,
     }
 }

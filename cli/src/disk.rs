@@ -39,7 +39,12 @@ pub fn parse_format(name: &str) -> CliResult<Format> {
 /// `Could not open 'X': ...` for a failure while opening an image.
 pub fn open_error(path: &str, e: &qcow2rs::Error) -> CliError {
     match e {
-        qcow2rs::Error::Io { source, .. } => CliError::new(format!(
+        // The file itself could not be opened: qemu-img's wording.
+        qcow2rs::Error::Io {
+            source,
+            file,
+            context,
+        } if file == path && context == "Could not open" => CliError::new(format!(
             "Could not open '{path}': Could not open '{path}': {}",
             io_text(source)
         )),
@@ -213,6 +218,8 @@ pub struct ExtentCursor<'a> {
     entries: Vec<MapEntry>,
     idx: usize,
     win_end: u64,
+    /// How much of the guest address space one map query covers.
+    window: u64,
 }
 
 /// How much of the guest address space one map query covers.
@@ -227,7 +234,15 @@ impl<'a> ExtentCursor<'a> {
             entries: Vec::new(),
             idx: 0,
             win_end: 0,
+            window: MAP_WINDOW,
         }
+    }
+
+    /// Query the map `window` bytes at a time (smaller windows keep a damaged range from
+    /// failing the queries for much of the disk around it).
+    pub fn with_window(mut self, window: u64) -> ExtentCursor<'a> {
+        self.window = window.max(1);
+        self
     }
 
     /// The extent containing `offset` (< end), clipped to start at `offset` and to end within
@@ -260,7 +275,7 @@ impl<'a> ExtentCursor<'a> {
     }
 
     fn fetch(&mut self, offset: u64) -> Result<(), String> {
-        let len = (self.end - offset).min(MAP_WINDOW);
+        let len = (self.end - offset).min(self.window);
         self.entries = self.disk.map(offset, len)?;
         self.idx = 0;
         self.win_end = offset + len;

@@ -277,6 +277,10 @@ pub struct ConvertArgs {
     /// Open the source without taking locks
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Rescue a damaged source: what cannot be read is written as zeros, with a warning for
+    /// each unreadable range and the total skipped at the end
+    #[arg(long = "salvage")]
+    pub salvage: bool,
     /// Convert a snapshot of the source: snapshot.id=ID[,snapshot.name=NAME], snapshot.name=NAME, or an ID or name (ID first). The output has the snapshot's disk size (qemu-img gives it the image's current size)
     #[arg(
         short = 'l',

@@ -307,11 +307,22 @@ pub fn run(a: &MapArgs) -> CliResult {
     const WINDOW: u64 = 1 << 30;
     let mut pos = start;
     while pos < end {
-        let len = (end - pos).min(WINDOW);
-        let entries = disk
-            .map(pos, len)
-            .map_err(|m| CliError::new(format!("Could not read file metadata: {m}")))?;
-        if entries.is_empty() {
+        let mut len = (end - pos).min(WINDOW);
+        let mut damaged = None;
+        let entries = match disk.map(pos, len) {
+            Ok(e) => e,
+            Err(m) => {
+                // Show the extents before the damage, then name the damaged range.
+                let (good, bad) = map_until_damage(&disk, pos, len);
+                let (u, ue, m2) = bad.unwrap_or((pos, pos + len, m));
+                damaged = Some(format!(
+                    "Could not read file metadata: guest range {u:#x}..{ue:#x} is damaged: {m2}"
+                ));
+                len = u - pos;
+                good
+            }
+        };
+        if entries.is_empty() && damaged.is_none() {
             return Err(CliError::new(format!(
                 "Could not read file metadata: no mapping at offset {pos}"
             )));
@@ -331,6 +342,16 @@ pub fn run(a: &MapArgs) -> CliResult {
             }
             curr = next;
         }
+        if let Some(msg) = damaged {
+            if curr.length > 0 {
+                d.dump(&curr, None)?;
+            }
+            if json {
+                writeln!(d.out, "]").map_err(|e| CliError::new(e.to_string()))?;
+            }
+            d.out.flush().map_err(|e| CliError::new(e.to_string()))?;
+            return Err(CliError::new(msg));
+        }
         pos += len;
     }
     d.dump(&curr, None)?;
@@ -339,4 +360,25 @@ pub fn run(a: &MapArgs) -> CliResult {
     }
     d.out.flush().map_err(|e| CliError::new(e.to_string()))?;
     Ok(0)
+}
+
+/// Map `[pos, pos+len)` 64 KiB at a time up to the first range that cannot be mapped: the
+/// extents before it, and that range with its error.
+fn map_until_damage(
+    disk: &Disk,
+    pos: u64,
+    len: u64,
+) -> (Vec<MapEntry>, Option<(u64, u64, String)>) {
+    const UNIT: u64 = 64 << 10;
+    let mut good = Vec::new();
+    let mut u = pos;
+    while u < pos + len {
+        let ue = ((u / UNIT + 1) * UNIT).min(pos + len);
+        match disk.map(u, ue - u) {
+            Ok(v) => good.extend(v),
+            Err(m) => return (good, Some((u, ue, m))),
+        }
+        u = ue;
+    }
+    (good, None)
 }

@@ -76,10 +76,9 @@ impl State {
             ));
         }
         let len = self.file.len();
-        if off
-            .checked_add(cluster_size)
-            .is_none_or(|end| end.get() > len)
-        {
+        // A damaged image may end inside the cluster: the rest reads as zeros.
+        let need = if self.file.damaged() { 1 } else { cluster_size };
+        if off.checked_add(need).is_none_or(|end| end.get() > len) {
             return Err(Error::corrupt(
                 self.name(),
                 format!("{what} at {off:#x} lies past the end of the file ({len} bytes)"),

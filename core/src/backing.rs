@@ -1,6 +1,8 @@
 //! Backing files: qcow2 or raw, resolved relative to the overlay, with a depth limit and a
 //! cycle check.
 
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use crate::crypto::Password;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::map::MapEntry;
-use crate::options::OpenOptions;
+use crate::options::{BackingPolicy, OpenOptions};
 use crate::storage::{FileStorage, Storage};
 use crate::Format;
 
@@ -96,19 +98,21 @@ pub(crate) fn resolve(overlay: &str, backing: &str) -> PathBuf {
     }
 }
 
-/// Open the backing file of `overlay`. `chain` holds the canonical paths already open above.
+/// Open the backing file of `overlay`, as `policy` allows (never called with
+/// [`BackingPolicy::None`]). `chain` holds the canonical paths already open above.
 pub(crate) fn open(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    policy: &BackingPolicy,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let top = chain.len() <= 1;
-    open_inner(overlay, backing, format, password, chain).map_err(|e| {
+    open_inner(overlay, backing, format, password, policy, chain).map_err(|e| {
         // Errors deep in a chain are reported once, against the image the user opened.
         if top {
-            e.in_backing_of(overlay, backing)
+            e.in_backing_of(overlay, &resolve(overlay, backing).display().to_string())
         } else {
             e
         }
@@ -120,16 +124,9 @@ fn open_inner(
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    policy: &BackingPolicy,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
-    let path = resolve(overlay, backing);
-    if path.is_dir() {
-        return Err(Error::invalid(format!(
-            "{overlay}: backing file '{}' is a directory",
-            path.display()
-        )));
-    }
-    let shown = path.display().to_string();
     if chain.len() >= MAX_CHAIN_DEPTH {
         return Err(Error::corrupt(
             overlay,
@@ -137,8 +134,15 @@ fn open_inner(
             0,
         ));
     }
-    let canon = std::fs::canonicalize(&path)
-        .map_err(|e| Error::io(overlay, format!("Could not open backing file '{shown}'"), e))?;
+    let path = resolve(overlay, backing);
+    let shown = path.display().to_string();
+    // Named as qemu names it: the name resolved against the overlay's directory.
+    let refused = |source: io::Error| Error::Backing {
+        file: overlay.to_string(),
+        backing: shown.clone(),
+        source,
+    };
+    let (file, canon) = open_file(&path, policy).map_err(refused)?;
     if chain.contains(&canon) {
         return Err(Error::corrupt(
             overlay,
@@ -149,28 +153,131 @@ fn open_inner(
     let fmt = match format {
         Some(f) => Format::parse(f)
             .map_err(|_| Error::unsupported(overlay, format!("backing file format '{f}'")))?,
-        None => crate::probe_format(&path)?,
+        None => {
+            let mut magic = [0u8; 4];
+            let n = read_full(&file, &mut magic).map_err(|e| Error::io(&shown, "read", e))?;
+            if n == 4 && magic == crate::format::header::MAGIC_BYTES {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            }
+        }
     };
+    let storage = FileStorage::from_file(file);
     match fmt {
         Format::Qcow2 => {
             chain.push(canon);
             let opts = OpenOptions {
                 password: password.cloned(),
                 backing_password: password.cloned(),
+                backing: policy.clone(),
                 ..OpenOptions::read_only()
             };
-            let img = Image::open_chain(&path, &opts, chain)?;
+            let img = Image::open_storage_chain(Arc::new(storage), &shown, &opts, chain)?;
             chain.pop();
             Ok(Backing::Qcow2(Box::new(img)))
         }
         Format::Raw => {
-            let st = FileStorage::open(&path, false, false)
-                .map_err(|e| Error::io(&shown, "open backing file", e))?;
-            let size = st.len().map_err(|e| Error::io(&shown, "stat", e))?;
+            let size = storage.len().map_err(|e| Error::io(&shown, "stat", e))?;
             Ok(Backing::Raw {
-                storage: Arc::new(st),
+                storage: Arc::new(storage),
                 size,
             })
         }
+    }
+}
+
+fn read_full(file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Open a backing file read-only and check it against `policy`. The checks are made on the file
+/// actually opened (its type from `fstat`, its real path from `/proc/self/fd`), so that swapping
+/// a path component for a symbolic link between the check and the open changes nothing. The open
+/// itself never blocks: a FIFO is opened with `O_NONBLOCK`, then refused.
+fn open_file(path: &Path, policy: &BackingPolicy) -> io::Result<(File, PathBuf)> {
+    use rustix::fs::OFlags;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
+        .open(path)?;
+    let ft = file.metadata()?.file_type();
+    let refuse = |kind: io::ErrorKind, why: String| Err(io::Error::new(kind, why));
+    if ft.is_dir() {
+        return refuse(io::ErrorKind::InvalidInput, "Is a directory".into());
+    }
+    if ft.is_fifo() || ft.is_socket() {
+        let what = if ft.is_fifo() { "a FIFO" } else { "a socket" };
+        return refuse(
+            io::ErrorKind::InvalidInput,
+            format!("it is {what}, which cannot be a backing file"),
+        );
+    }
+    let canon = real_path(&file, path)?;
+    if let BackingPolicy::Allow(dirs) = policy {
+        let allowed = |p: &Path| {
+            dirs.iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .any(|d| p.starts_with(&d))
+        };
+        let list = || {
+            dirs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let special = ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|d| canon.starts_with(d));
+        if !ft.is_file() || special {
+            return refuse(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "'{}' is not a regular file, and the backing policy allows only regular files under {}",
+                    canon.display(),
+                    list()
+                ),
+            );
+        }
+        if !allowed(&canon) {
+            return refuse(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "'{}' is outside the directories the backing policy allows ({})",
+                    canon.display(),
+                    if dirs.is_empty() {
+                        "none".to_string()
+                    } else {
+                        list()
+                    }
+                ),
+            );
+        }
+    }
+    // Reads of a regular file or a device are unaffected by O_NONBLOCK, but clear it anyway:
+    // the file is used as any other from here on.
+    let fl = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, fl - OFlags::NONBLOCK)?;
+    Ok((file, canon))
+}
+
+/// The real path of an open file: what `/proc/self/fd` says (the file actually opened), or, where
+/// there is no `/proc`, the canonical form of the path it was opened by.
+fn real_path(file: &File, path: &Path) -> io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        Ok(p) if p.is_absolute() => Ok(p),
+        _ => std::fs::canonicalize(path),
     }
 }

@@ -86,6 +86,10 @@ const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
 struct Walk {
     cs: u64,
+    /// For a damaged image (`OpenOptions::damaged`), the file's length: a reference that ends
+    /// less than a cluster past it grows the table instead of being an error, as qemu-img
+    /// check counts it ("the last cluster of qcow2 image may be semi-allocated").
+    semi_allocated_end: Option<u64>,
     refs: Vec<u32>,
     report: CheckReport,
     /// (L1 index, L2 offset) of the active tree, for the COPIED pass.
@@ -101,6 +105,12 @@ impl Walk {
         }
         let first = off / self.cs;
         let last = (off + len - 1) / self.cs;
+        let end = off.saturating_add(len);
+        if let Some(file_len) = self.semi_allocated_end {
+            if last as usize >= self.refs.len() && end.saturating_sub(file_len) < self.cs {
+                self.refs.resize(last as usize + 1, 0);
+            }
+        }
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
@@ -273,6 +283,11 @@ fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
 fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Result<Walk> {
     let mut w = Walk {
         cs: s.geo.cluster_size(),
+        semi_allocated_end: if s.file.damaged() {
+            Some(s.file.stat_len()?.max(s.file.len()))
+        } else {
+            None
+        },
         refs: vec![0u32; nb_clusters as usize],
         report: CheckReport::default(),
         active_l2: Vec::new(),
@@ -393,6 +408,8 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         ));
     }
     let mut w = walk(s, nb_clusters, true)?;
+    // A damaged image's last, semi-allocated cluster may have grown the table.
+    nb_clusters = nb_clusters.max(w.refs.len() as u64);
     let mut fixed = false;
     let mut highest_stored = 0u64;
     let all = repair == Some(RepairMode::All);

@@ -68,6 +68,19 @@ pub enum Error {
         /// What was not found (`snapshot 'name'`).
         what: String,
     },
+    /// The backing file named by an image could not be opened, or the open options'
+    /// [`crate::BackingPolicy`] refused it. `source` says why: `NotFound` for a missing file,
+    /// `PermissionDenied` for a file the policy refuses (or the OS does), `InvalidInput` for a
+    /// file that cannot be a backing file (a directory, a FIFO, a socket).
+    Backing {
+        /// The image whose header names the backing file.
+        file: String,
+        /// The backing file's name, as the image names it, resolved against the image's
+        /// directory (as qemu shows it).
+        backing: String,
+        /// Why it could not be opened.
+        source: io::Error,
+    },
     /// The host file system is full.
     NoSpace {
         /// The file.
@@ -112,9 +125,16 @@ impl Error {
     }
 
     /// The same error, reported against the overlay whose backing file failed to open: the
-    /// message names the image the user opened, then the backing file and what is wrong.
+    /// message names the image the user opened, then the backing file (`backing`, resolved as
+    /// it was opened) and what is wrong, each once. A file deeper in the chain is named too.
     pub(crate) fn in_backing_of(self, overlay: &str, backing: &str) -> Error {
-        let prefix = format!("Could not open backing file '{backing}'");
+        let prefix = |file: &str| {
+            if file == backing {
+                format!("Could not open backing file '{backing}'")
+            } else {
+                format!("Could not open backing file '{backing}': {file}")
+            }
+        };
         match self {
             Error::Io {
                 file,
@@ -122,27 +142,21 @@ impl Error {
                 source,
             } => Error::Io {
                 file: overlay.to_string(),
-                context: format!("{prefix}: {file}: {context}"),
+                context: format!("{}: {context}", prefix(&file)),
                 source,
             },
             Error::NoSpace { file, context } => Error::NoSpace {
                 file: overlay.to_string(),
-                context: format!("{prefix}: {file}: {context}"),
+                context: format!("{}: {context}", prefix(&file)),
             },
-            e @ Error::Corrupt { .. } => {
-                let offset = match &e {
-                    Error::Corrupt { offset, .. } => *offset,
-                    _ => 0,
-                };
-                Error::Corrupt {
-                    file: overlay.to_string(),
-                    what: format!("{prefix}: {e}"),
-                    offset,
-                }
-            }
-            e @ Error::Unsupported { .. } => Error::Unsupported {
+            Error::Corrupt { file, what, offset } => Error::Corrupt {
                 file: overlay.to_string(),
-                feature: format!("{prefix}: {e}"),
+                what: format!("{}: {what}", prefix(&file)),
+                offset,
+            },
+            Error::Unsupported { file, feature } => Error::Unsupported {
+                file: overlay.to_string(),
+                feature: format!("{}: {feature}", prefix(&file)),
             },
             other => other,
         }
@@ -160,6 +174,12 @@ impl Error {
             Error::Locked { .. } => 11,
             Error::NoSpace { .. } => 28,
             Error::NotFound { .. } => 2,
+            Error::Backing { source, .. } => source.raw_os_error().unwrap_or(match source.kind() {
+                io::ErrorKind::NotFound => 2,
+                io::ErrorKind::PermissionDenied => 13,
+                io::ErrorKind::InvalidInput => 22,
+                _ => 5,
+            }),
         }
     }
 }
@@ -193,6 +213,15 @@ impl fmt::Display for Error {
                 write!(f, "{file}: {context}: No space left on device")
             }
             Error::NotFound { file, what } => write!(f, "{file}: {what} not found"),
+            Error::Backing {
+                file,
+                backing,
+                source,
+            } => write!(
+                f,
+                "{file}: Could not open backing file '{backing}': {}",
+                io_text(source)
+            ),
         }
     }
 }
@@ -200,8 +229,17 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::Backing { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// An OS error's text without Rust's " (os error N)" suffix, as strerror says it.
+fn io_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }

@@ -42,6 +42,11 @@ pub(crate) struct HostFile {
     punches: Vec<(u64, u64)>,
     /// Mutant `punch-late`: the batch before, issued with the next one.
     late: Vec<(u64, u64)>,
+    /// Opened as damaged (`OpenOptions::damaged`, read-only): a metadata cluster that the file
+    /// ends inside of reads as zeros past the end, as QEMU reads it.
+    damaged: bool,
+    /// What the damaged open found cut short (tables read as zeros past the end).
+    damage: Vec<String>,
 }
 
 impl HostFile {
@@ -57,7 +62,24 @@ impl HostFile {
             io_gate: Arc::new(RwLock::new(())),
             punches: Vec::new(),
             late: Vec::new(),
+            damaged: false,
+            damage: Vec::new(),
         }
+    }
+
+    /// Tolerate metadata clusters cut short by the end of the file (a damaged image opened
+    /// read-only for inspection).
+    pub(crate) fn set_damaged(&mut self, damage: Vec<String>) {
+        self.damaged = true;
+        self.damage = damage;
+    }
+    /// What the damaged open found cut short.
+    pub(crate) fn damage(&self) -> &[String] {
+        &self.damage
+    }
+    /// See [`HostFile::set_damaged`].
+    pub(crate) fn damaged(&self) -> bool {
+        self.damaged
     }
 
     /// The file name, for messages.

@@ -214,6 +214,12 @@ impl Image {
         s.resize_inner(new_size)
     }
 
+    /// For an image opened with [`crate::OpenOptions::damaged`]: the tables that the open found
+    /// cut short by the end of the file (read as zeros there), one line each. Empty otherwise.
+    pub fn damage(&self) -> Vec<String> {
+        self.lock().file.damage().to_vec()
+    }
+
     /// Facts about the image.
     pub fn info(&self) -> Result<ImageInfo> {
         self.lock().info()

@@ -60,7 +60,9 @@ pub use error::{Error, Result};
 pub use image::Image;
 pub use keyslots::{KeySlotChange, KeySlotState};
 pub use map::{ImageInfo, MapEntry};
-pub use options::{CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation};
+pub use options::{
+    BackingPolicy, CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation,
+};
 pub use snapshot::{SnapshotInfo, SnapshotOptions, SnapshotRef};
 pub use storage::{FileStorage, MemStorage, Storage};
 
@@ -94,11 +96,29 @@ impl Format {
 }
 
 /// Guess a file's format from its first bytes: qcow2 magic, else raw.
+///
+/// The probe never blocks: a FIFO or a socket (which an image may name as its backing file) is
+/// an error, not a read that waits for a writer.
 pub fn probe_format(path: impl AsRef<std::path::Path>) -> Result<Format> {
     use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let path = path.as_ref();
     let name = path.display().to_string();
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(&name, "open", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32)
+        .open(path)
+        .map_err(|e| Error::io(&name, "Could not open", e))?;
+    let ft = f
+        .metadata()
+        .map_err(|e| Error::io(&name, "Could not open", e))?
+        .file_type();
+    if ft.is_fifo() || ft.is_socket() {
+        return Err(Error::invalid(format!(
+            "'{name}' is a {}, not an image",
+            if ft.is_fifo() { "FIFO" } else { "socket" }
+        )));
+    }
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < 4 {

@@ -152,6 +152,7 @@ impl Image {
                     bf,
                     backing_format.as_deref(),
                     opts.backing_password.as_ref(),
+                    &crate::BackingPolicy::Any,
                     &mut chain,
                 )?;
                 if size == 0 {
@@ -299,12 +300,17 @@ impl Image {
         Image::open_storage_chain(storage, name, opts, &mut Vec::new())
     }
 
-    fn open_storage_chain(
+    pub(crate) fn open_storage_chain(
         storage: Arc<dyn Storage>,
         name: &str,
         opts: &OpenOptions,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Image> {
+        if opts.damaged && !opts.read_only {
+            return Err(Error::invalid(format!(
+                "{name}: a damaged image can only be opened read-only"
+            )));
+        }
         let file_len = storage.len().map_err(|e| Error::io(name, "stat", e))?;
         if file_len < header::V2_HEADER_LEN as u64 {
             return Err(Error::corrupt(
@@ -346,11 +352,30 @@ impl Image {
             opts.without_key,
         )?
         .map(Arc::new);
+        let damage = std::cell::RefCell::new(Vec::new());
         let read_table = |off: u64, len: u64, what: &str, field: u64| -> Result<Vec<u8>> {
             if len == 0 {
                 return Ok(Vec::new());
             }
-            if off.checked_add(len).is_none_or(|e| e > file_len) {
+            let end = off.checked_add(len);
+            if opts.damaged && end.is_some() && len <= 32 << 20 {
+                // What the file still holds, zeros past its end (as QEMU reads it).
+                let mut b = vec![0u8; len as usize];
+                let have = file_len.saturating_sub(off).min(len) as usize;
+                if (have as u64) < len {
+                    damage.borrow_mut().push(format!(
+                        "{what} at {off:#x} ({len} bytes) lies past the end of the file ({file_len} bytes): {} bytes of it read as zeros",
+                        len - have as u64
+                    ));
+                }
+                if have > 0 {
+                    storage
+                        .read_at(&mut b[..have], off)
+                        .map_err(|e| Error::io(name, format!("read {what}"), e))?;
+                }
+                return Ok(b);
+            }
+            if end.is_none_or(|e| e > file_len) {
                 return Err(Error::corrupt(
                     name,
                     format!("{what} at {off:#x} ({len} bytes) lies past the end of the file"),
@@ -416,15 +441,16 @@ impl Image {
             read_only = true;
             ro_reason = "the image is marked corrupt; repair it with check -r all".into();
         }
-        let backing = match (&h.backing_file, opts.open_backing) {
-            (Some(bf), true) => Some(backing::open(
+        let backing = match (&h.backing_file, opts.backing_policy()) {
+            (Some(_), crate::BackingPolicy::None) | (None, _) => None,
+            (Some(bf), policy) => Some(backing::open(
                 name,
                 bf,
                 h.backing_format().as_deref(),
                 opts.backing_password.as_ref(),
+                &policy,
                 chain,
             )?),
-            _ => None,
         };
         let l2_cap = match opts.l2_cache_size {
             Some(b) => (b / cs) as usize,
@@ -448,12 +474,15 @@ impl Image {
         let clear_autoclear =
             !read_only && h.autoclear_features & !header::AUTOCLEAR_DATA_FILE_RAW != 0;
         let geo = Geometry::new(cb, h.extended_l2(), h.refcount_order);
-        let file = HostFile::new(
+        let mut file = HostFile::new(
             name,
             storage.clone(),
             file_len,
             opts.cache == CacheMode::Unsafe,
         );
+        if opts.damaged {
+            file.set_damaged(damage.take());
+        }
         let state = State {
             geo,
             file,

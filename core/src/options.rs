@@ -193,6 +193,30 @@ impl CacheMode {
     }
 }
 
+/// Which backing files an image may make us open ([`OpenOptions::backing`]).
+///
+/// The name of a backing file comes from the image's header, so an image from an untrusted
+/// source can name any file on the host: `/etc/shadow`, a device, a FIFO. The policy applies to
+/// every file of the chain (a backing file's own backing file too).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Open whatever the header names, as QEMU does (regular files and devices), except what
+    /// cannot be a backing file and could hang the open: FIFOs and sockets are refused, and
+    /// nothing is opened in a way that blocks. The default.
+    #[default]
+    Any,
+    /// Never open a backing file: clusters the image does not allocate read as zeros (as QEMU
+    /// reads them with `backing=null`). The same as `open_backing: false`.
+    None,
+    /// Open only regular files whose real path (symbolic links and `..` resolved, on the file
+    /// actually opened) lies under one of these directories; devices and anything under
+    /// `/proc`, `/sys` or `/dev` are refused too. A refused file fails the open with
+    /// [`crate::Error::Backing`] (`PermissionDenied`), naming the image, the backing name and
+    /// the policy (FIFOs, sockets and directories fail with `InvalidInput`, as under every
+    /// policy). An empty list refuses every backing file.
+    Allow(Vec<std::path::PathBuf>),
+}
+
 /// Options for [`crate::Image::open`].
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -205,7 +229,12 @@ pub struct OpenOptions {
     /// Refcount cache size in bytes (default: 4 clusters).
     pub refcount_cache_size: Option<u64>,
     /// Open the backing chain (default true). Without it, unallocated clusters read as zeros.
+    /// `false` is the same as [`BackingPolicy::None`], whatever `backing` says.
     pub open_backing: bool,
+    /// Which backing files the image may make us open (default [`BackingPolicy::Any`], QEMU's
+    /// behaviour). Use [`BackingPolicy::None`] or [`BackingPolicy::Allow`] for images from an
+    /// untrusted source.
+    pub backing: BackingPolicy,
     /// Use lazy refcounts regardless of the image's header bit (`Some(true/false)`).
     pub lazy_refcounts: Option<bool>,
     /// The password of an encrypted image (`encrypt.key-secret`).
@@ -215,6 +244,12 @@ pub struct OpenOptions {
     /// Open an encrypted image without its password, for inspection: `info`, `map` and `check`
     /// work; reading or writing guest data fails with [`Error::NeedKey`].
     pub without_key: bool,
+    /// Open a damaged image for inspection and rescue: an L1, refcount or snapshot table that
+    /// lies (partly) past the end of a truncated file reads as zeros where the file ends, as
+    /// QEMU reads it, instead of failing the open. Needs `read_only`. `check` then reports the
+    /// damage (as qemu-img check does); reading a cluster that the file no longer holds still
+    /// fails with [`crate::Error::Corrupt`], naming the guest offset.
+    pub damaged: bool,
     /// Open an internal snapshot instead of the active disk: a read-only view of what the
     /// disk held when the snapshot was taken (`qemu-img convert -l`). Needs `read_only`.
     pub snapshot: Option<crate::SnapshotRef>,
@@ -228,10 +263,12 @@ impl Default for OpenOptions {
             l2_cache_size: None,
             refcount_cache_size: None,
             open_backing: true,
+            backing: BackingPolicy::Any,
             lazy_refcounts: None,
             password: None,
             backing_password: None,
             without_key: false,
+            damaged: false,
             snapshot: None,
         }
     }
@@ -247,6 +284,14 @@ impl OpenOptions {
         OpenOptions {
             read_only: true,
             ..OpenOptions::default()
+        }
+    }
+    /// The backing policy in force: `open_backing: false` means [`BackingPolicy::None`].
+    pub fn backing_policy(&self) -> BackingPolicy {
+        if self.open_backing {
+            self.backing.clone()
+        } else {
+            BackingPolicy::None
         }
     }
 }

@@ -32,7 +32,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
 
 try:
     from . import _qcow2rs
@@ -257,6 +257,8 @@ class Image(io.RawIOBase):
         password: Optional[Union[str, bytes]] = None,
         backing_password: Optional[Union[str, bytes]] = None,
         snapshot: Optional[str] = None,
+        backing: Union[str, Iterable[StrPath], None] = "any",
+        damaged: bool = False,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -269,6 +271,8 @@ class Image(io.RawIOBase):
             password=password,
             backing_password=backing_password,
             snapshot=snapshot,
+            backing=backing,
+            damaged=damaged,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -318,6 +322,11 @@ class Image(io.RawIOBase):
     def map(self, offset: int = 0, length: Optional[int] = None) -> List[MapEntry]:
         """How ``[offset, offset + length)`` is stored (default: to the end of the disk)."""
         return [MapEntry(**e) for e in self._native.map(offset, length)]
+
+    def damage(self) -> List[str]:
+        """For an image opened with ``damaged=True``: the tables cut short by the end of the
+        file (read as zeros there), one line each."""
+        return self._native.damage()
 
     def check(self, repair: Optional[str] = None) -> CheckResult:
         """Check consistency like ``qemu-img check``; `repair` is None, ``"leaks"`` or ``"all"``
@@ -513,6 +522,8 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
+    backing: Union[str, Iterable[StrPath], None] = "any",
+    damaged: bool = False,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -525,6 +536,20 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
     active disk: `mode` must be ``"r"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
+
+    `backing` says which backing files the image may make us open; an image's header can name
+    any file, so use it for images from an untrusted source. ``"any"`` (the default) opens what
+    the header names, as QEMU does (a FIFO or a socket is refused rather than hang the open).
+    ``"none"`` opens no backing file: clusters the image does not allocate read as zeros. A list
+    of directories opens only regular files whose real path (symbolic links and ``..``
+    resolved) lies under one of them, for every file of the chain; anything else raises
+    :class:`PermissionDeniedError` naming the backing file (``e.filename``). A missing backing
+    file raises :class:`NotFoundError` (a :class:`FileNotFoundError`), naming it.
+
+    `damaged` opens a damaged (truncated) image for inspection and rescue; `mode` must be
+    ``"r"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
+    (:meth:`Image.damage` lists them), :meth:`Image.check` reports the damage as
+    ``qemu-img check`` does, and reading what the file lost raises :class:`CorruptImageError`.
     """
     return Image(
         path,
@@ -535,4 +560,6 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         password=password,
         backing_password=backing_password,
         snapshot=snapshot,
+        backing=backing,
+        damaged=damaged,
     )

@@ -1,7 +1,7 @@
 """The native half of qcow2rs (private: import ``qcow2rs``)."""
 
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 
 __version__: str
 
@@ -49,6 +49,8 @@ def open(
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
+    backing: Union[str, Iterable[Union[str, os.PathLike[str]]], None] = None,
+    damaged: bool = False,
 ) -> NativeImage: ...
 @final
 class NativeImage:
@@ -62,6 +64,7 @@ class NativeImage:
     def info(self) -> Dict[str, Any]: ...
     def map(self, offset: int = 0, length: Optional[int] = None) -> List[Dict[str, Any]]: ...
     def check(self, repair: Optional[str] = None) -> Dict[str, Any]: ...
+    def damage(self) -> List[str]: ...
     def snapshots(self) -> List[Dict[str, Any]]: ...
     def create_snapshot(
         self,

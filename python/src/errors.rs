@@ -49,6 +49,15 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
             },
             Some(file),
         ),
+        // A backing file that could not be opened: the exception names the backing file.
+        E::Backing { backing, .. } => (
+            match errno {
+                ENOENT => &NOT_FOUND,
+                EPERM | EACCES => &PERMISSION_DENIED,
+                _ => &ERROR,
+            },
+            Some(backing),
+        ),
         E::Corrupt { file, .. } => (&CORRUPT, Some(file)),
         E::Unsupported { file, .. } => (&UNSUPPORTED, Some(file)),
         E::InvalidArgument(_) => (&INVALID_ARGUMENT, None),

@@ -11,9 +11,10 @@ use std::sync::{PoisonError, RwLock};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use qcow2rs::{
-    CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType, CreateOptions,
-    EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg, MapEntry,
-    OpenOptions, Password, Preallocation, RepairMode, SnapshotInfo, SnapshotOptions, SnapshotRef,
+    BackingPolicy, CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType,
+    CreateOptions, EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg,
+    MapEntry, OpenOptions, Password, Preallocation, RepairMode, SnapshotInfo, SnapshotOptions,
+    SnapshotRef,
 };
 
 mod errors;
@@ -45,6 +46,31 @@ fn path_to_string(what: &str, p: PathBuf) -> Result<String, Error> {
         let shown = p.to_string_lossy();
         Error::InvalidArgument(format!("{what} is not valid UTF-8: {shown}"))
     })
+}
+
+/// The `backing` argument of `open`: `"any"` (the default), `"none"`, or a list (any iterable
+/// but a string) of allowed directories, each a `str` or `os.PathLike`.
+fn backing_arg(v: Option<&Bound<'_, PyAny>>) -> PyResult<BackingPolicy> {
+    let Some(v) = v.filter(|v| !v.is_none()) else {
+        return Ok(BackingPolicy::Any);
+    };
+    if let Ok(s) = v.cast::<PyString>() {
+        return match s.to_cow()?.as_ref() {
+            "any" => Ok(BackingPolicy::Any),
+            "none" => Ok(BackingPolicy::None),
+            other => Err(to_pyerr(
+                v.py(),
+                Error::InvalidArgument(format!(
+                    "invalid backing policy: '{other}' (use 'any', 'none' or a list of directories)"
+                )),
+            )),
+        };
+    }
+    let mut dirs = Vec::new();
+    for d in v.try_iter()? {
+        dirs.push(d?.extract::<PathBuf>()?);
+    }
+    Ok(BackingPolicy::Allow(dirs))
 }
 
 /// A password argument: `str` (its UTF-8 bytes) or any bytes-like object.
@@ -186,6 +212,8 @@ fn create(
     password = None,
     backing_password = None,
     snapshot = None,
+    backing = None,
+    damaged = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -198,7 +226,10 @@ fn open(
     password: Option<&Bound<'_, PyAny>>,
     backing_password: Option<&Bound<'_, PyAny>>,
     snapshot: Option<String>,
+    backing: Option<&Bound<'_, PyAny>>,
+    damaged: bool,
 ) -> PyResult<NativeImage> {
+    let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
     let read_only = match mode {
@@ -228,6 +259,8 @@ fn open(
                 password,
                 backing_password,
                 snapshot: snapshot.map(SnapshotRef::IdOrName),
+                backing,
+                damaged,
                 ..OpenOptions::default()
             })
         })(),
@@ -363,6 +396,11 @@ impl NativeImage {
             list.append(map_entry_dict(py, e)?)?;
         }
         Ok(list)
+    }
+
+    /// The tables a damaged open found cut short by the end of the file.
+    fn damage(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        self.with(py, |i| Ok(i.damage()))
     }
 
     /// Check consistency; `repair` is None, `"leaks"` or `"all"`.

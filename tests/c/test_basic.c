@@ -380,6 +380,45 @@ static void test_backing_chain(const char *dir) {
     oo.cache_mode = 99;
     EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
 
+    /* The backing policy: the same overlay, with its backing file inside or outside the
+     * allowed directories. */
+    MUST(qcow2_open_options_init(&oo));
+    CHECK(oo.backing_policy == QCOW2_BACKING_ANY && oo.backing_allow == NULL);
+    oo.flags = QCOW2_OPEN_RDONLY;
+    oo.backing_policy = QCOW2_BACKING_NONE;
+    MUST(qcow2_open_ex(top, &oo, &img));
+    MUST(qcow2_read(img, size - 512, buf, sizeof buf));
+    CHECK(buf[0] == 0 && buf[511] == 0);
+    MUST(qcow2_close(img));
+    const char *elsewhere[] = {"/usr"};
+    oo.backing_policy = QCOW2_BACKING_ALLOW;
+    oo.backing_allow = elsewhere;
+    oo.backing_allow_len = 1;
+    EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_IO);
+    CHECK(qcow2_last_errno() == 13); /* EACCES */
+    char msg[1024];
+    qcow2_last_error_message(msg, sizeof msg);
+    CHECK(strstr(msg, "Could not open backing file") && strstr(msg, "base.qcow2") &&
+          strstr(msg, "/usr"));
+    const char *here[] = {"/usr", dir};
+    oo.backing_allow = here;
+    oo.backing_allow_len = 2;
+    MUST(qcow2_open_ex(top, &oo, &img));
+    verify(img, shadow, 0, size);
+    MUST(qcow2_close(img));
+    oo.backing_policy = QCOW2_BACKING_ANY; /* a list with another policy is a mistake */
+    EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
+    oo.backing_policy = 7;
+    EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
+    /* A damaged image opens read-only only; a whole one opens as damaged like any other. */
+    MUST(qcow2_open_options_init(&oo));
+    oo.flags = QCOW2_OPEN_DAMAGED;
+    EXPECT_ERR(qcow2_open_ex(top, &oo, &img), QCOW2_ERR_INVALID_ARGUMENT);
+    oo.flags = QCOW2_OPEN_DAMAGED | QCOW2_OPEN_RDONLY;
+    MUST(qcow2_open_ex(top, &oo, &img));
+    verify(img, shadow, 0, size);
+    MUST(qcow2_close(img));
+
     write_raw(raw, shadow, size);
     CHECK(run("qemu-img check -q '%s'", base) == 0);
     CHECK(run("qemu-img check -q '%s'", top) == 0);
