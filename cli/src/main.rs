@@ -433,6 +433,13 @@ pub fn parse_output(cmd: &str, s: &str) -> CliResult<bool> {
 }
 
 fn main() -> ExitCode {
+    // Like any Unix tool, end quietly when the reader of our output goes away
+    // (`qcow2rs map img | head -1`), instead of panicking in `println!` on EPIPE.
+    // SAFETY: setting a signal's disposition to its default, before any thread is started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     let code = match run(args) {
         Ok(code) => code,

@@ -291,3 +291,33 @@ fn map_equals_qemu() {
     let t = qemu_img(dir, &["map", "--output=json", "c.qcow2"]).expect(0);
     assert_eq!(o.stdout, t.stdout);
 }
+
+/// A reader that goes away (`qcow2rs map img | head -1`) ends the command quietly, as it ends
+/// any Unix tool, instead of a panic in the printing code.
+#[test]
+fn closed_output_pipe_is_not_a_panic() {
+    let d = tmp();
+    let dir = d.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "256M"]).expect(0);
+    // Every other 64 KiB allocated: many map lines, more than a pipe buffer holds.
+    let mut cmds = Vec::new();
+    for i in (0..4096).step_by(2) {
+        cmds.push("-c".to_string());
+        cmds.push(format!("write {}k 4k", i * 64));
+    }
+    let mut args: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    args.push("a.qcow2");
+    qemu_io(dir, &args).expect(0);
+    let exe = env!("CARGO_BIN_EXE_qcow2rs");
+    for sub in ["map --output=json a.qcow2", "info a.qcow2", "check a.qcow2"] {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("'{exe}' {sub} | head -c 1 >/dev/null"))
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{sub}: {err}");
+        assert!(err.is_empty(), "{sub}: {err}");
+    }
+}
