@@ -30,6 +30,12 @@ pub(crate) struct Allocator {
     reftable: Vec<u64>,
     /// No cluster below this one is free.
     free_cluster_index: HostCluster,
+    /// `(c, min)`: no run of `min` or more free clusters starts below cluster `c` (0: none
+    /// known). First fit for a run of `min` or more starts there instead of at
+    /// `free_cluster_index`, so that a small hole there is not the start of a scan across
+    /// everything allocated after it, at every allocation (preallocating a 512-byte-cluster
+    /// image was quadratic). A cluster freed below `c` forgets it.
+    run_hint: (HostCluster, u64),
     /// One past the highest cluster ever allocated.
     alloc_end: HostCluster,
     /// Clusters reserved (refcount raised) and not yet handed out: `run.0..run.1`.
@@ -45,6 +51,7 @@ impl Allocator {
         Allocator {
             reftable,
             free_cluster_index: HostCluster::new(0),
+            run_hint: (HostCluster::new(0), 0),
             alloc_end: HostCluster::new(file_clusters),
             run: (HostCluster::new(0), HostCluster::new(0)),
             comp_pos: HostOffset::new(0),
@@ -138,6 +145,9 @@ impl State {
             self.file.punch_pending();
         }
         refcount::set(self.caches.data_mut(Kind::Refblock, i), idx, order, value);
+        if value == 0 && c < self.alloc.run_hint.0 {
+            self.alloc.run_hint = (HostCluster::new(0), 0);
+        }
         Ok(())
     }
 
@@ -296,10 +306,17 @@ impl State {
     pub(crate) fn alloc_extent(&mut self, min: u64, max: u64) -> Result<(HostOffset, u64)> {
         'restart: loop {
             let mut start = self.alloc.free_cluster_index.max(HostCluster::new(1));
+            let (hint, hint_min) = self.alloc.run_hint;
+            if min >= hint_min && hint > start {
+                start = hint;
+            }
+            let from_index = start == self.alloc.free_cluster_index.max(HostCluster::new(1));
+            let mut first_free = None;
             let mut run = 0;
             let mut c = start;
             while run < max {
                 if self.refcount(c)? == 0 {
+                    first_free.get_or_insert(c);
                     if run == 0 {
                         start = c;
                     }
@@ -331,8 +348,17 @@ impl State {
             let a = &mut self.alloc;
             if start == a.free_cluster_index || a.free_cluster_index.get() == 0 {
                 a.free_cluster_index = start + n;
+            } else if from_index {
+                // Scanned from the first free cluster: every cluster before the first free one
+                // met is in use (and the run taken is in use now).
+                a.free_cluster_index = match first_free {
+                    Some(f) if f != start => f,
+                    _ => start + n,
+                };
             }
             a.alloc_end = a.alloc_end.max(start + n);
+            // First fit: no run of `min` free clusters starts before this one, and it is used now.
+            a.run_hint = (start + n, min);
             return Ok((self.geo.host_offset(start), n));
         }
     }
@@ -388,6 +414,8 @@ impl State {
         while self.refcount(b)? != 0 {
             b += 1;
         }
+        // Every cluster before `b` is in use: the next search need not look there again.
+        self.alloc.free_cluster_index = b;
         let self_describing = self.geo.refcount_table_index(b) == ri;
         if !self_describing {
             // The block lands in another range: that range needs its own block first.
@@ -563,6 +591,7 @@ impl State {
         self.alloc.reftable = table;
         self.alloc.alloc_end = end;
         self.alloc.free_cluster_index = HostCluster::new(0);
+        self.alloc.run_hint = (HostCluster::new(0), 0);
     }
 
     /// Repair may rewrite anything: forget where compressed data was being packed.
