@@ -68,12 +68,19 @@ pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
 /// Open flag: open an encrypted image without its password, for inspection (info, map,
 /// check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
 pub const QCOW2_OPEN_WITHOUT_KEY: u32 = 1 << 4;
+/// Open flag: force-share (`qemu-img -U`): take only the shared "consistent read" lock, so that
+/// the open succeeds while another process (QEMU, or another qcow2rs user) writes the image.
+/// Needs `QCOW2_OPEN_RDONLY` (else `QCOW2_ERR_INVALID_ARGUMENT`). Without it, an open fails with
+/// `QCOW2_ERR_LOCKED` when another user's locks conflict, as QEMU's do: a read-write open
+/// against any other user of the image, a read-only open against a writer.
+pub const QCOW2_OPEN_FORCE_SHARE: u32 = 1 << 5;
 
 const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_RDONLY
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_LAZY_REFCOUNTS
     | QCOW2_OPEN_NO_LAZY_REFCOUNTS
-    | QCOW2_OPEN_WITHOUT_KEY;
+    | QCOW2_OPEN_WITHOUT_KEY
+    | QCOW2_OPEN_FORCE_SHARE;
 
 /// Options for `qcow2_create`. Initialise it with `qcow2_create_options_init`, then change
 /// the fields you need.
@@ -367,6 +374,7 @@ impl qcow2_open_options {
             without_key: has(QCOW2_OPEN_WITHOUT_KEY),
             snapshot: ffi::optional_str(self.snapshot, "opts->snapshot")?
                 .map(|s| SnapshotRef::IdOrName(s.to_string())),
+            force_share: has(QCOW2_OPEN_FORCE_SHARE),
         })
     }
 }

@@ -96,16 +96,18 @@ pub(crate) fn resolve(overlay: &str, backing: &str) -> PathBuf {
     }
 }
 
-/// Open the backing file of `overlay`. `chain` holds the canonical paths already open above.
+/// Open the backing file of `overlay`, read-only (locked shared, as QEMU locks backing files; with
+/// `force_share`, as `-U` does). `chain` holds the canonical paths already open above.
 pub(crate) fn open(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    force_share: bool,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let top = chain.len() <= 1;
-    open_inner(overlay, backing, format, password, chain).map_err(|e| {
+    open_inner(overlay, backing, format, password, force_share, chain).map_err(|e| {
         // Errors deep in a chain are reported once, against the image the user opened.
         if top {
             e.in_backing_of(overlay, backing)
@@ -120,6 +122,7 @@ fn open_inner(
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    force_share: bool,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let path = resolve(overlay, backing);
@@ -157,6 +160,7 @@ fn open_inner(
             let opts = OpenOptions {
                 password: password.cloned(),
                 backing_password: password.cloned(),
+                force_share,
                 ..OpenOptions::read_only()
             };
             let img = Image::open_chain(&path, &opts, chain)?;
@@ -166,6 +170,12 @@ fn open_inner(
         Format::Raw => {
             let st = FileStorage::open(&path, false, false)
                 .map_err(|e| Error::io(&shown, "open backing file", e))?;
+            let mode = OpenOptions {
+                force_share,
+                ..OpenOptions::read_only()
+            }
+            .lock_mode();
+            st.lock(&shown, mode)?;
             let size = st.len().map_err(|e| Error::io(&shown, "stat", e))?;
             Ok(Backing::Raw {
                 storage: Arc::new(st),

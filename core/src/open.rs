@@ -18,6 +18,7 @@ use crate::format::snapshot;
 use crate::format::{self as fmt};
 use crate::host::HostFile;
 use crate::image::Image;
+use crate::lock::LockMode;
 use crate::mapping::Tables;
 use crate::offset::Geometry;
 use crate::options::{
@@ -122,6 +123,9 @@ impl Image {
         let name = path.display().to_string();
         validate_create(opts)?;
         let st = FileStorage::create(path).map_err(|e| Error::io(&name, "create", e))?;
+        // Locked before it is truncated (in create_on), as QEMU does: an image in use by
+        // someone else is refused, not destroyed. The locks go with the file, at the end.
+        st.lock(&name, LockMode::Create)?;
         Image::create_on(Arc::new(st), &name, opts)?;
         // The new directory entry must be durable too, or a crash could lose the whole file.
         let dir = match path.parent() {
@@ -152,6 +156,7 @@ impl Image {
                     bf,
                     backing_format.as_deref(),
                     opts.backing_password.as_ref(),
+                    false,
                     &mut chain,
                 )?;
                 if size == 0 {
@@ -305,6 +310,13 @@ impl Image {
         opts: &OpenOptions,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Image> {
+        if opts.force_share && !opts.read_only {
+            return Err(Error::invalid(format!(
+                "{name}: force-share=on can only be used with read-only images"
+            )));
+        }
+        // The locks come first: nothing read before them could be trusted not to change.
+        storage.lock(name, opts.lock_mode())?;
         let file_len = storage.len().map_err(|e| Error::io(name, "stat", e))?;
         if file_len < header::V2_HEADER_LEN as u64 {
             return Err(Error::corrupt(
@@ -415,6 +427,8 @@ impl Image {
         if !read_only && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
             read_only = true;
             ro_reason = "the image is marked corrupt; repair it with check -r all".into();
+            // Used read-only: let others read it as a read-only user would.
+            storage.lock(name, LockMode::ReadOnly)?;
         }
         let backing = match (&h.backing_file, opts.open_backing) {
             (Some(bf), true) => Some(backing::open(
@@ -422,6 +436,7 @@ impl Image {
                 bf,
                 h.backing_format().as_deref(),
                 opts.backing_password.as_ref(),
+                opts.force_share,
                 chain,
             )?),
             _ => None,

@@ -218,6 +218,10 @@ pub struct OpenOptions {
     /// Open an internal snapshot instead of the active disk: a read-only view of what the
     /// disk held when the snapshot was taken (`qemu-img convert -l`). Needs `read_only`.
     pub snapshot: Option<crate::SnapshotRef>,
+    /// Share the image with every other user, even writers (`qemu-img -U`, `force-share=on`):
+    /// only a user that does not share reading conflicts. Needs `read_only`. What is read may
+    /// be inconsistent while someone else writes the image. See [`crate::LockMode`].
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -233,11 +237,20 @@ impl Default for OpenOptions {
             backing_password: None,
             without_key: false,
             snapshot: None,
+            force_share: false,
         }
     }
 }
 
 impl OpenOptions {
+    /// The locks an open with these options takes.
+    pub(crate) fn lock_mode(&self) -> crate::LockMode {
+        match (self.read_only, self.force_share) {
+            (false, _) => crate::LockMode::ReadWrite,
+            (true, false) => crate::LockMode::ReadOnly,
+            (true, true) => crate::LockMode::ForceShare,
+        }
+    }
     /// Read-write defaults.
     pub fn new() -> OpenOptions {
         OpenOptions::default()
