@@ -292,6 +292,7 @@ pub fn run(a: &ConvertArgs) -> CliResult {
     let src_opts = src_ref.open_options(OpenOptions {
         cache: src_cache,
         snapshot: snapshot.clone(),
+        force_share: a.force_share,
         ..OpenOptions::read_only()
     });
     let src = open_source(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;

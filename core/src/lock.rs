@@ -143,6 +143,18 @@ pub(crate) fn set(file: &File, name: &str, held: &mut Held, mode: LockMode) -> R
     }
 }
 
+/// Release every lock byte (when the file is closed).
+///
+/// Closing the descriptor would release them too, but only once no other descriptor refers to
+/// the open file description: a process that another thread is starting holds a copy of every
+/// descriptor from its fork until its exec, and a user that opens the image in that moment (a
+/// qemu-img we run right after closing it) would find it locked.
+pub(crate) fn release(file: &File, held: &mut Held) {
+    if held.perm | held.unshared != 0 {
+        let _ = apply(file, held, 0, 0, true);
+    }
+}
+
 /// Lock the bytes for `perm` and `unshared` not held yet; with `unlock`, release the others.
 fn apply(
     file: &File,

@@ -36,6 +36,21 @@ fn locked_bytes(path: &Path) -> BTreeSet<u64> {
     out
 }
 
+/// Panics unless `path` carries no locks within a few seconds (a process that another test
+/// thread is starting may hold a copy of a descriptor until its exec).
+fn assert_unlocked(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !locked_bytes(path).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{}: locks left behind: {:?}",
+            path.display(),
+            locked_bytes(path)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn bytes(b: &[u64]) -> BTreeSet<u64> {
     b.iter().copied().collect()
 }
@@ -207,7 +222,7 @@ fn our_lock_bytes_are_qemus() {
         let img = Image::open(&base, &opts).unwrap();
         let ours = locked_bytes(&base);
         drop(img);
-        assert!(locked_bytes(&base).is_empty(), "locks left after drop");
+        assert_unlocked(&base);
         let qemu = Holder::qemu_io(&base, flags, want);
         assert_eq!(ours, locked_bytes(&base), "qemu-io {flags:?}");
         drop(qemu);
@@ -215,7 +230,8 @@ fn our_lock_bytes_are_qemus() {
         let img = Image::open(&ov, &opts).unwrap();
         let ours = (locked_bytes(&ov), locked_bytes(&base));
         img.close().unwrap();
-        assert!(locked_bytes(&ov).is_empty() && locked_bytes(&base).is_empty());
+        assert_unlocked(&ov);
+        assert_unlocked(&base);
         let base_want = if want == SHARE { SHARE } else { RO };
         let qemu = Holder::qemu_io_chain(&ov, flags, &[(&ov, want), (&base, base_want)]);
         assert_eq!(ours, (locked_bytes(&ov), locked_bytes(&base)), "{flags:?}");
@@ -254,7 +270,7 @@ fn qemu_writer_refuses_us_as_it_refuses_qemu() {
     // Our failed opens left nothing behind: qemu-io's locks are all there is.
     assert_eq!(locked_bytes(&img), bytes(RW));
     drop(qemu);
-    assert!(locked_bytes(&img).is_empty());
+    assert_unlocked(&img);
     Image::open(&img, &OpenOptions::new())
         .unwrap()
         .close()
@@ -297,7 +313,7 @@ fn our_writer_in_another_process_refuses_qemu_and_qcow2rs() {
     Image::open(&img, &share()).unwrap();
     // Closed: qemu can write again, and no lock is left.
     child.finish();
-    assert!(locked_bytes(&img).is_empty());
+    assert_unlocked(&img);
     qemu_io(&img, "qcow2", &["write -P 7 0 4k".to_string()]).ok();
     assert_qemu_clean(&img);
 }
@@ -314,7 +330,7 @@ fn our_reader_refuses_qemu_writer() {
         .arg(&img));
     assert_eq!(r.code, 0, "{r}");
     child.finish();
-    assert!(locked_bytes(&img).is_empty());
+    assert_unlocked(&img);
 }
 
 #[test]
@@ -333,7 +349,8 @@ fn backing_files_are_locked_shared() {
     qemu_img(&["info", base.to_str().unwrap()]).ok();
     Image::open(&base, &ro()).unwrap().close().unwrap();
     img.close().unwrap();
-    assert!(locked_bytes(&base).is_empty() && locked_bytes(&ov).is_empty());
+    assert_unlocked(&base);
+    assert_unlocked(&ov);
     // And the other way: qemu-io writing the base keeps us from opening the overlay.
     let _qemu = Holder::qemu_io(&base, &[], RW);
     let what = locked(Image::open(&ov, &ro()), &base);
@@ -365,7 +382,7 @@ fn two_opens_in_one_process_exclude_each_other() {
         "Failed to get \"write\" lock"
     );
     drop((r1, r2));
-    assert!(locked_bytes(&img).is_empty());
+    assert_unlocked(&img);
     // force_share is for read-only opens only, as qemu-img's -U.
     let rw_share = OpenOptions {
         force_share: true,
@@ -381,7 +398,7 @@ fn two_opens_in_one_process_exclude_each_other() {
 fn create_refuses_an_image_in_use_and_leaves_no_locks() {
     let dir = tmpdir();
     let img = image(&dir, "a.qcow2");
-    assert!(locked_bytes(&img).is_empty(), "create left locks behind");
+    assert_unlocked(&img);
     let w = Image::open(&img, &OpenOptions::new()).unwrap();
     w.write_at(&[9u8; 4096], 0).unwrap();
     w.flush().unwrap();
@@ -410,4 +427,40 @@ fn in_memory_images_take_no_locks() {
     let b = Image::open_storage(st.clone(), "mem", &OpenOptions::new()).unwrap();
     let c = Image::open_storage(st, "mem", &ro()).unwrap();
     drop((b, c));
+}
+
+/// The locks go when the image is closed, even while another process still holds a descriptor
+/// of the same open file description (as a process another thread is starting does, from its
+/// fork to its exec): here a `sleep` with the image file as its stdin.
+#[test]
+fn close_releases_the_locks_of_a_shared_descriptor() {
+    use qcow2rs::storage::FileStorage;
+    use std::sync::Arc;
+    let dir = tmpdir();
+    let img = image(&dir, "a.qcow2");
+    let st = FileStorage::open(&img, true, false).unwrap();
+    let mut sleeper = Command::new("sleep")
+        .arg("60")
+        .stdin(Stdio::from(st.file().try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    let w = Image::open_storage(
+        Arc::new(st),
+        &img.display().to_string(),
+        &OpenOptions::new(),
+    );
+    let w = w.unwrap();
+    assert_eq!(locked_bytes(&img), bytes(RW));
+    w.close().unwrap();
+    let gone = locked_bytes(&img).is_empty();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(
+        gone,
+        "the locks outlived the image while a copy of its descriptor lived"
+    );
+    Image::open(&img, &OpenOptions::new())
+        .unwrap()
+        .close()
+        .unwrap();
 }

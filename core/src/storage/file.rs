@@ -97,6 +97,13 @@ impl FileStorage {
     }
 }
 
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        let held = self.locks.get_mut().unwrap_or_else(|e| e.into_inner());
+        lock::release(&self.file, held);
+    }
+}
+
 /// A heap buffer whose usable part starts at a DIRECT_ALIGN boundary.
 struct Aligned {
     raw: Vec<u8>,
