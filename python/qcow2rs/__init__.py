@@ -48,6 +48,7 @@ from ._errors import (
     CorruptImageError,
     Error,
     InvalidArgumentError,
+    ImageLockedError,
     LockedError,
     NoSpaceError,
     NotFoundError,
@@ -79,6 +80,7 @@ __all__ = [
     "BadKeyError",
     "BadPasswordError",
     "ReadOnlyError",
+    "ImageLockedError",
     "LockedError",
     "NoSpaceError",
     "SnapshotNotFoundError",
@@ -257,6 +259,7 @@ class Image(io.RawIOBase):
         password: Optional[Union[str, bytes]] = None,
         backing_password: Optional[Union[str, bytes]] = None,
         snapshot: Optional[str] = None,
+        force_share: bool = False,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -269,6 +272,7 @@ class Image(io.RawIOBase):
             password=password,
             backing_password=backing_password,
             snapshot=snapshot,
+            force_share=force_share,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -513,6 +517,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
+    force_share: bool = False,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -525,6 +530,12 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
     active disk: `mode` must be ``"r"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
+
+    The image is locked as QEMU locks it: opening it read-write while anyone else (QEMU, or
+    another qcow2rs user, in this process too) has it open, or read-only while someone writes
+    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"r"`` only)
+    opens it even while someone writes it, for inspection; what is read may then be
+    inconsistent.
     """
     return Image(
         path,
@@ -535,4 +546,5 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         password=password,
         backing_password=backing_password,
         snapshot=snapshot,
+        force_share=force_share,
     )

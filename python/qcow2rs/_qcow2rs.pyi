@@ -49,6 +49,7 @@ def open(
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
     snapshot: Optional[str] = None,
+    force_share: bool = False,
 ) -> NativeImage: ...
 @final
 class NativeImage:

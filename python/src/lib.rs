@@ -186,6 +186,7 @@ fn create(
     password = None,
     backing_password = None,
     snapshot = None,
+    force_share = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -198,6 +199,7 @@ fn open(
     password: Option<&Bound<'_, PyAny>>,
     backing_password: Option<&Bound<'_, PyAny>>,
     snapshot: Option<String>,
+    force_share: bool,
 ) -> PyResult<NativeImage> {
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
@@ -228,6 +230,7 @@ fn open(
                 password,
                 backing_password,
                 snapshot: snapshot.map(SnapshotRef::IdOrName),
+                force_share,
                 ..OpenOptions::default()
             })
         })(),
