@@ -59,6 +59,15 @@
 #define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
 
 /**
+ * Open flag: force-share (`qemu-img -U`): take only the shared "consistent read" lock, so that
+ * the open succeeds while another process (QEMU, or another qcow2rs user) writes the image.
+ * Needs `QCOW2_OPEN_RDONLY` (else `QCOW2_ERR_INVALID_ARGUMENT`). Without it, an open fails with
+ * `QCOW2_ERR_LOCKED` when another user's locks conflict, as QEMU's do: a read-write open
+ * against any other user of the image, a read-only open against a writer.
+ */
+#define QCOW2_OPEN_FORCE_SHARE (1 << 5)
+
+/**
  * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are
  * decimal numbers (the highest numeric ID plus one, QEMU's rule) of at most 20 digits. The size
  * `qcow2_snapshot_create` requires of its `id_buf`. IDs written by other programs may be longer.
