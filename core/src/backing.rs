@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::crypto::Password;
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::lock::LockMode;
 use crate::map::MapEntry;
 use crate::options::OpenOptions;
 use crate::storage::{FileStorage, Storage};
@@ -96,8 +97,9 @@ pub(crate) fn resolve(overlay: &str, backing: &str) -> PathBuf {
     }
 }
 
-/// Open the backing file of `overlay`, read-only (locked shared, as QEMU locks backing files; with
-/// `force_share`, as `-U` does). `chain` holds the canonical paths already open above.
+/// Open the backing file of `overlay`, read-only and locked as QEMU locks backing files (a qcow2
+/// one as a read-only image, or as a force-share one with `force_share`; a raw one with the read
+/// byte only). `chain` holds the canonical paths already open above.
 pub(crate) fn open(
     overlay: &str,
     backing: &str,
@@ -170,12 +172,10 @@ fn open_inner(
         Format::Raw => {
             let st = FileStorage::open(&path, false, false)
                 .map_err(|e| Error::io(&shown, "open backing file", e))?;
-            let mode = OpenOptions {
-                force_share,
-                ..OpenOptions::read_only()
-            }
-            .lock_mode();
-            st.lock(&shown, mode)?;
+            // QEMU's raw format node passes the backing edge's permissions down, and those share
+            // everything: a raw backing file carries only the "consistent read" byte (measured
+            // with qemu-io 10.0, read-only and read-write overlays alike).
+            st.lock(&shown, LockMode::ForceShare)?;
             let size = st.len().map_err(|e| Error::io(&shown, "stat", e))?;
             Ok(Backing::Raw {
                 storage: Arc::new(st),

@@ -19,8 +19,8 @@
 //! | open | bytes | [`LockMode`] |
 //! |---|---|---|
 //! | read-write | 100, 101, 103, 201, 203 | `ReadWrite` |
-//! | read-only, and every backing file | 100, 201, 203 | `ReadOnly` |
-//! | read-only with `-U` (force-share) | 100 | `ForceShare` |
+//! | read-only, and every qcow2 backing file | 100, 201, 203 | `ReadOnly` |
+//! | read-only with `-U` (force-share), and every raw backing file | 100 | `ForceShare` |
 //! | creation (`raw_co_create`) | 101, 103, 203 | `Create` |
 //!
 //! OFD locks belong to the open file description: they are released when the file is closed,

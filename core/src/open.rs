@@ -117,7 +117,8 @@ fn validate_create(opts: &CreateOptions) -> Result<()> {
 }
 
 impl Image {
-    /// Create a new image file at `path` (truncating an existing one).
+    /// Create a new image file at `path` (truncating an existing one, unless someone has it open:
+    /// then [`Error::Locked`], and the file is left as it was).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let name = path.display().to_string();

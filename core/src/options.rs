@@ -243,8 +243,9 @@ impl Default for OpenOptions {
 }
 
 impl OpenOptions {
-    /// The locks an open with these options takes.
-    pub(crate) fn lock_mode(&self) -> crate::LockMode {
+    /// The locks an open with these options takes (for a file opened outside the library, such
+    /// as a raw image, through [`crate::storage::Storage::lock`]).
+    pub fn lock_mode(&self) -> crate::LockMode {
         match (self.read_only, self.force_share) {
             (false, _) => crate::LockMode::ReadWrite,
             (true, false) => crate::LockMode::ReadOnly,

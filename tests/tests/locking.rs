@@ -359,6 +359,26 @@ fn backing_files_are_locked_shared() {
     Image::open(&ov, &share()).unwrap().close().unwrap();
 }
 
+/// A raw backing file carries only the read byte, in QEMU and here: others may write it.
+#[test]
+fn raw_backing_files_take_the_read_byte_only() {
+    require_qemu();
+    let dir = tmpdir();
+    let base = path_in(&dir, "base.raw");
+    std::fs::write(&base, vec![7u8; MIB as usize]).unwrap();
+    let ov = path_in(&dir, "ov.qcow2");
+    qemu_create_overlay(&ov, "base.raw", "raw", "", None);
+    for (opts, flags, want) in [(OpenOptions::new(), &[][..], RW), (ro(), &["-r"][..], RO)] {
+        let img = Image::open(&ov, &opts).unwrap();
+        let ours = locked_bytes(&base);
+        img.close().unwrap();
+        assert_unlocked(&base);
+        let qemu = Holder::qemu_io_chain(&ov, flags, &[(&ov, want), (&base, SHARE)]);
+        assert_eq!(ours, locked_bytes(&base), "{flags:?}");
+        drop(qemu);
+    }
+}
+
 #[test]
 fn two_opens_in_one_process_exclude_each_other() {
     let dir = tmpdir();
