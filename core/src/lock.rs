@@ -267,3 +267,35 @@ mod sys {
         Err(io::Error::from_raw_os_error(libc::ENOSYS))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockless_file_systems_are_told_from_conflicts_and_io_errors() {
+        for errno in [libc::ENOLCK, libc::EINVAL, libc::EOPNOTSUPP, libc::ENOSYS] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(matches!(Fail::from(e), Fail::Unsupported), "errno {errno}");
+        }
+        let e = io::Error::from_raw_os_error(libc::EBADF);
+        assert!(matches!(Fail::from(e), Fail::Io(_)));
+    }
+
+    #[test]
+    fn modes_hold_qemus_bytes() {
+        let bytes = |m: LockMode| {
+            let (perm, shared) = m.perms();
+            let mut b: Vec<i64> = (0..4)
+                .filter(|i| perm & (1 << i) != 0)
+                .map(|i| 100 + i)
+                .collect();
+            b.extend((0..4).filter(|i| shared & (1 << i) == 0).map(|i| 200 + i));
+            b
+        };
+        assert_eq!(bytes(LockMode::ReadWrite), [100, 101, 103, 201, 203]);
+        assert_eq!(bytes(LockMode::ReadOnly), [100, 201, 203]);
+        assert_eq!(bytes(LockMode::ForceShare), [100]);
+        assert_eq!(bytes(LockMode::Create), [101, 103, 203]);
+    }
+}

@@ -414,6 +414,20 @@ fn two_opens_in_one_process_exclude_each_other() {
     }
 }
 
+/// A read-write open of an image marked corrupt goes on read-only: its locks become a reader's.
+#[test]
+fn corrupt_image_opened_read_write_holds_a_readers_locks() {
+    let dir = tmpdir();
+    let img = image(&dir, "a.qcow2");
+    poke_u8(&img, 79, peek_bytes(&img, 79, 1)[0] | 2); // incompatible_features: corrupt
+    let w = Image::open(&img, &OpenOptions::new()).unwrap();
+    assert!(w.is_read_only());
+    assert_eq!(locked_bytes(&img), bytes(RO));
+    Image::open(&img, &ro()).unwrap().close().unwrap();
+    drop(w);
+    assert_unlocked(&img);
+}
+
 #[test]
 fn create_refuses_an_image_in_use_and_leaves_no_locks() {
     let dir = tmpdir();
