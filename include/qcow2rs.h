@@ -59,13 +59,22 @@
 #define QCOW2_OPEN_WITHOUT_KEY (1 << 4)
 
 /**
+ * Open flag: force-share (`qemu-img -U`): take only the shared "consistent read" lock, so that
+ * the open succeeds while another process (QEMU, or another qcow2rs user) writes the image.
+ * Needs `QCOW2_OPEN_RDONLY` (else `QCOW2_ERR_INVALID_ARGUMENT`). Without it, an open fails with
+ * `QCOW2_ERR_LOCKED` when another user's locks conflict, as QEMU's do: a read-write open
+ * against any other user of the image, a read-only open against a writer.
+ */
+#define QCOW2_OPEN_FORCE_SHARE (1 << 5)
+
+/**
  * Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
  * L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
  * where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
  * reports the damage; reading a cluster the file no longer holds fails with
  * `QCOW2_ERR_CORRUPT`.
  */
-#define QCOW2_OPEN_DAMAGED (1 << 5)
+#define QCOW2_OPEN_DAMAGED (1 << 6)
 
 /**
  * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are

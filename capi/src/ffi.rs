@@ -351,6 +351,7 @@ mod tests {
     fn core_errors_keep_their_message_and_errno() {
         let e = qcow2rs::Error::Locked {
             file: "a.qcow2".to_string(),
+            what: "Failed to get \"write\" lock".to_string(),
         };
         let code = boundary("qcow2_test", || Err(e.into()));
         assert_eq!(code, qcow2_error::QCOW2_ERR_LOCKED);

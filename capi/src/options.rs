@@ -82,20 +82,27 @@ pub const QCOW2_OPEN_NO_LAZY_REFCOUNTS: u32 = 1 << 3;
 /// Open flag: open an encrypted image without its password, for inspection (info, map,
 /// check); guest data I/O then fails with `QCOW2_ERR_BAD_KEY`.
 pub const QCOW2_OPEN_WITHOUT_KEY: u32 = 1 << 4;
+/// Open flag: force-share (`qemu-img -U`): take only the shared "consistent read" lock, so that
+/// the open succeeds while another process (QEMU, or another qcow2rs user) writes the image.
+/// Needs `QCOW2_OPEN_RDONLY` (else `QCOW2_ERR_INVALID_ARGUMENT`). Without it, an open fails with
+/// `QCOW2_ERR_LOCKED` when another user's locks conflict, as QEMU's do: a read-write open
+/// against any other user of the image, a read-only open against a writer.
+pub const QCOW2_OPEN_FORCE_SHARE: u32 = 1 << 5;
 
 /// Open flag: open a damaged image for inspection and rescue (needs `QCOW2_OPEN_RDONLY`): an
 /// L1, refcount or snapshot table that lies past the end of a truncated file reads as zeros
 /// where the file ends, as QEMU reads it, instead of failing the open. `qcow2_check` then
 /// reports the damage; reading a cluster the file no longer holds fails with
 /// `QCOW2_ERR_CORRUPT`.
-pub const QCOW2_OPEN_DAMAGED: u32 = 1 << 5;
+pub const QCOW2_OPEN_DAMAGED: u32 = 1 << 6;
 
 const OPEN_FLAGS_ALL: u32 = QCOW2_OPEN_DAMAGED
     | QCOW2_OPEN_RDONLY
     | QCOW2_OPEN_NO_BACKING
     | QCOW2_OPEN_LAZY_REFCOUNTS
     | QCOW2_OPEN_NO_LAZY_REFCOUNTS
-    | QCOW2_OPEN_WITHOUT_KEY;
+    | QCOW2_OPEN_WITHOUT_KEY
+    | QCOW2_OPEN_FORCE_SHARE;
 
 /// Options for `qcow2_create`. Initialise it with `qcow2_create_options_init`, then change
 /// the fields you need.
@@ -435,6 +442,7 @@ impl qcow2_open_options {
             damaged: has(QCOW2_OPEN_DAMAGED),
             snapshot: ffi::optional_str(self.snapshot, "opts->snapshot")?
                 .map(|s| SnapshotRef::IdOrName(s.to_string())),
+            force_share: has(QCOW2_OPEN_FORCE_SHARE),
         })
     }
 }

@@ -650,6 +650,7 @@ pub fn run(a: &BenchArgs) -> CliResult {
         Format::Qcow2 => {
             let o = image.open_options(OpenOptions {
                 read_only: !a.write,
+                force_share: a.force_share,
                 cache,
                 ..OpenOptions::new()
             });

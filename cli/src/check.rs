@@ -106,6 +106,8 @@ pub fn run(a: &CheckArgs) -> CliResult {
     };
     let opts = r.open_options(OpenOptions {
         read_only: repair.is_none(),
+        // With -r, the core refuses it as qemu-img does.
+        force_share: a.force_share,
         cache,
         open_backing: false,
         // Checking reads metadata only: an encrypted image is checked without its key too.

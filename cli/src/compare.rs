@@ -81,6 +81,7 @@ pub fn run(a: &CompareArgs) -> CliResult {
     };
     let opts = OpenOptions {
         cache,
+        force_share: a.force_share,
         ..OpenOptions::read_only()
     };
     let r1 = a.sec.image(&a.file1).map_err(open_code)?;

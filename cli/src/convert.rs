@@ -345,6 +345,7 @@ pub fn run(a: &ConvertArgs) -> CliResult {
         snapshot: snapshot.clone(),
         // Salvage opens a truncated source too (its tables read as zeros past the end).
         damaged: a.salvage,
+        force_share: a.force_share,
         ..OpenOptions::read_only()
     });
     let src = open_source(&src_ref.path, src_fmt.or(src_ref.fmt), &src_opts)?;

@@ -110,7 +110,12 @@ fn encrypt_block(e: &EncryptionInfo) -> Value {
     Value::obj(v)
 }
 
-fn node(path: &str, fmt: Option<Format>, password: Option<Password>) -> CliResult<Node> {
+fn node(
+    path: &str,
+    fmt: Option<Format>,
+    password: Option<Password>,
+    force_share: bool,
+) -> CliResult<Node> {
     let fmt = resolve_format(path, fmt)?;
     let (len, actual) = file_sizes(path)?;
     match fmt {
@@ -137,6 +142,7 @@ fn node(path: &str, fmt: Option<Format>, password: Option<Password>) -> CliResul
                 // info shows metadata: no key is needed (a given one is checked).
                 without_key: true,
                 password,
+                force_share,
                 ..OpenOptions::read_only()
             };
             let img = Image::open(path, &opts).map_err(|e| open_error(path, &e))?;
@@ -312,7 +318,7 @@ pub fn run(a: &InfoArgs) -> CliResult {
         Some(f) => Some(f),
         None => r.fmt,
     };
-    let mut nodes = vec![node(&r.path, fmt, r.password.clone())?];
+    let mut nodes = vec![node(&r.path, fmt, r.password.clone(), a.force_share)?];
     if a.backing_chain {
         let mut seen = vec![r.path.clone()];
         while let Some((path, bfmt)) = nodes.last().and_then(|n| n.backing.clone()) {
@@ -322,7 +328,12 @@ pub fn run(a: &InfoArgs) -> CliResult {
                 )));
             }
             seen.push(path.clone());
-            nodes.push(node(&path, bfmt, r.backing_password.clone())?);
+            nodes.push(node(
+                &path,
+                bfmt,
+                r.backing_password.clone(),
+                a.force_share,
+            )?);
         }
     }
     let text = if json {

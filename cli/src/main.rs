@@ -187,7 +187,7 @@ pub struct InfoArgs {
     /// Output format: human or json
     #[arg(long = "output", default_value = "human")]
     pub output: String,
-    /// Open the image without taking locks (read-only sharing)
+    /// Share the image even with writers (only the shared read lock is taken)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Show the whole backing chain
@@ -214,7 +214,7 @@ pub struct CheckArgs {
     /// Quiet
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// Open the image without taking locks (read-only sharing)
+    /// Share the image even with writers (only the shared read lock is taken)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Cache mode for the image
@@ -274,7 +274,7 @@ pub struct ConvertArgs {
     /// Minimum run of zero bytes to leave sparse (default 4k; 0 writes everything)
     #[arg(short = 'S')]
     pub sparse: Option<String>,
-    /// Open the source without taking locks
+    /// Share the source even with writers (only the shared read lock is taken)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Rescue a damaged source: what cannot be read is written as zeros, with a warning for
@@ -323,7 +323,7 @@ pub struct MapArgs {
     /// Number of bytes to map
     #[arg(short = 'l', long = "max-length")]
     pub max_length: Option<String>,
-    /// Open the image without taking locks
+    /// Share the image even with writers (only the shared read lock is taken)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Image file
@@ -353,7 +353,7 @@ pub struct CompareArgs {
     /// Cache mode for both images
     #[arg(short = 'T')]
     pub cache: Option<String>,
-    /// Open the images without taking locks
+    /// Share the images even with writers (only the shared read lock is taken)
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// First image

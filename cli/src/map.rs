@@ -49,9 +49,12 @@ fn chain_names(file: &str, disk: &Disk) -> Vec<String> {
             None => qcow2rs::probe_format(&path).ok() == Some(Format::Qcow2),
         };
         if is_qcow2 {
+            // The chain is open already, locked as the user asked: this second look at its
+            // headers shares the files.
             let opts = OpenOptions {
                 open_backing: false,
                 without_key: true,
+                force_share: true,
                 ..OpenOptions::read_only()
             };
             next = Image::open(&path, &opts)
@@ -127,9 +130,11 @@ impl HostFiles<'_> {
 /// estimated from the map (data clusters, L2 tables) plus the fixed metadata.
 fn metadata_preallocated(path: &str) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
+    // A second look at an image of the open chain: shared, as in chain_names.
     let opts = OpenOptions {
         open_backing: false,
         without_key: true,
+        force_share: true,
         ..OpenOptions::read_only()
     };
     let img = Image::open(path, &opts).ok()?;
@@ -255,6 +260,7 @@ pub fn run(a: &MapArgs) -> CliResult {
         fmt,
         &r.open_options(OpenOptions {
             without_key: true,
+            force_share: a.force_share,
             ..OpenOptions::read_only()
         }),
     )?;

@@ -214,6 +214,7 @@ pub fn run(a: &SnapshotArgs) -> CliResult {
             open_backing: false,
             // Listing reads metadata only: no key is needed (a given one is checked).
             without_key: true,
+            force_share: a.force_share,
             ..OpenOptions::read_only()
         })
     } else {

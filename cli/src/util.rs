@@ -59,6 +59,10 @@ fn strip_os_error(s: &str) -> String {
 pub fn core_text(e: &qcow2rs::Error) -> String {
     match e {
         qcow2rs::Error::InvalidArgument(m) => m.clone(),
+        // qemu-img's two lines.
+        qcow2rs::Error::Locked { file, what } => {
+            format!("{file}: {what}\nIs another process using the image [{file}]?")
+        }
         qcow2rs::Error::Io { source, .. } => {
             // "<file>: <context>: <strerror>"; keep the context, fix the errno wording.
             let s = e.to_string();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::crypto::Password;
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::lock::LockMode;
 use crate::map::MapEntry;
 use crate::options::{BackingPolicy, OpenOptions};
 use crate::storage::{FileStorage, Storage};
@@ -99,17 +100,29 @@ pub(crate) fn resolve(overlay: &str, backing: &str) -> PathBuf {
 }
 
 /// Open the backing file of `overlay`, as `policy` allows (never called with
-/// [`BackingPolicy::None`]). `chain` holds the canonical paths already open above.
+/// [`BackingPolicy::None`]), read-only and locked as QEMU locks backing files (a qcow2 one as a
+/// read-only image, or as a force-share one with `force_share`; a raw one with the read byte
+/// only). `chain` holds the canonical paths already open above.
 pub(crate) fn open(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
     policy: &BackingPolicy,
+    force_share: bool,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     let top = chain.len() <= 1;
-    open_inner(overlay, backing, format, password, policy, chain).map_err(|e| {
+    open_inner(
+        overlay,
+        backing,
+        format,
+        password,
+        policy,
+        force_share,
+        chain,
+    )
+    .map_err(|e| {
         // Errors deep in a chain are reported once, against the image the user opened.
         if top {
             e.in_backing_of(overlay, &resolve(overlay, backing).display().to_string())
@@ -125,6 +138,7 @@ fn open_inner(
     format: Option<&str>,
     password: Option<&Password>,
     policy: &BackingPolicy,
+    force_share: bool,
     chain: &mut Vec<PathBuf>,
 ) -> Result<Backing> {
     if chain.len() >= MAX_CHAIN_DEPTH {
@@ -171,6 +185,7 @@ fn open_inner(
                 password: password.cloned(),
                 backing_password: password.cloned(),
                 backing: policy.clone(),
+                force_share,
                 ..OpenOptions::read_only()
             };
             let img = Image::open_storage_chain(Arc::new(storage), &shown, &opts, chain)?;
@@ -178,6 +193,10 @@ fn open_inner(
             Ok(Backing::Qcow2(Box::new(img)))
         }
         Format::Raw => {
+            // QEMU's raw format node passes the backing edge's permissions down, and those share
+            // everything: a raw backing file carries only the "consistent read" byte (measured
+            // with qemu-io 10.0, read-only and read-write overlays alike).
+            storage.lock(&shown, LockMode::ForceShare)?;
             let size = storage.len().map_err(|e| Error::io(&shown, "stat", e))?;
             Ok(Backing::Raw {
                 storage: Arc::new(storage),

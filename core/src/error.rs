@@ -60,6 +60,8 @@ pub enum Error {
     Locked {
         /// The file.
         file: String,
+        /// What could not be had, in QEMU's words (`Failed to get "write" lock`).
+        what: String,
     },
     /// What the caller named does not exist in the image (a snapshot).
     NotFound {
@@ -205,9 +207,9 @@ impl fmt::Display for Error {
                 "{file}: the image is encrypted: a password is needed (Parameter 'encrypt.key-secret' is required for cipher)"
             ),
             Error::ReadOnly { file, reason } => write!(f, "{file}: image is read-only: {reason}"),
-            Error::Locked { file } => write!(
+            Error::Locked { file, what } => write!(
                 f,
-                "{file}: Failed to get \"write\" lock: is another process using the image?"
+                "{file}: {what}. Is another process using the image [{file}]?"
             ),
             Error::NoSpace { file, context } => {
                 write!(f, "{file}: {context}: No space left on device")

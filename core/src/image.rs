@@ -51,7 +51,9 @@ impl Image {
         state::lock(&self.state)
     }
 
-    /// Open an image file.
+    /// Open an image file, taking QEMU's image locks on it and on its backing files (see
+    /// [`crate::LockMode`]) for as long as the image is open: [`crate::Error::Locked`] when another user
+    /// (QEMU, or another open image, in this process too) conflicts.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         Image::open_chain(path.as_ref(), opts, &mut Vec::new())
     }

@@ -18,7 +18,8 @@
 //! img.close().unwrap();
 //! # std::fs::remove_dir_all(&dir).unwrap();
 //! ```
-#![forbid(unsafe_code)]
+// The only unsafe code is the two `fcntl` calls of the image locks (`lock.rs`).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod alloc;
@@ -34,6 +35,7 @@ pub mod format;
 mod host;
 mod image;
 mod keyslots;
+mod lock;
 mod map;
 mod mapping;
 #[cfg(feature = "testing")]
@@ -59,6 +61,7 @@ pub use crypto::{
 pub use error::{Error, Result};
 pub use image::Image;
 pub use keyslots::{KeySlotChange, KeySlotState};
+pub use lock::LockMode;
 pub use map::{ImageInfo, MapEntry};
 pub use options::{
     BackingPolicy, CacheMode, Compat, CompressionType, CreateOptions, OpenOptions, Preallocation,

@@ -18,6 +18,7 @@ use crate::format::snapshot;
 use crate::format::{self as fmt};
 use crate::host::HostFile;
 use crate::image::Image;
+use crate::lock::LockMode;
 use crate::mapping::Tables;
 use crate::offset::Geometry;
 use crate::options::{
@@ -116,12 +117,16 @@ fn validate_create(opts: &CreateOptions) -> Result<()> {
 }
 
 impl Image {
-    /// Create a new image file at `path` (truncating an existing one).
+    /// Create a new image file at `path` (truncating an existing one, unless someone has it open:
+    /// then [`Error::Locked`], and the file is left as it was).
     pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
         let path = path.as_ref();
         let name = path.display().to_string();
         validate_create(opts)?;
         let st = FileStorage::create(path).map_err(|e| Error::io(&name, "create", e))?;
+        // Locked before it is truncated (in create_on), as QEMU does: an image in use by
+        // someone else is refused, not destroyed. The locks go with the file, at the end.
+        st.lock(&name, LockMode::Create)?;
         Image::create_on(Arc::new(st), &name, opts)?;
         // The new directory entry must be durable too, or a crash could lose the whole file.
         let dir = match path.parent() {
@@ -153,6 +158,7 @@ impl Image {
                     backing_format.as_deref(),
                     opts.backing_password.as_ref(),
                     &crate::BackingPolicy::Any,
+                    false,
                     &mut chain,
                 )?;
                 if size == 0 {
@@ -311,6 +317,13 @@ impl Image {
                 "{name}: a damaged image can only be opened read-only"
             )));
         }
+        if opts.force_share && !opts.read_only {
+            return Err(Error::invalid(format!(
+                "{name}: force-share=on can only be used with read-only images"
+            )));
+        }
+        // The locks come first: nothing read before them could be trusted not to change.
+        storage.lock(name, opts.lock_mode())?;
         let file_len = storage.len().map_err(|e| Error::io(name, "stat", e))?;
         if file_len < header::V2_HEADER_LEN as u64 {
             return Err(Error::corrupt(
@@ -440,6 +453,8 @@ impl Image {
         if !read_only && h.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
             read_only = true;
             ro_reason = "the image is marked corrupt; repair it with check -r all".into();
+            // Used read-only: let others read it as a read-only user would.
+            storage.lock(name, LockMode::ReadOnly)?;
         }
         let backing = match (&h.backing_file, opts.backing_policy()) {
             (Some(_), crate::BackingPolicy::None) | (None, _) => None,
@@ -449,6 +464,7 @@ impl Image {
                 h.backing_format().as_deref(),
                 opts.backing_password.as_ref(),
                 &policy,
+                opts.force_share,
                 chain,
             )?),
         };

@@ -253,6 +253,10 @@ pub struct OpenOptions {
     /// Open an internal snapshot instead of the active disk: a read-only view of what the
     /// disk held when the snapshot was taken (`qemu-img convert -l`). Needs `read_only`.
     pub snapshot: Option<crate::SnapshotRef>,
+    /// Share the image with every other user, even writers (`qemu-img -U`, `force-share=on`):
+    /// only a user that does not share reading conflicts. Needs `read_only`. What is read may
+    /// be inconsistent while someone else writes the image. See [`crate::LockMode`].
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -270,11 +274,21 @@ impl Default for OpenOptions {
             without_key: false,
             damaged: false,
             snapshot: None,
+            force_share: false,
         }
     }
 }
 
 impl OpenOptions {
+    /// The locks an open with these options takes (for a file opened outside the library, such
+    /// as a raw image, through [`crate::storage::Storage::lock`]).
+    pub fn lock_mode(&self) -> crate::LockMode {
+        match (self.read_only, self.force_share) {
+            (false, _) => crate::LockMode::ReadWrite,
+            (true, false) => crate::LockMode::ReadOnly,
+            (true, true) => crate::LockMode::ForceShare,
+        }
+    }
     /// Read-write defaults.
     pub fn new() -> OpenOptions {
         OpenOptions::default()

@@ -48,6 +48,7 @@ from ._errors import (
     CorruptImageError,
     Error,
     InvalidArgumentError,
+    ImageLockedError,
     LockedError,
     NoSpaceError,
     NotFoundError,
@@ -79,6 +80,7 @@ __all__ = [
     "BadKeyError",
     "BadPasswordError",
     "ReadOnlyError",
+    "ImageLockedError",
     "LockedError",
     "NoSpaceError",
     "SnapshotNotFoundError",
@@ -259,6 +261,7 @@ class Image(io.RawIOBase):
         snapshot: Optional[str] = None,
         backing: Union[str, Iterable[StrPath], None] = "any",
         damaged: bool = False,
+        force_share: bool = False,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -273,6 +276,7 @@ class Image(io.RawIOBase):
             snapshot=snapshot,
             backing=backing,
             damaged=damaged,
+            force_share=force_share,
         )
         self.name = os.fsdecode(path)
         self._mode = mode
@@ -524,6 +528,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     snapshot: Optional[str] = None,
     backing: Union[str, Iterable[StrPath], None] = "any",
     damaged: bool = False,
+    force_share: bool = False,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -550,6 +555,11 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``"r"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
     (:meth:`Image.damage` lists them), :meth:`Image.check` reports the damage as
     ``qemu-img check`` does, and reading what the file lost raises :class:`CorruptImageError`.
+    The image is locked as QEMU locks it: opening it read-write while anyone else (QEMU, or
+    another qcow2rs user, in this process too) has it open, or read-only while someone writes
+    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"r"`` only)
+    opens it even while someone writes it, for inspection; what is read may then be
+    inconsistent.
     """
     return Image(
         path,
@@ -562,4 +572,5 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         snapshot=snapshot,
         backing=backing,
         damaged=damaged,
+        force_share=force_share,
     )

@@ -18,6 +18,7 @@ __all__ = [
     "BadKeyError",
     "BadPasswordError",
     "ReadOnlyError",
+    "ImageLockedError",
     "LockedError",
     "NoSpaceError",
     "SnapshotNotFoundError",
@@ -83,10 +84,17 @@ class ReadOnlyError(Error):
     __module__ = "qcow2rs"
 
 
-class LockedError(Error):
-    """Another process holds the image's lock (EAGAIN)."""
+class ImageLockedError(Error):
+    """Another user of the image (QEMU, or another qcow2rs open, in this process too) holds
+    locks that conflict with this open (EAGAIN), as QEMU's image locks do. ``filename`` is the
+    locked file (a backing file, perhaps); the message is QEMU's (``Failed to get "write" lock``).
+    Open read-only with ``force_share=True`` to inspect an image someone is writing."""
 
     __module__ = "qcow2rs"
+
+
+#: The earlier name: the same class as :class:`ImageLockedError`.
+LockedError = ImageLockedError
 
 
 class NoSpaceError(Error):

@@ -51,6 +51,7 @@ def open(
     snapshot: Optional[str] = None,
     backing: Union[str, Iterable[Union[str, os.PathLike[str]]], None] = None,
     damaged: bool = False,
+    force_share: bool = False,
 ) -> NativeImage: ...
 @final
 class NativeImage:

@@ -63,7 +63,7 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
         E::InvalidArgument(_) => (&INVALID_ARGUMENT, None),
         E::BadKey { file } | E::NeedKey { file } => (&BAD_KEY, Some(file)),
         E::ReadOnly { file, .. } => (&READ_ONLY, Some(file)),
-        E::Locked { file } => (&LOCKED, Some(file)),
+        E::Locked { file, .. } => (&LOCKED, Some(file)),
         E::NoSpace { file, .. } => (&NO_SPACE, Some(file)),
         E::NotFound { file, .. } => (&SNAPSHOT_NOT_FOUND, Some(file)),
         // A variant added to the core later: still a qcow2rs.Error with the right errno.
@@ -104,6 +104,6 @@ static UNSUPPORTED: Class = Class::new("UnsupportedError");
 static INVALID_ARGUMENT: Class = Class::new("InvalidArgumentError");
 static BAD_KEY: Class = Class::new("BadKeyError");
 static READ_ONLY: Class = Class::new("ReadOnlyError");
-static LOCKED: Class = Class::new("LockedError");
+static LOCKED: Class = Class::new("ImageLockedError");
 static NO_SPACE: Class = Class::new("NoSpaceError");
 static SNAPSHOT_NOT_FOUND: Class = Class::new("SnapshotNotFoundError");

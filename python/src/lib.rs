@@ -214,6 +214,7 @@ fn create(
     snapshot = None,
     backing = None,
     damaged = false,
+    force_share = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -228,6 +229,7 @@ fn open(
     snapshot: Option<String>,
     backing: Option<&Bound<'_, PyAny>>,
     damaged: bool,
+    force_share: bool,
 ) -> PyResult<NativeImage> {
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
@@ -261,6 +263,7 @@ fn open(
                 snapshot: snapshot.map(SnapshotRef::IdOrName),
                 backing,
                 damaged,
+                force_share,
                 ..OpenOptions::default()
             })
         })(),

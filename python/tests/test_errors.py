@@ -26,7 +26,7 @@ def test_hierarchy() -> None:
         qcow2rs.InvalidArgumentError,
         qcow2rs.BadKeyError,
         qcow2rs.ReadOnlyError,
-        qcow2rs.LockedError,
+        qcow2rs.ImageLockedError,
         qcow2rs.NoSpaceError,
         qcow2rs.SnapshotNotFoundError,
     ):

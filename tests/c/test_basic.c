@@ -280,18 +280,29 @@ static void test_main_image(const char *dir) {
     CHECK(report.compressed_clusters == 1);
     EXPECT_ERR(qcow2_check(img, 17, &report), QCOW2_ERR_INVALID_ARGUMENT);
 
-    /* A second read-write user of the same image must be refused with QCOW2_ERR_LOCKED, once the
-     * core locks images (it does not yet: then only note it). */
+    /* A second user of the same image is refused with QCOW2_ERR_LOCKED (errno EAGAIN, the file
+     * named), read-write or read-only, as QEMU refuses it; with QCOW2_OPEN_FORCE_SHARE a
+     * read-only open shares it. */
     qcow2_image *second = NULL;
-    qcow2_error lock_rc = qcow2_open(path, 0, &second);
-    if (lock_rc == QCOW2_OK) {
-        printf("NOTE: a second read-write open succeeded: the core does not lock images yet\n");
-        MUST(qcow2_close(second));
-    } else {
-        CHECK(lock_rc == QCOW2_ERR_LOCKED);
-        CHECK(second == NULL);
-        CHECK(strstr(last_message(), path) != NULL);
+    EXPECT_ERR(qcow2_open(path, 0, &second), QCOW2_ERR_LOCKED);
+    CHECK(second == NULL);
+    CHECK(qcow2_last_errno() == EAGAIN);
+    CHECK(strstr(last_message(), path) != NULL);
+    CHECK(strstr(last_message(), "Failed to get \"write\" lock") != NULL);
+    EXPECT_ERR(qcow2_open(path, QCOW2_OPEN_RDONLY, &second), QCOW2_ERR_LOCKED);
+    CHECK(strstr(last_message(), "Failed to get shared \"write\" lock") != NULL);
+    /* qemu-img too refuses, and shares with -U. */
+    CHECK(run("qemu-img info '%s' >/dev/null 2>&1", path) != 0);
+    CHECK(run("qemu-img info -U '%s' >/dev/null", path) == 0);
+    EXPECT_ERR(qcow2_open(path, QCOW2_OPEN_FORCE_SHARE, &second), QCOW2_ERR_INVALID_ARGUMENT);
+    MUST(qcow2_open(path, QCOW2_OPEN_RDONLY | QCOW2_OPEN_FORCE_SHARE, &second));
+    MUST(qcow2_flush(img));
+    {
+        qcow2_image_info shared_info;
+        MUST(qcow2_info(second, &shared_info));
+        CHECK(shared_info.read_only);
     }
+    MUST(qcow2_close(second));
 
     MUST(qcow2_close(img));
 

@@ -632,11 +632,12 @@ fn qemu_internal_snapshots_shared_clusters() {
         }
         verify(&p, seed);
 
-        // Our writes over shared clusters.
-        let img = Image::open(&p, &OpenOptions::new())
-            .unwrap_or_else(|e| panic!("open an image with snapshots read-write: {e}"));
+        // Our writes over shared clusters (the model read first: qemu-img cannot open the
+        // image while we hold it read-write).
         let mut model = Model::zeros(size, cs);
         model.data = qemu_read_all(&p, "qcow2");
+        let img = Image::open(&p, &OpenOptions::new())
+            .unwrap_or_else(|e| panic!("open an image with snapshots read-write: {e}"));
         run_workload(
             &img,
             &mut model,

@@ -3,9 +3,10 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use super::Storage;
+use crate::lock::{self, Held, LockMode};
 
 /// Alignment used for O_DIRECT I/O.
 const DIRECT_ALIGN: usize = 4096;
@@ -17,12 +18,16 @@ const DIRECT_ALIGN: usize = 4096;
 /// (`rmw` held for writing) against every other write and length change, which take it shared:
 /// two sub-block writes to one block (two 512-byte guest writes, or guest data next to an L2
 /// table in a small-cluster image) would otherwise each write back the other's old bytes.
+///
+/// The image locks ([`Storage::lock`]) are held on this file's open file description, so they
+/// last until the `FileStorage` is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     direct: bool,
     syncs: AtomicU64,
     rmw: RwLock<()>,
+    locks: Mutex<Held>,
 }
 
 impl FileStorage {
@@ -39,21 +44,25 @@ impl FileStorage {
             direct,
             syncs: AtomicU64::new(0),
             rmw: RwLock::new(()),
+            locks: Mutex::default(),
         })
     }
-    /// Create (or truncate) a file.
+    /// Create a file, or open an existing one for writing *without* truncating it: the caller
+    /// takes [`LockMode::Create`] first, so that an image in use is not destroyed, and then
+    /// truncates (as [`crate::Image::create`] does).
     pub fn create(path: &Path) -> io::Result<FileStorage> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
         Ok(FileStorage {
             file,
             direct: false,
             syncs: AtomicU64::new(0),
             rmw: RwLock::new(()),
+            locks: Mutex::default(),
         })
     }
     /// Wrap an open file.
@@ -63,6 +72,7 @@ impl FileStorage {
             direct: false,
             syncs: AtomicU64::new(0),
             rmw: RwLock::new(()),
+            locks: Mutex::default(),
         }
     }
     /// The underlying file.
@@ -84,6 +94,13 @@ impl FileStorage {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        let held = self.locks.get_mut().unwrap_or_else(|e| e.into_inner());
+        lock::release(&self.file, held);
     }
 }
 
@@ -187,5 +204,10 @@ impl Storage for FileStorage {
 
     fn sync_count(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self, name: &str, mode: LockMode) -> crate::Result<()> {
+        let mut held = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        lock::set(&self.file, name, &mut held, mode)
     }
 }

@@ -47,4 +47,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync_count(&self) -> u64 {
         0
     }
+    /// Take QEMU's image locks for `mode` on the file, or change the ones held to those of
+    /// `mode` (`name` is for messages). Fails with [`crate::Error::Locked`] when another user of
+    /// the file conflicts, holding what it held before. The default (in-memory storage) holds
+    /// no locks.
+    fn lock(&self, name: &str, mode: crate::LockMode) -> crate::Result<()> {
+        let _ = (name, mode);
+        Ok(())
+    }
 }
