@@ -8,14 +8,15 @@
 #   fuzz/corpus/open_read, fuzz/corpus/check_repair: the images
 #   fuzz/corpus/mutate: each image after a 0 byte (no mutations: see qcow2rs::fuzzing::mutate)
 #   fuzz/corpus/header: each image's first 4 KiB after a 0 byte (the qcow2 header codec)
-# Usage: fuzz/make-seeds.sh [QCOW2RS_CLI]   (default: builds and uses target/release/qcow2rs)
+# Usage: fuzz/make-seeds.sh [QCOW2RS_CLI]   (default: builds and uses target/debug/qcow2rs,
+#        which the test suite has built already)
 set -euo pipefail
 FUZZ="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$FUZZ")"
 CLI="${1:-}"
 if [ -z "$CLI" ]; then
-    cargo build --release --locked -q -p qcow2rs-cli --manifest-path "$ROOT/Cargo.toml"
-    CLI="${CARGO_TARGET_DIR:-$ROOT/target}/release/qcow2rs"
+    cargo build --locked -q -p qcow2rs-cli --manifest-path "$ROOT/Cargo.toml"
+    CLI="${CARGO_TARGET_DIR:-$ROOT/target}/debug/qcow2rs"
 fi
 S="$FUZZ/seeds"
 rm -rf "$S"
