@@ -6,7 +6,7 @@
 # (qcow2rs::fuzzing::PASSWORD) and 1 ms of PBKDF2. LUKS uses AES-128-CBC: 16-byte keys keep
 # the key material (and the seeds) under libFuzzer's default input limit of 1 MiB. Then the corpora:
 #   fuzz/corpus/open_read, fuzz/corpus/check_repair: the images
-#   fuzz/corpus/mutate: each image after a 0 byte (no mutations: see qcow2rs::fuzzing::mutate)
+#   fuzz/corpus/mutate: each image followed by a 0 byte (no mutations: qcow2rs::fuzzing::mutate)
 #   fuzz/corpus/header: each image's first 4 KiB after a 0 byte (the qcow2 header codec)
 # Usage: fuzz/make-seeds.sh [QCOW2RS_CLI]   (default: builds and uses target/debug/qcow2rs,
 #        which the test suite has built already)
@@ -103,7 +103,7 @@ mkdir -p "$C/open_read" "$C/check_repair" "$C/mutate" "$C/header"
 for f in *.qcow2; do
     cp "$f" "$C/open_read/seed-$f"
     cp "$f" "$C/check_repair/seed-$f"
-    { printf '\0'; cat "$f"; } >"$C/mutate/seed-$f"
+    { cat "$f"; printf '\0'; } >"$C/mutate/seed-$f"
     { printf '\0'; head -c 4096 "$f"; } >"$C/header/seed-$f"
 done
 echo "fuzz seeds: $(ls "$S" | wc -l) images in $S ($(du -sh "$S" | cut -f1))"

@@ -362,18 +362,20 @@ fn mutate_one(img: &mut [u8], kind: u8, sel: u16, value: u64) {
     poke(img, at, width, v);
 }
 
-/// Target `mutate`: structure-aware. The input is `[n][n × (kind, sel u16, value u64)]`
-/// followed by an image (the seeds are images made by qemu-img and by us, plain and
-/// encrypted). The mutations hit header fields, L1 and L2 entries, the refcount table and
-/// blocks, the snapshot table and the LUKS header; then the image is opened (with the
-/// password), read, written a little, flushed and checked.
+/// Target `mutate`: structure-aware. The input is an image followed by `n` mutations of 11
+/// bytes each (kind, sel u16, value u64) and then the byte `n` (mod 16): the image comes first
+/// so that libFuzzer's own byte mutations of it keep it in place. The seeds are images made by
+/// qemu-img and by us, plain and encrypted, each followed by a 0 byte. The mutations hit header
+/// fields, L1 and L2 entries, the refcount table and blocks, the snapshot table and the LUKS
+/// header; then the image is opened (with the password), read, written a little, flushed,
+/// checked and reopened.
 pub fn mutate(data: &[u8]) {
     setup();
-    let Some((&n, rest)) = data.split_first() else {
+    let Some((&n, rest)) = data.split_last() else {
         return;
     };
     let n = usize::from(n % 16);
-    let Some((ops, image)) = rest.split_at_checked(n * 11) else {
+    let Some((image, ops)) = rest.split_at_checked(rest.len().saturating_sub(n * 11)) else {
         return;
     };
     let mut img = image.to_vec();
