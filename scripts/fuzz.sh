@@ -50,7 +50,7 @@ for t in "${targets[@]}"; do
     cargo fuzz run "${BUILD_FLAGS[@]}" "$t" "corpus/$t" "$ROOT/tests/fuzz-regressions/$t" -- \
         "${LIBFUZZER_FLAGS[@]}" -max_total_time="$SECONDS_EACH" >"$log" 2>&1 || rc=$?
     # The executions, and on a finding what it was and where its input went.
-    grep -aE '^(#[0-9]+ +DONE|stat::number_of_executed_units|==[0-9]+== ?ERROR|SUMMARY|thread .* panicked|.*Test unit written)' "$log" || true
+    grep -aE '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|==[0-9]+== ?ERROR|SUMMARY|thread .* panicked|.*Test unit written)' "$log" || true
     if [ "$rc" -ne 0 ]; then
         tail -n 40 "$log"
         failed+=("$t")
