@@ -32,6 +32,8 @@ mod datapath;
 mod error;
 mod flush;
 pub mod format;
+#[cfg(feature = "testing")]
+pub mod fuzzing;
 mod host;
 mod image;
 mod keyslots;

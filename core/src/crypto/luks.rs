@@ -32,6 +32,25 @@ const MIN_ITERATIONS: u64 = 1000;
 /// run for hours (2^28 is minutes of SHA-256 here; real headers hold a few million).
 pub(crate) const MAX_ITERATIONS: u32 = 1 << 28;
 
+/// A lower iteration limit for the fuzz targets (feature `testing`; 0 = none): a mutated
+/// header may hold any count up to [`MAX_ITERATIONS`], which is legitimate work for whoever
+/// holds the password but minutes per input for a fuzzer that must finish each in a second.
+#[cfg(feature = "testing")]
+pub(crate) static FUZZ_MAX_ITERATIONS: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(0);
+
+/// The highest PBKDF2 iteration count a header may hold.
+fn max_iterations() -> u32 {
+    #[cfg(feature = "testing")]
+    {
+        let cap = FUZZ_MAX_ITERATIONS.load(std::sync::atomic::Ordering::Relaxed);
+        if cap != 0 {
+            return cap.min(MAX_ITERATIONS);
+        }
+    }
+    MAX_ITERATIONS
+}
+
 /// A secret byte string, wiped when dropped.
 pub(crate) type Secret = Zeroizing<Vec<u8>>;
 
@@ -437,7 +456,7 @@ impl Header {
             spec,
             hash,
         };
-        if h.mk_iterations == 0 || h.mk_iterations > MAX_ITERATIONS {
+        if h.mk_iterations == 0 || h.mk_iterations > max_iterations() {
             return corrupt(format!(
                 "LUKS master key iteration count {} is out of range",
                 h.mk_iterations
@@ -470,7 +489,7 @@ impl Header {
                     "LUKS key slot {i} key material at {start:#x} lies outside the LUKS header area ({region_len} bytes)"
                 ));
             }
-            if slot.active && (slot.iterations == 0 || slot.iterations > MAX_ITERATIONS) {
+            if slot.active && (slot.iterations == 0 || slot.iterations > max_iterations()) {
                 return corrupt(format!(
                     "LUKS key slot {i} iteration count {} is out of range",
                     slot.iterations

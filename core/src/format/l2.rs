@@ -69,10 +69,14 @@ pub fn encode_compressed(offset: u64, len: u64, cluster_bits: u32) -> u64 {
     OFLAG_COMPRESSED | (nsec << x) | offset
 }
 
-/// Whether the compressed descriptor would be valid (sector count fits in its field).
+/// Whether the compressed descriptor would be valid (sector count fits in its field). Empty
+/// or overflowing ranges never are.
 pub fn compressed_fits(offset: u64, len: u64, cluster_bits: u32) -> bool {
     let x = 62 - (cluster_bits - 8);
-    let nsec = ((offset + len - 1) >> 9) - (offset >> 9);
+    let Some(last) = len.checked_sub(1).and_then(|l| offset.checked_add(l)) else {
+        return false;
+    };
+    let nsec = (last >> 9) - (offset >> 9);
     offset < (1u64 << x) && nsec < (1u64 << (cluster_bits - 8))
 }
 

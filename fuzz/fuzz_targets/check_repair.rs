@@ -1,0 +1,5 @@
+//! Fuzz target `check_repair`: the body is `qcow2rs::fuzzing::check_repair`, shared with the regression test
+//! (tests/tests/fuzz_regressions.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qcow2rs::fuzzing::check_repair(data));

@@ -1,0 +1,5 @@
+//! Fuzz target `header`: the body is `qcow2rs::fuzzing::header`, shared with the regression test
+//! (tests/tests/fuzz_regressions.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| qcow2rs::fuzzing::header(data));
