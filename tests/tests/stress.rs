@@ -11,14 +11,14 @@
 //! image closed, `qemu-img check` must be clean and `qemu-img compare` must find it equal to a
 //! raw file of the model.
 //!
-//! Images: plain, with a backing file, encrypted (LUKS) and with subclusters, with 2 to 8
-//! threads. `QCOW2RS_STRESS_SECONDS` is the budget per image (default 3).
+//! Images: plain, with a backing file, encrypted (LUKS), with subclusters, and 4 KiB clusters
+//! opened with cache=none (O_DIRECT), with 2 to 8 threads. `QCOW2RS_STRESS_SECONDS` is the budget per image (default 3).
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use qcow2rs::{CreateOptions, EncryptionOptions, Image, OpenOptions};
+use qcow2rs::{CacheMode, CreateOptions, EncryptionOptions, Image, OpenOptions};
 use qcow2rs_tests::*;
 
 const SIZE: u64 = 8 * MIB;
@@ -33,6 +33,8 @@ struct Config {
     backing: bool,
     luks: bool,
     subclusters: bool,
+    /// cache=none (O_DIRECT: unaligned pieces are read-modify-writes of their blocks).
+    direct: bool,
 }
 
 fn budget() -> Duration {
@@ -80,6 +82,9 @@ fn image(dir: &Path, c: &Config) -> (std::path::PathBuf, Vec<u8>, OpenOptions) {
         o.backing_format = Some("raw".into());
     }
     let mut open = OpenOptions::new();
+    if c.direct {
+        open.cache = CacheMode::None;
+    }
     if c.luks {
         let mut e = EncryptionOptions::luks(PW);
         e.iter_time_ms = 10;
@@ -251,11 +256,12 @@ fn stress_plain_4_threads() {
         backing: false,
         luks: false,
         subclusters: false,
+        direct: false,
     });
 }
 
 #[test]
-fn stress_small_clusters_8_threads() {
+fn stress_small_clusters_8_threads_o_direct() {
     run(&Config {
         name: "small",
         threads: 8,
@@ -263,6 +269,7 @@ fn stress_small_clusters_8_threads() {
         backing: false,
         luks: false,
         subclusters: false,
+        direct: true,
     });
 }
 
@@ -275,6 +282,7 @@ fn stress_backing_3_threads() {
         backing: true,
         luks: false,
         subclusters: false,
+        direct: false,
     });
 }
 
@@ -287,6 +295,7 @@ fn stress_luks_2_threads() {
         backing: false,
         luks: true,
         subclusters: false,
+        direct: false,
     });
 }
 
@@ -299,5 +308,6 @@ fn stress_subclusters_4_threads() {
         backing: true,
         luks: false,
         subclusters: true,
+        direct: false,
     });
 }
