@@ -27,8 +27,11 @@
 //!    saw before: a cluster past every byte ever written reads as zeros, and zeros are the old
 //!    contents of a guest cluster that read as zeros. Compressed data always needs the barrier
 //!    (a torn stream does not decompress), and so does a cluster zeroed before its zero flag is
-//!    cleared. Mutants: `data-barrier`, `virgin-check`, `compressed-barrier`,
-//!    `zero-alloc-barrier`.
+//!    cleared. Allocating writes write their data without the lock (`datapath.rs`,
+//!    `write_allocating`) into reserved clusters and link the entries only after that write
+//!    returned, under the lock: a flush running meanwhile finds no entry naming the data yet.
+//!    Mutants: `data-barrier`, `virgin-check`, `compressed-barrier`, `zero-alloc-barrier`,
+//!    `par-early-link`.
 //! 4. **The file length is stable before an entry naming a cluster past the old end.** A run
 //!    extends the file when it is reserved (`file_grown`); the next entry naming a cluster of it
 //!    waits for a barrier. Mutant: `len-pending`.

@@ -242,6 +242,7 @@ impl Image {
         let s = self.lock();
         // Clusters reserved by writes encrypting outside the lock would count as leaks.
         let mut s = State::drain_reservations(&self.state, s);
+        s.reserved.everything_changed();
         let r = Self::check_drained(&mut s, repair);
         s.release_reservations();
         r

@@ -230,6 +230,8 @@ impl State {
     /// Write an entry into the (writable: see [`State::prepare_l2`]) L2 table of `c`.
     pub(crate) fn set_entry(&mut self, c: GuestCluster, e: L2Entry) -> Result<()> {
         self.mark_dirty_any()?;
+        // A write between its two phases must not link a cluster it reserved for `c`.
+        self.reserved.entry_changed(c);
         let table =
             HostOffset::new(self.tables.l1[self.geo.l1_index(c) as usize] & L1E_OFFSET_MASK);
         let i = self.caches.get(&mut self.file, Kind::L2, table, false)?;

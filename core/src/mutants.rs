@@ -99,6 +99,14 @@ pub const ALL: &[(&str, &str)] = &[
         "an allocating encrypted write encrypts, outside the lock, for the wrong host offset",
     ),
     (
+        "par-early-link",
+        "an allocating write links its new cluster before its unlocked data write has run",
+    ),
+    (
+        "par-stale-link",
+        "an allocating write links its new cluster although the entry changed while it wrote",
+    ),
+    (
         "keyslot-order",
         "a new LUKS key slot is switched active before its key material is stable",
     ),

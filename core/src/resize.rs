@@ -19,6 +19,8 @@ use crate::state::State;
 impl State {
     /// Change the virtual size (see the crash analysis above).
     pub(crate) fn resize_inner(&mut self, new_size: u64) -> Result<()> {
+        // Writes in flight redo their clusters the ordinary way (or fail on a shrink).
+        self.reserved.everything_changed();
         if !new_size.is_multiple_of(512) {
             return Err(Error::invalid(format!(
                 "{}: new size {new_size} is not a multiple of 512",

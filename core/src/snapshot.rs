@@ -596,6 +596,8 @@ impl State {
     /// outside the lock (it may not reach a cluster whose sharing changes). Returns the held
     /// I/O gate.
     fn quiet_for_snapshot(&mut self) -> Result<std::sync::Arc<std::sync::RwLock<()>>> {
+        // Entries change wholesale (COPIED flags, the active L1): writes in flight redo.
+        self.reserved.everything_changed();
         self.flush_inner()?;
         // Lazy refcounts: the dirty bit first, so that a crash anywhere in the operation is
         // repaired whole (refcounts and COPIED flags) by the next read-write open.

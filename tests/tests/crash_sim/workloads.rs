@@ -985,6 +985,47 @@ pub fn all() -> Vec<Spec> {
     s.weight = 4;
     v.push(s);
 
+    // Parallel allocating writers (datapath.rs, `write_allocating`: data written outside the
+    // lock between reserving a cluster and linking it): three threads walk the same clusters
+    // in step, each writing its own 1 KiB stripes of every 4 KiB cluster over a backing file
+    // (so every write is a copy-on-write, and two threads often allocate the same guest
+    // cluster at once: the later one must write into the first one's cluster), while a fourth
+    // thread flushes with a slow fdatasync.
+    let mut s = Spec::new(
+        "par_writers",
+        "concurrent writeback: three threads allocate the same clusters at once (own 1 KiB stripes of each, copy-on-write over a backing file), a fourth flushes",
+        256 * KIB,
+        4096,
+    );
+    s.backing_data = Some(256 * KIB);
+    s.flush_delay = Some(std::time::Duration::from_millis(2));
+    let mut ops = Vec::new();
+    let mut thread_of = Vec::new();
+    let stripe = KIB;
+    for pass in 0..2u64 {
+        for c in 0..24u64 {
+            for t in 0..3u64 {
+                let own: Vec<u64> = (4 * c..4 * c + 4).filter(|k| k % 3 == t).collect();
+                let k = own[(pass as usize) % own.len()];
+                let len = if (c + t + pass) % 3 == 0 { 512 } else { stripe };
+                ops.push(Write(k * stripe, len));
+                thread_of.push(t as usize);
+                if c % 6 == 5 {
+                    ops.push(Read(k * stripe, len));
+                    thread_of.push(t as usize);
+                }
+            }
+            if c % 3 == 1 {
+                ops.push(Flush);
+                thread_of.push(3);
+            }
+        }
+    }
+    s.ops = ops;
+    s.thread_of = thread_of;
+    s.weight = 4;
+    v.push(s);
+
     // Encryption: the data path's extra rules (whole encrypted clusters, entries always after
     // the data) with partial writes into new clusters, copy-on-write from a backing file,
     // zero clusters and discards; torn writes must leave every sector decrypting to its old or
