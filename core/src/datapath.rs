@@ -424,6 +424,9 @@ fn write_allocating<'a>(
                     continue;
                 }
             }
+            // The L2 table first, as the locked path does: a new table is allocated before
+            // the data cluster (the layout qemu-img makes), and a failure here reserves nothing.
+            s.prepare_l2(c)?;
             let new = s.alloc_run_cluster()?;
             s.reserved.outstanding += 1;
             let old_zero = match d {
@@ -629,12 +632,24 @@ impl State {
 
     /// Step 3 of [`write_allocating`] for a cluster whose entry did not change in the window:
     /// point it at the reserved cluster, whose data is complete, and drop the old reference.
+    /// When the entry cannot be set (an L2 table that cannot be read or made writable, a
+    /// failed barrier), nothing names the reserved cluster: it is given back, not leaked.
     fn link_reserved(&mut self, r: &Reserved) -> Result<()> {
-        let e = self.lookup(r.c)?;
-        let d = e.desc(&self.geo);
-        self.prepare_l2(r.c)?;
-        self.link(r.c, L2Entry::owned(r.host, 0), r.data_barrier)?;
-        self.release(d, false)
+        let linked = (|| -> Result<Desc> {
+            let e = self.lookup(r.c)?;
+            let d = e.desc(&self.geo);
+            self.prepare_l2(r.c)?;
+            self.link(r.c, L2Entry::owned(r.host, 0), r.data_barrier)?;
+            Ok(d)
+        })();
+        match linked {
+            Ok(d) => self.release(d, false),
+            Err(e) => {
+                let c = self.geo.host_cluster(r.host);
+                let _ = self.change_refcount(c, -1);
+                Err(e)
+            }
+        }
     }
 
     /// Wait until no write holds reserved clusters, and keep new ones from reserving until
