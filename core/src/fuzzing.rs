@@ -39,7 +39,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
+    b.get(at..at.saturating_add(8))
         .map_or(0, |s| u64::from_be_bytes(s.try_into().unwrap()))
 }
 
@@ -318,7 +318,10 @@ fn mutate_one(img: &mut [u8], kind: u8, sel: u16, value: u64) {
             // An L2 entry: the sel-th L1 entry's table (first one that is set).
             let n = lay.l1.1.clamp(1, 4096);
             let l2 = (0..n)
-                .map(|i| be64(img, (lay.l1.0 + 8 * ((sel + i) % n)) as usize) & l2::L1E_OFFSET_MASK)
+                .map(|i| {
+                    let at = lay.l1.0.saturating_add(8 * ((sel + i) % n));
+                    be64(img, at as usize) & l2::L1E_OFFSET_MASK
+                })
                 .find(|&o| o != 0)
                 .unwrap_or(0);
             (l2 + 8 * ((sel >> 4) % (cs / 8)), 8)
@@ -332,11 +335,14 @@ fn mutate_one(img: &mut [u8], kind: u8, sel: u16, value: u64) {
             )
         }
         5 => (
-            lay.snapshots + sel % 512,
+            lay.snapshots.saturating_add(sel % 512),
             [1, 2, 4, 8][(kind as usize >> 3) & 3],
         ),
         6 => match lay.luks {
-            Some(o) => (o + sel % 592, [1, 2, 4, 8][(kind as usize >> 3) & 3]),
+            Some(o) => (
+                o.saturating_add(sel % 592),
+                [1, 2, 4, 8][(kind as usize >> 3) & 3],
+            ),
             None => (lay.header_len + sel % 64, 8),
         },
         _ => ((len.max(1) / 65536 + 1) * sel % len.max(1), 8),
