@@ -34,7 +34,7 @@ fn setup() {
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
+    b.get(at..at.saturating_add(4))
         .map_or(0, |s| u32::from_be_bytes(s.try_into().unwrap()))
 }
 
