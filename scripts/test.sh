@@ -43,8 +43,9 @@ step "crash-sim" cargo test -p qcow2rs-tests --test crash_sim --locked -- --exac
 # No separate baseline: the crash-sim step just ran the same workloads without a mutant.
 step "mutants" env QCOW2RS_MUTANT_BASELINE=0 bash scripts/mutants.sh
 step "pytest" pytest_step
-# The fuzz targets (fuzz/, cargo-fuzz), $QCOW2RS_FUZZ_SECONDS each (default 20): any finding
-# fails the step. Installs cargo-fuzz when missing; QCOW2RS_FUZZ_SECONDS=0 skips the step.
+# The fuzz targets (fuzz/, cargo-fuzz): a fixed number of executions from a fixed seed each
+# (QCOW2RS_FUZZ_SECONDS=N: N seconds from a random seed instead); any finding fails the step.
+# Installs cargo-fuzz when missing; QCOW2RS_FUZZ_SECONDS=0 skips the step.
 if [ "${QCOW2RS_FUZZ_SECONDS:-20}" != 0 ]; then
     step "fuzz" bash scripts/fuzz.sh
 fi
