@@ -10,7 +10,7 @@ use crate::cache::Kind;
 use crate::error::{Error, Result};
 use crate::format::header;
 use crate::format::l2::{self, Desc, L1E_OFFSET_MASK, OFLAG_COPIED};
-use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::format::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use crate::format::{self as fmt};
 use crate::mutants::active as mutant;
 use crate::offset::{HostCluster, HostOffset};
@@ -317,7 +317,25 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
             s.header.refcount_table_clusters as u64 * s.geo.cluster_size(),
         );
     }
+    if let Some(ext) = s.header.extension(header::EXT_CRYPTO) {
+        if ext.len() >= 16 {
+            let (off, len) = (fmt::be64(ext, 0), fmt::be64(ext, 8));
+            w.add(off, len);
+        }
+    }
+    walk_bitmaps(s, &mut w)?;
+    // The refcount blocks last, as QEMU's check_refblocks: a block must be referenced exactly
+    // once when everything else has been counted, or it shares its cluster with other
+    // metadata or data, and fixing refcounts in place would write over that (the refcount
+    // structure is rebuilt instead).
     for (i, &e) in s.alloc.reftable().to_vec().iter().enumerate() {
+        if e & REFT_RESERVED_MASK != 0 {
+            w.error(format!(
+                "ERROR refcount table entry {i} has reserved bits set"
+            ));
+            w.need_rebuild = true;
+            continue;
+        }
         let off = e & REFT_OFFSET_MASK;
         if off == 0 {
             continue;
@@ -336,15 +354,13 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         }
         if count_refcount_structures {
             w.add(off, s.geo.cluster_size());
+            let refs = w.refs[(off / s.geo.cluster_size()) as usize];
+            if refs != 1 {
+                w.error(format!("ERROR refcount block {i} refcount={refs}"));
+                w.need_rebuild = true;
+            }
         }
     }
-    if let Some(ext) = s.header.extension(header::EXT_CRYPTO) {
-        if ext.len() >= 16 {
-            let (off, len) = (fmt::be64(ext, 0), fmt::be64(ext, 8));
-            w.add(off, len);
-        }
-    }
-    walk_bitmaps(s, &mut w)?;
     w.report.total_clusters = s.header.size.div_ceil(s.geo.cluster_size());
     Ok(w)
 }

@@ -2,6 +2,8 @@
 
 /// Reftable entry offset mask.
 pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Refcount table entry bits 0-8: reserved, must be zero.
+pub const REFT_RESERVED_MASK: u64 = 0x1ff;
 
 /// Read refcount `i` from a refcount block with entries of `1 << order` bits.
 pub fn get(block: &[u8], i: usize, order: u32) -> u64 {
