@@ -315,3 +315,167 @@ pub extern "C" fn qcow2_check(
         Ok(())
     })
 }
+
+/// Number of key slots in a LUKS header.
+pub const QCOW2_LUKS_SLOTS: usize = 8;
+/// Bytes of `qcow2_crypt_info.uuid`: a LUKS UUID (36 characters) and its NUL, with room to
+/// spare (the LUKS header's own field is 40 bytes).
+pub const QCOW2_UUID_SIZE: usize = 40;
+
+/// One LUKS key slot, as `qemu-img info` shows it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_luks_slot {
+    /// Key slot offset in the LUKS header area, in bytes.
+    pub key_offset: u64,
+    /// PBKDF2 iterations (0 for an inactive slot).
+    pub iters: u32,
+    /// Anti-forensic stripes (0 for an inactive slot).
+    pub stripes: u32,
+    /// The slot holds a password.
+    pub active: bool,
+}
+
+/// How an image is encrypted: the `encrypt` block of `qemu-img info --output=json`. The
+/// strings are static (never freed, valid for the life of the process); they and the LUKS
+/// fields are NULL / 0 unless `crypt_method` is `QCOW2_CRYPT_LUKS`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_crypt_info {
+    /// Encryption method (`QCOW2_CRYPT_*`).
+    pub crypt_method: qcow2_crypt_method,
+    /// PBKDF2 iterations of the master key digest.
+    pub master_key_iters: u32,
+    /// Cipher: "aes-128", "aes-192" or "aes-256".
+    pub cipher_alg: *const c_char,
+    /// Cipher mode: "xts" or "cbc".
+    pub cipher_mode: *const c_char,
+    /// IV generator: "plain", "plain64" or "essiv".
+    pub ivgen_alg: *const c_char,
+    /// ESSIV hash ("sha256", ...); NULL unless `ivgen_alg` is "essiv".
+    pub ivgen_hash_alg: *const c_char,
+    /// PBKDF2 and anti-forensic hash ("sha1", "sha256", ...).
+    pub hash_alg: *const c_char,
+    /// Size of the LUKS header area in bytes (where the encrypted payload starts in it).
+    pub payload_offset: u64,
+    /// The volume UUID, NUL-terminated.
+    pub uuid: [c_char; QCOW2_UUID_SIZE],
+    /// The eight key slots.
+    pub slots: [qcow2_luks_slot; QCOW2_LUKS_SLOTS],
+}
+
+/// A static NUL-terminated copy of a static name (an algorithm's name): made once per name and
+/// kept for the life of the process, so the C caller never frees it.
+fn static_c_name(name: &'static str) -> *const c_char {
+    use std::collections::HashMap;
+    use std::ffi::CString;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashMap<&'static str, &'static std::ffi::CStr>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    names
+        .entry(name)
+        .or_insert_with(|| {
+            let owned = CString::new(name).unwrap_or_default();
+            Box::leak(owned.into_boxed_c_str())
+        })
+        .as_ptr()
+}
+
+/// Store how the image is encrypted in `*out` (also for an image opened with
+/// `QCOW2_OPEN_WITHOUT_KEY`; for a plain image `crypt_method` is `QCOW2_CRYPT_NONE` and the rest
+/// is empty). Key slots are as `qcow2_luks_add_key`/`qcow2_luks_remove_key` left them.
+///
+/// Ownership: `out` belongs to the caller; the strings it receives are static. Thread safety: may
+/// run concurrently with any call on the same handle but `qcow2_close`. On failure returns the
+/// code and leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_encryption_info(
+    img: *const qcow2_image,
+    out: *mut qcow2_crypt_info,
+) -> qcow2_error {
+    boundary("qcow2_encryption_info", || {
+        let image = ffi::image(img)?;
+        let out = ffi::out(out, "out")?;
+        let info = image.info()?;
+        let empty_slot = qcow2_luks_slot {
+            key_offset: 0,
+            iters: 0,
+            stripes: 0,
+            active: false,
+        };
+        let mut e = qcow2_crypt_info {
+            crypt_method: info.crypt_method,
+            master_key_iters: 0,
+            cipher_alg: std::ptr::null(),
+            cipher_mode: std::ptr::null(),
+            ivgen_alg: std::ptr::null(),
+            ivgen_hash_alg: std::ptr::null(),
+            hash_alg: std::ptr::null(),
+            payload_offset: 0,
+            uuid: [0; QCOW2_UUID_SIZE],
+            slots: [empty_slot; QCOW2_LUKS_SLOTS],
+        };
+        if let Some(l) = info.encryption.as_ref().and_then(|e| e.luks.as_ref()) {
+            e.master_key_iters = l.master_key_iters;
+            e.cipher_alg = static_c_name(l.cipher_alg.as_str());
+            e.cipher_mode = static_c_name(l.cipher_mode.as_str());
+            e.ivgen_alg = static_c_name(l.ivgen_alg.as_str());
+            e.ivgen_hash_alg = l
+                .ivgen_hash_alg
+                .map_or(std::ptr::null(), |h| static_c_name(h.as_str()));
+            e.hash_alg = static_c_name(l.hash_alg.as_str());
+            e.payload_offset = l.payload_offset;
+            if l.uuid.len() >= QCOW2_UUID_SIZE || l.uuid.as_bytes().contains(&0) {
+                return Err(FfiError::Arg(format!(
+                    "{}: the LUKS UUID is not a string of at most {} bytes",
+                    image.filename(),
+                    QCOW2_UUID_SIZE - 1
+                )));
+            }
+            for (d, s) in e.uuid.iter_mut().zip(l.uuid.bytes()) {
+                *d = s as c_char;
+            }
+            for (d, s) in e.slots.iter_mut().zip(&l.slots) {
+                *d = qcow2_luks_slot {
+                    key_offset: s.key_offset,
+                    iters: s.iters.unwrap_or(0),
+                    stripes: s.stripes.unwrap_or(0),
+                    active: s.active,
+                };
+            }
+        }
+        out.write(e);
+        Ok(())
+    })
+}
+
+/// A file format (`QCOW2_FORMAT_*`), as `qcow2_probe_format` finds it.
+pub type qcow2_format = u32;
+/// A qcow2 image.
+pub const QCOW2_FORMAT_QCOW2: qcow2_format = 1;
+/// Anything else: a raw image.
+pub const QCOW2_FORMAT_RAW: qcow2_format = 2;
+
+/// Find the format of the file at `path` from its first bytes, as QEMU probes it: the qcow2
+/// magic gives `QCOW2_FORMAT_QCOW2`, anything else `QCOW2_FORMAT_RAW`. Never blocks: a FIFO or a
+/// socket is refused.
+///
+/// Ownership: `path` is borrowed for the call; `out` belongs to the caller. Thread safety: any
+/// thread. On failure returns the code (`QCOW2_ERR_IO` with errno `ENOENT` for a missing file,
+/// `QCOW2_ERR_INVALID_ARGUMENT` for NULL arguments, a FIFO or a socket) and leaves `*out`
+/// untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_probe_format(path: *const c_char, out: *mut qcow2_format) -> qcow2_error {
+    boundary("qcow2_probe_format", || {
+        let path = ffi::path(path, "path")?;
+        let out = ffi::out(out, "out")?;
+        out.write(match qcow2rs::probe_format(path)? {
+            qcow2rs::Format::Qcow2 => QCOW2_FORMAT_QCOW2,
+            qcow2rs::Format::Raw => QCOW2_FORMAT_RAW,
+        });
+        Ok(())
+    })
+}
