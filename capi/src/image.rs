@@ -59,11 +59,18 @@ pub extern "C" fn qcow2_create(
 ) -> qcow2_error {
     boundary("qcow2_create", || {
         let path = ffi::path(path, "path")?;
+        // Bad options are reported with the name of the file they were meant for.
+        let named = |e: FfiError| match e {
+            FfiError::Arg(m) | FfiError::Core(qcow2rs::Error::InvalidArgument(m)) => {
+                FfiError::Arg(format!("{}: {m}", path.display()))
+            }
+            e => e,
+        };
         let opts = match ffi::optional_input(opts, "opts")? {
-            Some(o) => (*o).to_core(size)?,
+            Some(o) => (*o).to_core(size).map_err(named)?,
             None => CreateOptions::new(size),
         };
-        Image::create(path, &opts)?;
+        Image::create(path, &opts).map_err(|e| named(e.into()))?;
         Ok(())
     })
 }

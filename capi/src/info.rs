@@ -1,6 +1,6 @@
 //! Facts about an image: info, its strings, the allocation map, and the consistency check.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
 
 use qcow2rs::{ImageInfo, RepairMode};
 
@@ -364,24 +364,21 @@ pub struct qcow2_crypt_info {
     pub slots: [qcow2_luks_slot; QCOW2_LUKS_SLOTS],
 }
 
-/// A static NUL-terminated copy of a static name (an algorithm's name): made once per name and
-/// kept for the life of the process, so the C caller never frees it.
-fn static_c_name(name: &'static str) -> *const c_char {
-    use std::collections::HashMap;
-    use std::ffi::CString;
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashMap<&'static str, &'static std::ffi::CStr>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    names
-        .entry(name)
-        .or_insert_with(|| {
-            let owned = CString::new(name).unwrap_or_default();
-            Box::leak(owned.into_boxed_c_str())
-        })
-        .as_ptr()
+/// Every algorithm name the core gives (`as_str` of `CipherAlg`, `CipherMode`, `IvGenAlg`,
+/// `HashAlg`), as static C strings: what `qcow2_crypt_info` points to.
+const ALGORITHM_NAMES: &[&CStr] = &[
+    c"aes-128", c"aes-192", c"aes-256", c"xts", c"cbc", c"plain", c"plain64", c"essiv", c"sha1",
+    c"sha224", c"sha256", c"sha384", c"sha512",
+];
+
+/// The static C string of an algorithm name; a name missing from the table (an algorithm added
+/// to the core but not here) is reported, not replaced.
+fn static_c_name(name: &str) -> Result<*const c_char, FfiError> {
+    ALGORITHM_NAMES
+        .iter()
+        .find(|c| c.to_bytes() == name.as_bytes())
+        .map(|c| c.as_ptr())
+        .ok_or_else(|| FfiError::Panic(format!("algorithm {name:?} has no C name")))
 }
 
 /// Store how the image is encrypted in `*out` (also for an image opened with
@@ -420,13 +417,14 @@ pub extern "C" fn qcow2_encryption_info(
         };
         if let Some(l) = info.encryption.as_ref().and_then(|e| e.luks.as_ref()) {
             e.master_key_iters = l.master_key_iters;
-            e.cipher_alg = static_c_name(l.cipher_alg.as_str());
-            e.cipher_mode = static_c_name(l.cipher_mode.as_str());
-            e.ivgen_alg = static_c_name(l.ivgen_alg.as_str());
-            e.ivgen_hash_alg = l
-                .ivgen_hash_alg
-                .map_or(std::ptr::null(), |h| static_c_name(h.as_str()));
-            e.hash_alg = static_c_name(l.hash_alg.as_str());
+            e.cipher_alg = static_c_name(l.cipher_alg.as_str())?;
+            e.cipher_mode = static_c_name(l.cipher_mode.as_str())?;
+            e.ivgen_alg = static_c_name(l.ivgen_alg.as_str())?;
+            e.ivgen_hash_alg = match l.ivgen_hash_alg {
+                Some(h) => static_c_name(h.as_str())?,
+                None => std::ptr::null(),
+            };
+            e.hash_alg = static_c_name(l.hash_alg.as_str())?;
             e.payload_offset = l.payload_offset;
             if l.uuid.len() >= QCOW2_UUID_SIZE || l.uuid.as_bytes().contains(&0) {
                 return Err(FfiError::Arg(format!(
@@ -478,4 +476,29 @@ pub extern "C" fn qcow2_probe_format(path: *const c_char, out: *mut qcow2_format
         });
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2rs::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+
+    #[test]
+    fn every_algorithm_has_a_static_c_name() {
+        let names = ["aes-128", "aes-192", "aes-256"]
+            .map(|n| CipherAlg::parse(n).unwrap().as_str())
+            .into_iter()
+            .chain(["xts", "cbc"].map(|n| CipherMode::parse(n).unwrap().as_str()))
+            .chain(["plain", "plain64", "essiv"].map(|n| IvGenAlg::parse(n).unwrap().as_str()))
+            .chain(
+                ["sha1", "sha224", "sha256", "sha384", "sha512"]
+                    .map(|n| HashAlg::parse(n).unwrap().as_str()),
+            );
+        for n in names {
+            let p = static_c_name(n).unwrap();
+            // SAFETY: the table holds static NUL-terminated strings.
+            assert_eq!(unsafe { CStr::from_ptr(p) }.to_str().unwrap(), n);
+        }
+        assert!(static_c_name("des").is_err());
+    }
 }

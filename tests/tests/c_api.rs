@@ -20,6 +20,7 @@ const PROGRAMS: &[&str] = &[
     "test_threads",
     "test_encryption",
     "test_snapshots",
+    "test_api",
 ];
 
 fn workspace_root() -> PathBuf {
