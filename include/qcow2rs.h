@@ -9,8 +9,12 @@
  *   replaces the calling thread's last error: it is cleared on success.
  * - Ownership: handles (qcow2_image *) come from qcow2_open()/qcow2_open_ex() and are released with
  *   qcow2_close(). Every other pointer argument is borrowed for the duration of the call only; the
- *   library keeps no pointer to caller memory. Returned strings (qcow2_version, qcow2_strerror) are
- *   static.
+ *   library keeps no pointer to caller memory. Returned strings (qcow2_version, qcow2_strerror,
+ *   the algorithm names in qcow2_crypt_info) are static.
+ * - Versions: QCOW2RS_VERSION_MAJOR/MINOR/PATCH, QCOW2RS_VERSION ("MAJOR.MINOR.PATCH") and
+ *   QCOW2RS_VERSION_NUMBER describe this header; qcow2_version() and qcow2_version_number() the
+ *   library loaded at run time. The exported symbols are listed in capi/symbols.txt (a test
+ *   fails when the library exports anything else).
  * - Arguments: the handle comes first, inputs before outputs, a buffer pointer is followed by its
  *   length. Output parameters are written only on success (for qcow2_read, the buffer contents are
  *   unspecified after a failure). NULL where a pointer is required is QCOW2_ERR_INVALID_ARGUMENT.

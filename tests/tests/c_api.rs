@@ -229,6 +229,27 @@ fn exported_symbols_are_the_committed_list() {
     );
 }
 
+/// Every exported function is called by at least one C test program.
+#[test]
+fn every_exported_function_is_called_from_c() {
+    let mut sources = String::new();
+    for entry in std::fs::read_dir(c_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() == Some(OsStr::new("c")) && !path.ends_with("test_header.c") {
+            sources.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    let list = std::fs::read_to_string(workspace_root().join("capi").join("symbols.txt")).unwrap();
+    let uncalled: Vec<&str> = list
+        .lines()
+        .filter(|f| !sources.contains(&format!("{f}(")))
+        .collect();
+    assert!(
+        uncalled.is_empty(),
+        "no C test in tests/c/ calls {uncalled:?}"
+    );
+}
+
 #[test]
 fn header_compiles_as_c11_and_cpp17_and_twice() {
     let src = c_dir().join("test_header.c");
