@@ -617,6 +617,28 @@ static void test_corrupt(const char *dir) {
     MUST(qcow2_close(img));
     /* qemu-img agrees: exit code 2, corruptions. */
     CHECK(run("qemu-img check -q '%s' >/dev/null 2>&1; test $? -eq 2", l2) == 0);
+
+    /* Leaks: clear the L1 entry, so the L2 table and the data cluster are referenced by nothing.
+     * check counts two leaks (exit code 3, as qemu-img's); QCOW2_REPAIR_LEAKS frees them. */
+    char *leaky = path_in(dir, "leaky.qcow2");
+    MUST(qcow2_create(leaky, MIB, NULL));
+    MUST(qcow2_open(leaky, 0, &img));
+    MUST(qcow2_write(img, 0, data, sizeof data));
+    MUST(qcow2_close(img));
+    const uint8_t zero_entry[8] = {0};
+    write_bytes(leaky, 3 * 65536, zero_entry, 8);
+    MUST(qcow2_open(leaky, 0, &img));
+    memset(&r, 0xff, sizeof r);
+    MUST(qcow2_check(img, QCOW2_REPAIR_NONE, &r));
+    CHECK(r.leaks == 2 && r.corruptions == 0 && r.exit_code == 3 && r.leaks_fixed == 0);
+    EXPECT_ERR(qcow2_check(img, 7, &r), QCOW2_ERR_INVALID_ARGUMENT);
+    MUST(qcow2_check(img, QCOW2_REPAIR_LEAKS, &r));
+    CHECK(r.leaks == 0 && r.leaks_fixed == 2 && r.exit_code == 0);
+    MUST(qcow2_read(img, 0, data, 512));
+    CHECK(data[0] == 0); /* the cluster is gone: reads as zeros */
+    MUST(qcow2_close(img));
+    CHECK(run("qemu-img check -q '%s'", leaky) == 0);
+    free(leaky);
     free(l2);
     free(path);
 }
