@@ -1216,6 +1216,21 @@ enum qcow2_error qcow2_check(struct qcow2_image *img,
                              struct qcow2_check_report *out);
 
 /**
+ * For an image opened with `QCOW2_OPEN_DAMAGED`: copy what the open found cut short by the end
+ * of the file (tables read as zeros past it), one line per table separated by '\n', into `buf`
+ * (NUL-terminated) and store its length in `*out_len`; the empty string when nothing is damaged
+ * (always for other opens). Otherwise as `qcow2_filename`.
+ *
+ * Ownership: `buf` and `out_len` belong to the caller. Thread safety: may run concurrently with
+ * any call on the same handle but `qcow2_close`. On failure (`QCOW2_ERR_BUFFER_TOO_SMALL`,
+ * `QCOW2_ERR_INVALID_ARGUMENT`) writes neither `buf` nor `*out_len`.
+ */
+enum qcow2_error qcow2_damage(const struct qcow2_image *img,
+                              char *buf,
+                              size_t len,
+                              size_t *out_len);
+
+/**
  * Store how the image is encrypted in `*out` (also for an image opened with
  * `QCOW2_OPEN_WITHOUT_KEY`; for a plain image `crypt_method` is `QCOW2_CRYPT_NONE` and the rest
  * is empty). Key slots are as `qcow2_luks_add_key`/`qcow2_luks_remove_key` left them.

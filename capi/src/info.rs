@@ -316,6 +316,30 @@ pub extern "C" fn qcow2_check(
     })
 }
 
+/// For an image opened with `QCOW2_OPEN_DAMAGED`: copy what the open found cut short by the end
+/// of the file (tables read as zeros past it), one line per table separated by '\n', into `buf`
+/// (NUL-terminated) and store its length in `*out_len`; the empty string when nothing is damaged
+/// (always for other opens). Otherwise as `qcow2_filename`.
+///
+/// Ownership: `buf` and `out_len` belong to the caller. Thread safety: may run concurrently with
+/// any call on the same handle but `qcow2_close`. On failure (`QCOW2_ERR_BUFFER_TOO_SMALL`,
+/// `QCOW2_ERR_INVALID_ARGUMENT`) writes neither `buf` nor `*out_len`.
+#[no_mangle]
+pub extern "C" fn qcow2_damage(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_damage", || {
+        let image = ffi::image(img)?;
+        let dst = ffi::str_out(buf, len, "buf")?;
+        let out_len = ffi::out(out_len, "out_len")?;
+        out_len.write(dst.write(&image.damage().join("\n"))?);
+        Ok(())
+    })
+}
+
 /// Number of key slots in a LUKS header.
 pub const QCOW2_LUKS_SLOTS: usize = 8;
 /// Bytes of `qcow2_crypt_info.uuid`: a LUKS UUID (36 characters) and its NUL, with room to

@@ -414,6 +414,8 @@ static void test_null_arguments(const char *dir) {
     NULL_ARG(qcow2_backing_file(NULL, s, sizeof s, &sz), "qcow2_backing_file", "img");
     NULL_ARG(qcow2_backing_format(img, s, sizeof s, NULL), "qcow2_backing_format", "out_len");
     NULL_ARG(qcow2_full_backing_filename(img, NULL, 3, &sz), "qcow2_full_backing_filename", "buf");
+    NULL_ARG(qcow2_damage(NULL, s, sizeof s, &sz), "qcow2_damage", "img");
+    NULL_ARG(qcow2_damage(img, s, sizeof s, NULL), "qcow2_damage", "out_len");
     NULL_ARG(qcow2_map(NULL, 0, 512, map, 2, &sz), "qcow2_map", "img");
     NULL_ARG(qcow2_map(img, 0, 512, NULL, 2, &sz), "qcow2_map", "entries");
     NULL_ARG(qcow2_map(img, 0, 512, map, 2, NULL), "qcow2_map", "out_count");
@@ -579,6 +581,14 @@ static void test_corrupt(const char *dir) {
     /* ... which QCOW2_OPEN_DAMAGED opens for inspection, and check reports. */
     qcow2_image *img = NULL;
     MUST(qcow2_open(path, QCOW2_OPEN_RDONLY | QCOW2_OPEN_DAMAGED, &img));
+    size_t dlen = 0;
+    MUST(qcow2_damage(img, NULL, 0, &dlen));
+    CHECK(dlen > 0);
+    char *damage = xcalloc(dlen + 1);
+    EXPECT_ERR(qcow2_damage(img, damage, dlen, &dlen), QCOW2_ERR_BUFFER_TOO_SMALL);
+    MUST(qcow2_damage(img, damage, dlen + 1, &dlen));
+    CHECK(strlen(damage) == dlen && strstr(damage, "L1") != NULL);
+    free(damage);
     struct qcow2_check_report r;
     MUST(qcow2_check(img, QCOW2_REPAIR_NONE, &r));
     CHECK(r.exit_code != 0);
@@ -610,6 +620,9 @@ static void test_corrupt(const char *dir) {
     const uint8_t bad_entry[8] = {0x80, 0, 0x01, 0, 0, 0, 0, 0};
     if (l2_off) write_bytes(l2, (long)l2_off, bad_entry, 8);
     MUST(qcow2_open(l2, QCOW2_OPEN_RDONLY, &img));
+    char none[8] = "x";
+    MUST(qcow2_damage(img, none, sizeof none, &dlen));
+    CHECK(dlen == 0 && none[0] == 0); /* not opened with QCOW2_OPEN_DAMAGED: nothing */
     EXPECT_ERR(qcow2_read(img, 0, data, 512), QCOW2_ERR_CORRUPT);
     CHECK(strstr(last_message(), l2) != NULL);
     MUST(qcow2_check(img, QCOW2_REPAIR_NONE, &r));
