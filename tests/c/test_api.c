@@ -364,6 +364,91 @@ static void test_probe_and_backing(const char *dir) {
     free(later);
 }
 
+/* Creation options, each checked by qemu-img info; an overlay on an encrypted backing file. */
+static void test_create_options(const char *dir) {
+    char *path = path_in(dir, "opts-all.qcow2");
+    struct qcow2_create_options c;
+    MUST(qcow2_create_options_init(&c));
+    c.cluster_size = 4096;
+    c.refcount_bits = 64;
+    c.lazy_refcounts = true;
+    c.preallocation = QCOW2_PREALLOC_METADATA;
+    c.compression_type = QCOW2_COMPRESSION_ZSTD;
+    MUST(qcow2_create(path, 3 * MIB + 512, &c));
+    qcow2_image *img = NULL;
+    MUST(qcow2_open(path, QCOW2_OPEN_RDONLY, &img));
+    struct qcow2_image_info i;
+    MUST(qcow2_info(img, &i));
+    CHECK(i.cluster_size == 4096 && i.refcount_bits == 64 && i.lazy_refcounts);
+    CHECK(i.compression_type == QCOW2_COMPRESSION_ZSTD && i.compat == QCOW2_COMPAT_V3);
+    CHECK(i.virtual_size == 3 * MIB + 512);
+    struct qcow2_map_entry m[4];
+    size_t n = 0;
+    MUST(qcow2_map(img, 0, MIB, m, 4, &n));
+    CHECK(n >= 1 && m[0].has_offset && m[0].zero); /* preallocated metadata: zero clusters */
+    MUST(qcow2_close(img));
+    const char *want[] = {"\"cluster-size\": 4096", "\"refcount-bits\": 64",
+                          "\"lazy-refcounts\": true", "\"compression-type\": \"zstd\""};
+    for (size_t k = 0; k < sizeof want / sizeof *want; k++)
+        CHECK(run("qemu-img info --output=json '%s' | grep -q '%s'", path, want[k]) == 0);
+    CHECK(run("qemu-img check -q '%s'", path) == 0);
+
+    MUST(qcow2_create_options_init(&c));
+    c.compat = QCOW2_COMPAT_V2;
+    MUST(qcow2_create(path, MIB, &c));
+    CHECK(run("qemu-img info --output=json '%s' | grep -q '\"compat\": \"0.10\"'", path) == 0);
+
+    /* An overlay on a LUKS backing file: creating it opens the backing file (for its size), which
+     * needs the backing password; so does reading through the chain. */
+    char *base = path_in(dir, "enc-base.qcow2");
+    char *top = path_in(dir, "enc-top.qcow2");
+    MUST(qcow2_create_options_init(&c));
+    c.encrypt_format = QCOW2_ENCRYPT_LUKS;
+    c.password = (const uint8_t *)"basepw";
+    c.password_len = 6;
+    c.encrypt_iter_time_ms = 10;
+    MUST(qcow2_create(base, MIB, &c));
+    qcow2_error rc;
+    img = open_pw(base, "basepw", 6, 0, &rc);
+    MUST(rc);
+    uint8_t b[512];
+    memset(b, 0xab, sizeof b);
+    MUST(qcow2_write(img, 0, b, sizeof b));
+    MUST(qcow2_close(img));
+    MUST(qcow2_create_options_init(&c));
+    c.backing_file = "enc-base.qcow2";
+    c.backing_format = "qcow2";
+    EXPECT_ERR(qcow2_create(top, 0, &c), QCOW2_ERR_BAD_KEY);
+    c.backing_password = (const uint8_t *)"basepw";
+    c.backing_password_len = 6;
+    MUST(qcow2_create(top, 0, &c)); /* size 0: the backing file's */
+    struct qcow2_open_options o;
+    MUST(qcow2_open_options_init(&o));
+    o.flags = QCOW2_OPEN_RDONLY;
+    img = NULL;
+    rc = qcow2_open_ex(top, &o, &img);
+    if (rc == QCOW2_OK) {
+        /* The chain may open; reading the backing data without its key must fail. */
+        EXPECT_ERR(qcow2_read(img, 0, b, sizeof b), QCOW2_ERR_BAD_KEY);
+        MUST(qcow2_close(img));
+    } else {
+        EXPECT_ERR(rc, QCOW2_ERR_BAD_KEY);
+    }
+    o.backing_password = (const uint8_t *)"basepw";
+    o.backing_password_len = 6;
+    MUST(qcow2_open_ex(top, &o, &img));
+    uint64_t size = 0;
+    MUST(qcow2_virtual_size(img, &size));
+    CHECK(size == MIB);
+    memset(b, 0, sizeof b);
+    MUST(qcow2_read(img, 0, b, sizeof b));
+    CHECK(b[0] == 0xab && b[511] == 0xab);
+    MUST(qcow2_close(img));
+    free(path);
+    free(base);
+    free(top);
+}
+
 /* Every pointer parameter of every function, given NULL. */
 static void test_null_arguments(const char *dir) {
     char *path = path_in(dir, "null.qcow2");
@@ -666,6 +751,7 @@ int main(int argc, char **argv) {
     test_vectored(dir);
     test_encryption_info(dir);
     test_probe_and_backing(dir);
+    test_create_options(dir);
     test_null_arguments(dir);
     test_bad_options(dir);
     test_corrupt(dir);
