@@ -3,7 +3,7 @@
 //!
 //! Every function is a thin layer over the core crate: it converts arguments, calls one core method,
 //! and converts the result. Conventions, stated once here and in the header:
-//! - every exported body runs inside [`ffi::boundary`], which catches panics (`QCOW2_ERR_PANIC`)
+//! - every exported body runs inside `ffi::boundary`, which catches panics (`QCOW2_ERR_PANIC`)
 //!   and records the outcome in a thread-local last error (`qcow2_last_error_message`);
 //! - core errors become codes in exactly one place (`error.rs`);
 //! - all raw pointers are checked and converted in `ffi.rs`, the only module with `unsafe` code.
