@@ -9,8 +9,12 @@
  *   replaces the calling thread's last error: it is cleared on success.
  * - Ownership: handles (qcow2_image *) come from qcow2_open()/qcow2_open_ex() and are released with
  *   qcow2_close(). Every other pointer argument is borrowed for the duration of the call only; the
- *   library keeps no pointer to caller memory. Returned strings (qcow2_version, qcow2_strerror) are
- *   static.
+ *   library keeps no pointer to caller memory. Returned strings (qcow2_version, qcow2_strerror,
+ *   the algorithm names in qcow2_crypt_info) are static.
+ * - Versions: QCOW2RS_VERSION_MAJOR/MINOR/PATCH, QCOW2RS_VERSION ("MAJOR.MINOR.PATCH") and
+ *   QCOW2RS_VERSION_NUMBER describe this header; qcow2_version() and qcow2_version_number() the
+ *   library loaded at run time. The exported symbols are listed in capi/symbols.txt (a test
+ *   fails when the library exports anything else).
  * - Arguments: the handle comes first, inputs before outputs, a buffer pointer is followed by its
  *   length. Output parameters are written only on success (for qcow2_read, the buffer contents are
  *   unspecified after a failure). NULL where a pointer is required is QCOW2_ERR_INVALID_ARGUMENT.
@@ -31,6 +35,15 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* The version of the library this header belongs to, as a string: "MAJOR.MINOR.PATCH" (compare
+ * with qcow2_version() at run time). */
+#define QCOW2RS_STRINGIFY_(x) #x
+#define QCOW2RS_STRINGIFY(x) QCOW2RS_STRINGIFY_(x)
+#define QCOW2RS_VERSION                                                                        \
+    QCOW2RS_STRINGIFY(QCOW2RS_VERSION_MAJOR)                                                   \
+    "." QCOW2RS_STRINGIFY(QCOW2RS_VERSION_MINOR) "." QCOW2RS_STRINGIFY(QCOW2RS_VERSION_PATCH)
+
 
 /**
  * Open flag: open read-only (writes fail with `QCOW2_ERR_READ_ONLY`).
@@ -75,6 +88,39 @@
  * `QCOW2_ERR_CORRUPT`.
  */
 #define QCOW2_OPEN_DAMAGED (1 << 6)
+
+/**
+ * Major version of the library this header belongs to (compare with `qcow2_version_number()`
+ * at run time). The header also defines `QCOW2RS_VERSION`, the string "MAJOR.MINOR.PATCH" made
+ * from these three (see capi/cbindgen.toml).
+ */
+#define QCOW2RS_VERSION_MAJOR 0
+
+/**
+ * Minor version of the library this header belongs to.
+ */
+#define QCOW2RS_VERSION_MINOR 1
+
+/**
+ * Patch version of the library this header belongs to.
+ */
+#define QCOW2RS_VERSION_PATCH 0
+
+/**
+ * The version as one number, `MAJOR << 16 | MINOR << 8 | PATCH`, for `#if` tests.
+ */
+#define QCOW2RS_VERSION_NUMBER (((QCOW2RS_VERSION_MAJOR << 16) | (QCOW2RS_VERSION_MINOR << 8)) | QCOW2RS_VERSION_PATCH)
+
+/**
+ * Number of key slots in a LUKS header.
+ */
+#define QCOW2_LUKS_SLOTS 8
+
+/**
+ * Bytes of `qcow2_crypt_info.uuid`: a LUKS UUID (36 characters) and its NUL, with room to
+ * spare (the LUKS header's own field is 40 bytes).
+ */
+#define QCOW2_UUID_SIZE 40
 
 /**
  * Bytes that always hold the ID of a snapshot this library creates, with its NUL: new IDs are
@@ -255,6 +301,12 @@ typedef struct qcow2_create_options {
      * Length of `backing_password`.
      */
     size_t backing_password_len;
+    /**
+     * Do not open the backing file (`qemu-img create -u`): it need not exist yet, and
+     * `backing_format` must then be given (and `size` is used as given). Default false: the
+     * backing file is opened to check it, and a `size` of 0 takes its size.
+     */
+    bool no_backing_open;
 } qcow2_create_options;
 
 /**
@@ -333,6 +385,22 @@ typedef struct qcow2_open_options {
      */
     size_t backing_allow_len;
 } qcow2_open_options;
+
+/**
+ * One buffer of a vectored read or write (`qcow2_readv`, `qcow2_writev`). Its layout is that of
+ * POSIX `struct iovec` (`iov_base`, then `iov_len`), so an array of `struct iovec` may be passed
+ * with a cast.
+ */
+typedef struct qcow2_iovec {
+    /**
+     * Start of the buffer; may be NULL when `len` is 0.
+     */
+    void *base;
+    /**
+     * Length of the buffer in bytes.
+     */
+    size_t len;
+} qcow2_iovec;
 
 /**
  * Encryption method (`QCOW2_CRYPT_*`).
@@ -503,6 +571,81 @@ typedef struct qcow2_check_report {
      */
     bool rebuilt;
 } qcow2_check_report;
+
+/**
+ * One LUKS key slot, as `qemu-img info` shows it.
+ */
+typedef struct qcow2_luks_slot {
+    /**
+     * Key slot offset in the LUKS header area, in bytes.
+     */
+    uint64_t key_offset;
+    /**
+     * PBKDF2 iterations (0 for an inactive slot).
+     */
+    uint32_t iters;
+    /**
+     * Anti-forensic stripes (0 for an inactive slot).
+     */
+    uint32_t stripes;
+    /**
+     * The slot holds a password.
+     */
+    bool active;
+} qcow2_luks_slot;
+
+/**
+ * How an image is encrypted: the `encrypt` block of `qemu-img info --output=json`. The
+ * strings are static (never freed, valid for the life of the process); they and the LUKS
+ * fields are NULL / 0 unless `crypt_method` is `QCOW2_CRYPT_LUKS`.
+ */
+typedef struct qcow2_crypt_info {
+    /**
+     * Encryption method (`QCOW2_CRYPT_*`).
+     */
+    qcow2_crypt_method crypt_method;
+    /**
+     * PBKDF2 iterations of the master key digest.
+     */
+    uint32_t master_key_iters;
+    /**
+     * Cipher: "aes-128", "aes-192" or "aes-256".
+     */
+    const char *cipher_alg;
+    /**
+     * Cipher mode: "xts" or "cbc".
+     */
+    const char *cipher_mode;
+    /**
+     * IV generator: "plain", "plain64" or "essiv".
+     */
+    const char *ivgen_alg;
+    /**
+     * ESSIV hash ("sha256", ...); NULL unless `ivgen_alg` is "essiv".
+     */
+    const char *ivgen_hash_alg;
+    /**
+     * PBKDF2 and anti-forensic hash ("sha1", "sha256", ...).
+     */
+    const char *hash_alg;
+    /**
+     * Size of the LUKS header area in bytes (where the encrypted payload starts in it).
+     */
+    uint64_t payload_offset;
+    /**
+     * The volume UUID, NUL-terminated.
+     */
+    char uuid[QCOW2_UUID_SIZE];
+    /**
+     * The eight key slots.
+     */
+    struct qcow2_luks_slot slots[QCOW2_LUKS_SLOTS];
+} qcow2_crypt_info;
+
+/**
+ * A file format (`QCOW2_FORMAT_*`), as `qcow2_probe_format` finds it.
+ */
+typedef uint32_t qcow2_format;
 
 /**
  * What `qcow2_snapshot_create` records besides the name. Initialise it with
@@ -697,6 +840,16 @@ typedef struct qcow2_snapshot_info {
  */
 #define QCOW2_REPAIR_ALL 2
 
+/**
+ * A qcow2 image.
+ */
+#define QCOW2_FORMAT_QCOW2 1
+
+/**
+ * Anything else: a raw image.
+ */
+#define QCOW2_FORMAT_RAW 2
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -751,6 +904,12 @@ enum qcow2_error qcow2_create_options_init(struct qcow2_create_options *out);
  * Fails with `QCOW2_ERR_INVALID_ARGUMENT` if `out` is NULL.
  */
 enum qcow2_error qcow2_open_options_init(struct qcow2_open_options *out);
+
+/**
+ * The version of the library loaded at run time as one number, `MAJOR << 16 | MINOR << 8 |
+ * PATCH` (compare with the header's `QCOW2RS_VERSION_NUMBER`). Thread safety: any thread.
+ */
+uint32_t qcow2_version_number(void);
 
 /**
  * The library version, e.g. "0.1.0". Static string: do not free it. Thread safety: any thread.
@@ -833,6 +992,40 @@ enum qcow2_error qcow2_write(struct qcow2_image *img,
                              uint64_t offset,
                              const uint8_t *buf,
                              size_t len);
+
+/**
+ * Read into the buffers of `iov` (`iovcnt` of them), in order, from consecutive guest offsets
+ * starting at `offset`: the same as `qcow2_read` into their concatenation. The whole range must
+ * lie within the virtual size. `iov` may be NULL when `iovcnt` is 0. Short buffers are read
+ * through an internal bounce buffer (at most 1 MiB), long ones directly.
+ *
+ * Ownership: `iov` and the buffers it points to belong to the caller; the buffers must not
+ * overlap. Thread safety: as `qcow2_read`; the read is split into several requests, so a write on
+ * another thread may be seen in some buffers and not in others. On failure returns the code
+ * (`QCOW2_ERR_INVALID_ARGUMENT` for a NULL handle, a NULL `iov` with a non-zero `iovcnt`, a NULL
+ * buffer with a non-zero length, or a range past the end; `QCOW2_ERR_IO`, ...); the contents of
+ * the buffers are then unspecified.
+ */
+enum qcow2_error qcow2_readv(const struct qcow2_image *img,
+                             uint64_t offset,
+                             const struct qcow2_iovec *iov,
+                             size_t iovcnt);
+
+/**
+ * Write the buffers of `iov` (`iovcnt` of them), in order, at consecutive guest offsets starting
+ * at `offset`: the same as `qcow2_write` of their concatenation. The whole range must lie within
+ * the virtual size. `iov` may be NULL when `iovcnt` is 0. Short buffers are gathered into an
+ * internal bounce buffer (at most 1 MiB), long ones written directly.
+ *
+ * Ownership: `iov` and the buffers are borrowed for the call. Thread safety: as `qcow2_write`;
+ * the write is split into several requests. On failure returns the code (as `qcow2_readv`, plus
+ * `QCOW2_ERR_READ_ONLY`, `QCOW2_ERR_NO_SPACE`); each part of the range then holds old or new
+ * data, and the image stays consistent.
+ */
+enum qcow2_error qcow2_writev(struct qcow2_image *img,
+                              uint64_t offset,
+                              const struct qcow2_iovec *iov,
+                              size_t iovcnt);
 
 /**
  * Make `len` bytes at guest offset `offset` read as zeros, as cheaply as the format allows (zero
@@ -1021,6 +1214,44 @@ enum qcow2_error qcow2_map(const struct qcow2_image *img,
 enum qcow2_error qcow2_check(struct qcow2_image *img,
                              qcow2_repair_mode repair,
                              struct qcow2_check_report *out);
+
+/**
+ * For an image opened with `QCOW2_OPEN_DAMAGED`: copy what the open found cut short by the end
+ * of the file (tables read as zeros past it), one line per table separated by '\n', into `buf`
+ * (NUL-terminated) and store its length in `*out_len`; the empty string when nothing is damaged
+ * (always for other opens). Otherwise as `qcow2_filename`.
+ *
+ * Ownership: `buf` and `out_len` belong to the caller. Thread safety: may run concurrently with
+ * any call on the same handle but `qcow2_close`. On failure (`QCOW2_ERR_BUFFER_TOO_SMALL`,
+ * `QCOW2_ERR_INVALID_ARGUMENT`) writes neither `buf` nor `*out_len`.
+ */
+enum qcow2_error qcow2_damage(const struct qcow2_image *img,
+                              char *buf,
+                              size_t len,
+                              size_t *out_len);
+
+/**
+ * Store how the image is encrypted in `*out` (also for an image opened with
+ * `QCOW2_OPEN_WITHOUT_KEY`; for a plain image `crypt_method` is `QCOW2_CRYPT_NONE` and the rest
+ * is empty). Key slots are as `qcow2_luks_add_key`/`qcow2_luks_remove_key` left them.
+ *
+ * Ownership: `out` belongs to the caller; the strings it receives are static. Thread safety: may
+ * run concurrently with any call on the same handle but `qcow2_close`. On failure returns the
+ * code and leaves `*out` untouched.
+ */
+enum qcow2_error qcow2_encryption_info(const struct qcow2_image *img, struct qcow2_crypt_info *out);
+
+/**
+ * Find the format of the file at `path` from its first bytes, as QEMU probes it: the qcow2
+ * magic gives `QCOW2_FORMAT_QCOW2`, anything else `QCOW2_FORMAT_RAW`. Never blocks: a FIFO or a
+ * socket is refused.
+ *
+ * Ownership: `path` is borrowed for the call; `out` belongs to the caller. Thread safety: any
+ * thread. On failure returns the code (`QCOW2_ERR_IO` with errno `ENOENT` for a missing file,
+ * `QCOW2_ERR_INVALID_ARGUMENT` for NULL arguments, a FIFO or a socket) and leaves `*out`
+ * untouched.
+ */
+enum qcow2_error qcow2_probe_format(const char *path, qcow2_format *out);
 
 /**
  * Fill `*out` with what `qemu-img snapshot -c` records: the time of the call, VM clock 0,

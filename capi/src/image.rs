@@ -1,10 +1,10 @@
 //! The image handle: create, open, close, and guest I/O.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 
 use qcow2rs::{CreateOptions, Image};
 
-use crate::error::qcow2_error;
+use crate::error::{qcow2_error, FfiError};
 use crate::ffi::{self, boundary, boundary_value};
 use crate::options::{qcow2_create_options, qcow2_open_options};
 
@@ -15,6 +15,25 @@ use crate::options::{qcow2_create_options, qcow2_open_options};
 /// concurrently with any other call on it.
 pub struct qcow2_image {
     pub(crate) image: Image,
+}
+
+/// Major version of the library this header belongs to (compare with `qcow2_version_number()`
+/// at run time). The header also defines `QCOW2RS_VERSION`, the string "MAJOR.MINOR.PATCH" made
+/// from these three (see capi/cbindgen.toml).
+pub const QCOW2RS_VERSION_MAJOR: u32 = 0;
+/// Minor version of the library this header belongs to.
+pub const QCOW2RS_VERSION_MINOR: u32 = 1;
+/// Patch version of the library this header belongs to.
+pub const QCOW2RS_VERSION_PATCH: u32 = 0;
+/// The version as one number, `MAJOR << 16 | MINOR << 8 | PATCH`, for `#if` tests.
+pub const QCOW2RS_VERSION_NUMBER: u32 =
+    (QCOW2RS_VERSION_MAJOR << 16) | (QCOW2RS_VERSION_MINOR << 8) | QCOW2RS_VERSION_PATCH;
+
+/// The version of the library loaded at run time as one number, `MAJOR << 16 | MINOR << 8 |
+/// PATCH` (compare with the header's `QCOW2RS_VERSION_NUMBER`). Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn qcow2_version_number() -> u32 {
+    boundary_value(0, || QCOW2RS_VERSION_NUMBER)
 }
 
 /// The library version, e.g. "0.1.0". Static string: do not free it. Thread safety: any thread.
@@ -40,11 +59,18 @@ pub extern "C" fn qcow2_create(
 ) -> qcow2_error {
     boundary("qcow2_create", || {
         let path = ffi::path(path, "path")?;
+        // Bad options are reported with the name of the file they were meant for.
+        let named = |e: FfiError| match e {
+            FfiError::Arg(m) | FfiError::Core(qcow2rs::Error::InvalidArgument(m)) => {
+                FfiError::Arg(format!("{}: {m}", path.display()))
+            }
+            e => e,
+        };
         let opts = match ffi::optional_input(opts, "opts")? {
-            Some(o) => (*o).to_core(size)?,
+            Some(o) => (*o).to_core(size).map_err(named)?,
             None => CreateOptions::new(size),
         };
-        Image::create(path, &opts)?;
+        Image::create(path, &opts).map_err(|e| named(e.into()))?;
         Ok(())
     })
 }
@@ -157,6 +183,177 @@ pub extern "C" fn qcow2_write(
         let image = ffi::image(img)?;
         let buf = ffi::bytes(buf, len, "buf")?;
         image.write_at(buf, offset)?;
+        Ok(())
+    })
+}
+
+/// One buffer of a vectored read or write (`qcow2_readv`, `qcow2_writev`). Its layout is that of
+/// POSIX `struct iovec` (`iov_base`, then `iov_len`), so an array of `struct iovec` may be passed
+/// with a cast.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct qcow2_iovec {
+    /// Start of the buffer; may be NULL when `len` is 0.
+    pub base: *mut c_void,
+    /// Length of the buffer in bytes.
+    pub len: usize,
+}
+
+/// Buffers at least this long are read or written directly; shorter ones are gathered into one
+/// bounce buffer so that many small buffers cost one request to the core, not one each.
+const DIRECT_MIN: usize = 64 * 1024;
+/// The largest bounce buffer: longer runs of small buffers are split into several requests.
+const BOUNCE_MAX: usize = 1 << 20;
+
+/// Check a vector: every buffer non-NULL (or empty), the total within `isize` and the range
+/// `[offset, offset + total)` within the disk. Returns the vector (borrowed) and the total.
+fn check_iov<'a>(
+    image: &Image,
+    offset: u64,
+    iov: *const qcow2_iovec,
+    iovcnt: usize,
+) -> Result<&'a [qcow2_iovec], FfiError> {
+    let iovs = ffi::input_array(iov, iovcnt, "iov")?;
+    let mut total: usize = 0;
+    for (i, v) in iovs.iter().enumerate() {
+        if v.base.is_null() && v.len != 0 {
+            return Err(FfiError::Arg(format!("iov[{i}].base is NULL")));
+        }
+        total = total
+            .checked_add(v.len)
+            .filter(|&t| t <= isize::MAX as usize)
+            .ok_or_else(|| FfiError::Arg("iov: the total length is too large".to_string()))?;
+    }
+    let size = image.virtual_size();
+    if offset
+        .checked_add(total as u64)
+        .is_none_or(|end| end > size)
+    {
+        return Err(FfiError::Arg(format!(
+            "{}: request at offset {offset} for {total} bytes lies past the end of the disk \
+             ({size} bytes)",
+            image.filename()
+        )));
+    }
+    Ok(iovs)
+}
+
+/// Read into the buffers of `iov` (`iovcnt` of them), in order, from consecutive guest offsets
+/// starting at `offset`: the same as `qcow2_read` into their concatenation. The whole range must
+/// lie within the virtual size. `iov` may be NULL when `iovcnt` is 0. Short buffers are read
+/// through an internal bounce buffer (at most 1 MiB), long ones directly.
+///
+/// Ownership: `iov` and the buffers it points to belong to the caller; the buffers must not
+/// overlap. Thread safety: as `qcow2_read`; the read is split into several requests, so a write on
+/// another thread may be seen in some buffers and not in others. On failure returns the code
+/// (`QCOW2_ERR_INVALID_ARGUMENT` for a NULL handle, a NULL `iov` with a non-zero `iovcnt`, a NULL
+/// buffer with a non-zero length, or a range past the end; `QCOW2_ERR_IO`, ...); the contents of
+/// the buffers are then unspecified.
+#[no_mangle]
+pub extern "C" fn qcow2_readv(
+    img: *const qcow2_image,
+    offset: u64,
+    iov: *const qcow2_iovec,
+    iovcnt: usize,
+) -> qcow2_error {
+    boundary("qcow2_readv", || {
+        let image = ffi::image(img)?;
+        let iovs = check_iov(image, offset, iov, iovcnt)?;
+        let mut pos = offset;
+        // Short buffers waiting to be read with one request: (index, guest offset of the first).
+        let mut pending: Vec<usize> = Vec::new();
+        let mut pending_start = offset;
+        let mut pending_len = 0usize;
+        let mut bounce: Vec<u8> = Vec::new();
+        let mut flush_pending =
+            |pending: &mut Vec<usize>, start: u64, len: &mut usize| -> Result<(), FfiError> {
+                if pending.is_empty() {
+                    return Ok(());
+                }
+                bounce.resize(*len, 0);
+                image.read_at(&mut bounce, start)?;
+                let mut at = 0;
+                for &i in pending.iter() {
+                    let v = iovs[i];
+                    let dst = ffi::bytes_mut(v.base.cast(), v.len, "iov[].base")?;
+                    dst.copy_from_slice(&bounce[at..at + v.len]);
+                    at += v.len;
+                }
+                pending.clear();
+                *len = 0;
+                Ok(())
+            };
+        for (i, v) in iovs.iter().enumerate() {
+            if v.len >= DIRECT_MIN {
+                flush_pending(&mut pending, pending_start, &mut pending_len)?;
+                image.read_at(ffi::bytes_mut(v.base.cast(), v.len, "iov[].base")?, pos)?;
+            } else if v.len > 0 {
+                if pending.is_empty() {
+                    pending_start = pos;
+                }
+                pending.push(i);
+                pending_len += v.len;
+                if pending_len >= BOUNCE_MAX {
+                    flush_pending(&mut pending, pending_start, &mut pending_len)?;
+                }
+            }
+            pos += v.len as u64;
+        }
+        flush_pending(&mut pending, pending_start, &mut pending_len)?;
+        Ok(())
+    })
+}
+
+/// Write the buffers of `iov` (`iovcnt` of them), in order, at consecutive guest offsets starting
+/// at `offset`: the same as `qcow2_write` of their concatenation. The whole range must lie within
+/// the virtual size. `iov` may be NULL when `iovcnt` is 0. Short buffers are gathered into an
+/// internal bounce buffer (at most 1 MiB), long ones written directly.
+///
+/// Ownership: `iov` and the buffers are borrowed for the call. Thread safety: as `qcow2_write`;
+/// the write is split into several requests. On failure returns the code (as `qcow2_readv`, plus
+/// `QCOW2_ERR_READ_ONLY`, `QCOW2_ERR_NO_SPACE`); each part of the range then holds old or new
+/// data, and the image stays consistent.
+#[no_mangle]
+pub extern "C" fn qcow2_writev(
+    img: *mut qcow2_image,
+    offset: u64,
+    iov: *const qcow2_iovec,
+    iovcnt: usize,
+) -> qcow2_error {
+    boundary("qcow2_writev", || {
+        let image = ffi::image(img)?;
+        let iovs = check_iov(image, offset, iov, iovcnt)?;
+        if iovs.iter().all(|v| v.len == 0) {
+            // Like a zero-length qcow2_write: still refused on a read-only image.
+            image.write_at(&[], offset)?;
+            return Ok(());
+        }
+        let mut pos = offset;
+        let mut bounce: Vec<u8> = Vec::new();
+        let mut bounce_start = offset;
+        for v in iovs {
+            let src = ffi::bytes(v.base.cast_const().cast(), v.len, "iov[].base")?;
+            if src.len() >= DIRECT_MIN {
+                if !bounce.is_empty() {
+                    image.write_at(&bounce, bounce_start)?;
+                    bounce.clear();
+                }
+                image.write_at(src, pos)?;
+            } else if !src.is_empty() {
+                if bounce.is_empty() {
+                    bounce_start = pos;
+                }
+                bounce.extend_from_slice(src);
+                if bounce.len() >= BOUNCE_MAX {
+                    image.write_at(&bounce, bounce_start)?;
+                    bounce.clear();
+                }
+            }
+            pos += v.len as u64;
+        }
+        if !bounce.is_empty() {
+            image.write_at(&bounce, bounce_start)?;
+        }
         Ok(())
     })
 }
@@ -354,4 +551,24 @@ pub extern "C" fn qcow2_luks_remove_key(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_constants_match_the_package() {
+        let num = |s: &str| s.parse::<u32>().unwrap();
+        assert_eq!(QCOW2RS_VERSION_MAJOR, num(env!("CARGO_PKG_VERSION_MAJOR")));
+        assert_eq!(QCOW2RS_VERSION_MINOR, num(env!("CARGO_PKG_VERSION_MINOR")));
+        assert_eq!(QCOW2RS_VERSION_PATCH, num(env!("CARGO_PKG_VERSION_PATCH")));
+        // SAFETY: qcow2_version returns a static NUL-terminated string.
+        let version = unsafe { std::ffi::CStr::from_ptr(qcow2_version()) };
+        assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            qcow2_version_number(),
+            (QCOW2RS_VERSION_MAJOR << 16) | (QCOW2RS_VERSION_MINOR << 8) | QCOW2RS_VERSION_PATCH
+        );
+    }
 }

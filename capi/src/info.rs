@@ -1,6 +1,6 @@
 //! Facts about an image: info, its strings, the allocation map, and the consistency check.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
 
 use qcow2rs::{ImageInfo, RepairMode};
 
@@ -314,4 +314,215 @@ pub extern "C" fn qcow2_check(
         });
         Ok(())
     })
+}
+
+/// For an image opened with `QCOW2_OPEN_DAMAGED`: copy what the open found cut short by the end
+/// of the file (tables read as zeros past it), one line per table separated by '\n', into `buf`
+/// (NUL-terminated) and store its length in `*out_len`; the empty string when nothing is damaged
+/// (always for other opens). Otherwise as `qcow2_filename`.
+///
+/// Ownership: `buf` and `out_len` belong to the caller. Thread safety: may run concurrently with
+/// any call on the same handle but `qcow2_close`. On failure (`QCOW2_ERR_BUFFER_TOO_SMALL`,
+/// `QCOW2_ERR_INVALID_ARGUMENT`) writes neither `buf` nor `*out_len`.
+#[no_mangle]
+pub extern "C" fn qcow2_damage(
+    img: *const qcow2_image,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> qcow2_error {
+    boundary("qcow2_damage", || {
+        let image = ffi::image(img)?;
+        let dst = ffi::str_out(buf, len, "buf")?;
+        let out_len = ffi::out(out_len, "out_len")?;
+        out_len.write(dst.write(&image.damage().join("\n"))?);
+        Ok(())
+    })
+}
+
+/// Number of key slots in a LUKS header.
+pub const QCOW2_LUKS_SLOTS: usize = 8;
+/// Bytes of `qcow2_crypt_info.uuid`: a LUKS UUID (36 characters) and its NUL, with room to
+/// spare (the LUKS header's own field is 40 bytes).
+pub const QCOW2_UUID_SIZE: usize = 40;
+
+/// One LUKS key slot, as `qemu-img info` shows it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_luks_slot {
+    /// Key slot offset in the LUKS header area, in bytes.
+    pub key_offset: u64,
+    /// PBKDF2 iterations (0 for an inactive slot).
+    pub iters: u32,
+    /// Anti-forensic stripes (0 for an inactive slot).
+    pub stripes: u32,
+    /// The slot holds a password.
+    pub active: bool,
+}
+
+/// How an image is encrypted: the `encrypt` block of `qemu-img info --output=json`. The
+/// strings are static (never freed, valid for the life of the process); they and the LUKS
+/// fields are NULL / 0 unless `crypt_method` is `QCOW2_CRYPT_LUKS`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct qcow2_crypt_info {
+    /// Encryption method (`QCOW2_CRYPT_*`).
+    pub crypt_method: qcow2_crypt_method,
+    /// PBKDF2 iterations of the master key digest.
+    pub master_key_iters: u32,
+    /// Cipher: "aes-128", "aes-192" or "aes-256".
+    pub cipher_alg: *const c_char,
+    /// Cipher mode: "xts" or "cbc".
+    pub cipher_mode: *const c_char,
+    /// IV generator: "plain", "plain64" or "essiv".
+    pub ivgen_alg: *const c_char,
+    /// ESSIV hash ("sha256", ...); NULL unless `ivgen_alg` is "essiv".
+    pub ivgen_hash_alg: *const c_char,
+    /// PBKDF2 and anti-forensic hash ("sha1", "sha256", ...).
+    pub hash_alg: *const c_char,
+    /// Size of the LUKS header area in bytes (where the encrypted payload starts in it).
+    pub payload_offset: u64,
+    /// The volume UUID, NUL-terminated.
+    pub uuid: [c_char; QCOW2_UUID_SIZE],
+    /// The eight key slots.
+    pub slots: [qcow2_luks_slot; QCOW2_LUKS_SLOTS],
+}
+
+/// Every algorithm name the core gives (`as_str` of `CipherAlg`, `CipherMode`, `IvGenAlg`,
+/// `HashAlg`), as static C strings: what `qcow2_crypt_info` points to.
+const ALGORITHM_NAMES: &[&CStr] = &[
+    c"aes-128", c"aes-192", c"aes-256", c"xts", c"cbc", c"plain", c"plain64", c"essiv", c"sha1",
+    c"sha224", c"sha256", c"sha384", c"sha512",
+];
+
+/// The static C string of an algorithm name; a name missing from the table (an algorithm added
+/// to the core but not here) is reported, not replaced.
+fn static_c_name(name: &str) -> Result<*const c_char, FfiError> {
+    ALGORITHM_NAMES
+        .iter()
+        .find(|c| c.to_bytes() == name.as_bytes())
+        .map(|c| c.as_ptr())
+        .ok_or_else(|| FfiError::Panic(format!("algorithm {name:?} has no C name")))
+}
+
+/// Store how the image is encrypted in `*out` (also for an image opened with
+/// `QCOW2_OPEN_WITHOUT_KEY`; for a plain image `crypt_method` is `QCOW2_CRYPT_NONE` and the rest
+/// is empty). Key slots are as `qcow2_luks_add_key`/`qcow2_luks_remove_key` left them.
+///
+/// Ownership: `out` belongs to the caller; the strings it receives are static. Thread safety: may
+/// run concurrently with any call on the same handle but `qcow2_close`. On failure returns the
+/// code and leaves `*out` untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_encryption_info(
+    img: *const qcow2_image,
+    out: *mut qcow2_crypt_info,
+) -> qcow2_error {
+    boundary("qcow2_encryption_info", || {
+        let image = ffi::image(img)?;
+        let out = ffi::out(out, "out")?;
+        let info = image.info()?;
+        let empty_slot = qcow2_luks_slot {
+            key_offset: 0,
+            iters: 0,
+            stripes: 0,
+            active: false,
+        };
+        let mut e = qcow2_crypt_info {
+            crypt_method: info.crypt_method,
+            master_key_iters: 0,
+            cipher_alg: std::ptr::null(),
+            cipher_mode: std::ptr::null(),
+            ivgen_alg: std::ptr::null(),
+            ivgen_hash_alg: std::ptr::null(),
+            hash_alg: std::ptr::null(),
+            payload_offset: 0,
+            uuid: [0; QCOW2_UUID_SIZE],
+            slots: [empty_slot; QCOW2_LUKS_SLOTS],
+        };
+        if let Some(l) = info.encryption.as_ref().and_then(|e| e.luks.as_ref()) {
+            e.master_key_iters = l.master_key_iters;
+            e.cipher_alg = static_c_name(l.cipher_alg.as_str())?;
+            e.cipher_mode = static_c_name(l.cipher_mode.as_str())?;
+            e.ivgen_alg = static_c_name(l.ivgen_alg.as_str())?;
+            e.ivgen_hash_alg = match l.ivgen_hash_alg {
+                Some(h) => static_c_name(h.as_str())?,
+                None => std::ptr::null(),
+            };
+            e.hash_alg = static_c_name(l.hash_alg.as_str())?;
+            e.payload_offset = l.payload_offset;
+            if l.uuid.len() >= QCOW2_UUID_SIZE || l.uuid.as_bytes().contains(&0) {
+                return Err(FfiError::Arg(format!(
+                    "{}: the LUKS UUID is not a string of at most {} bytes",
+                    image.filename(),
+                    QCOW2_UUID_SIZE - 1
+                )));
+            }
+            for (d, s) in e.uuid.iter_mut().zip(l.uuid.bytes()) {
+                *d = s as c_char;
+            }
+            for (d, s) in e.slots.iter_mut().zip(&l.slots) {
+                *d = qcow2_luks_slot {
+                    key_offset: s.key_offset,
+                    iters: s.iters.unwrap_or(0),
+                    stripes: s.stripes.unwrap_or(0),
+                    active: s.active,
+                };
+            }
+        }
+        out.write(e);
+        Ok(())
+    })
+}
+
+/// A file format (`QCOW2_FORMAT_*`), as `qcow2_probe_format` finds it.
+pub type qcow2_format = u32;
+/// A qcow2 image.
+pub const QCOW2_FORMAT_QCOW2: qcow2_format = 1;
+/// Anything else: a raw image.
+pub const QCOW2_FORMAT_RAW: qcow2_format = 2;
+
+/// Find the format of the file at `path` from its first bytes, as QEMU probes it: the qcow2
+/// magic gives `QCOW2_FORMAT_QCOW2`, anything else `QCOW2_FORMAT_RAW`. Never blocks: a FIFO or a
+/// socket is refused.
+///
+/// Ownership: `path` is borrowed for the call; `out` belongs to the caller. Thread safety: any
+/// thread. On failure returns the code (`QCOW2_ERR_IO` with errno `ENOENT` for a missing file,
+/// `QCOW2_ERR_INVALID_ARGUMENT` for NULL arguments, a FIFO or a socket) and leaves `*out`
+/// untouched.
+#[no_mangle]
+pub extern "C" fn qcow2_probe_format(path: *const c_char, out: *mut qcow2_format) -> qcow2_error {
+    boundary("qcow2_probe_format", || {
+        let path = ffi::path(path, "path")?;
+        let out = ffi::out(out, "out")?;
+        out.write(match qcow2rs::probe_format(path)? {
+            qcow2rs::Format::Qcow2 => QCOW2_FORMAT_QCOW2,
+            qcow2rs::Format::Raw => QCOW2_FORMAT_RAW,
+        });
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qcow2rs::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+
+    #[test]
+    fn every_algorithm_has_a_static_c_name() {
+        let names = ["aes-128", "aes-192", "aes-256"]
+            .map(|n| CipherAlg::parse(n).unwrap().as_str())
+            .into_iter()
+            .chain(["xts", "cbc"].map(|n| CipherMode::parse(n).unwrap().as_str()))
+            .chain(["plain", "plain64", "essiv"].map(|n| IvGenAlg::parse(n).unwrap().as_str()))
+            .chain(
+                ["sha1", "sha224", "sha256", "sha384", "sha512"]
+                    .map(|n| HashAlg::parse(n).unwrap().as_str()),
+            );
+        for n in names {
+            let p = static_c_name(n).unwrap();
+            // SAFETY: the table holds static NUL-terminated strings.
+            assert_eq!(unsafe { CStr::from_ptr(p) }.to_str().unwrap(), n);
+        }
+        assert!(static_c_name("des").is_err());
+    }
 }

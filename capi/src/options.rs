@@ -151,6 +151,10 @@ pub struct qcow2_create_options {
     pub backing_password: *const u8,
     /// Length of `backing_password`.
     pub backing_password_len: usize,
+    /// Do not open the backing file (`qemu-img create -u`): it need not exist yet, and
+    /// `backing_format` must then be given (and `size` is used as given). Default false: the
+    /// backing file is opened to check it, and a `size` of 0 takes its size.
+    pub no_backing_open: bool,
 }
 
 /// A password given as pointer + length (NULL with length 0: none).
@@ -200,6 +204,7 @@ impl qcow2_create_options {
             encrypt_iter_time_ms: 0,
             backing_password: std::ptr::null(),
             backing_password_len: 0,
+            no_backing_open: !d.open_backing,
         }
     }
 
@@ -277,7 +282,7 @@ impl qcow2_create_options {
                 QCOW2_COMPRESSION_ZSTD => CompressionType::Zstd,
                 v => return Err(bad_value("compression_type", v)),
             },
-            open_backing: true,
+            open_backing: !self.no_backing_open,
             encryption: self.encryption()?,
             backing_password: password(
                 self.backing_password,

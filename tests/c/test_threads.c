@@ -1,7 +1,10 @@
 /*
- * One qcow2_image shared by several threads: each writes its own region in unaligned chunks
- * (allocating clusters and L2 tables concurrently), reads back, and flushes, while the others do
- * the same; then the whole disk is verified, and qemu-img checks the result.
+ * One qcow2_image shared by several threads: each writer writes its own region in unaligned chunks
+ * (allocating clusters and L2 tables concurrently; every other chunk with qcow2_writev), reads
+ * back, and flushes, while the others do the same; reader threads meanwhile read the whole disk
+ * (with qcow2_read and qcow2_readv) and check that every byte is either still zero or already
+ * what its writer writes, never anything else; then the whole disk is verified, and qemu-img
+ * checks the result.
  *
  * Usage: test_threads DIR
  */
@@ -10,11 +13,13 @@
 #include "qcow2rs.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define THREADS 4
+#define READERS 2
 #define REGION (1u << 20)
 #define CHUNK 4099u
 #define SIZE ((uint64_t)THREADS * REGION * 2)
@@ -48,9 +53,18 @@ static void *worker(void *arg) {
         uint64_t off = base + pos;
         size_t len = (size_t)(REGION - pos < CHUNK ? REGION - pos : CHUNK);
         for (size_t i = 0; i < len; i++) buf[i] = expected_byte(off + i);
-        qcow2_error rc = qcow2_write(img, off, buf, len);
+        qcow2_error rc;
+        if ((pos / CHUNK) % 2) {
+            /* The same bytes as three buffers: 1 byte, most of it, the last 10. */
+            struct qcow2_iovec iov[3] = {
+                {buf, 1}, {buf + 1, len > 11 ? len - 11 : 0}, {buf + (len > 11 ? len - 10 : 1), 0}};
+            iov[2].len = len - 1 - iov[1].len;
+            rc = qcow2_writev(img, off, iov, 3);
+        } else {
+            rc = qcow2_write(img, off, buf, len);
+        }
         if (rc != QCOW2_OK) {
-            fail(job, "qcow2_write", rc);
+            fail(job, (pos / CHUNK) % 2 ? "qcow2_writev" : "qcow2_write", rc);
             return NULL;
         }
         rc = qcow2_read(img, off, back, len);
@@ -75,6 +89,54 @@ static void *worker(void *arg) {
         snprintf(job->msg, sizeof job->msg, "thread %d: read past the end did not fail", job->id);
         job->failed = 1;
     }
+    return NULL;
+}
+
+static atomic_int writers_done;
+
+/* Read the whole disk over and over while the writers run: each byte must be 0 (not written
+ * yet) or its final value (written), since writers only ever write a byte's final value. */
+static void *reader(void *arg) {
+    struct job *job = arg;
+    const size_t span = 65536 + 17;
+    uint8_t *buf = malloc(span);
+    if (!buf) {
+        snprintf(job->msg, sizeof job->msg, "reader %d: out of memory", job->id);
+        job->failed = 1;
+        return NULL;
+    }
+    int rounds = 0;
+    while (!atomic_load(&writers_done) || rounds < 1) {
+        for (uint64_t off = (uint64_t)job->id * 4093; off + span <= SIZE; off += span) {
+            qcow2_error rc;
+            if ((off / span) % 2) {
+                struct qcow2_iovec iov[2] = {{buf, 100}, {buf + 100, span - 100}};
+                rc = qcow2_readv(img, off, iov, 2);
+            } else {
+                rc = qcow2_read(img, off, buf, span);
+            }
+            if (rc != QCOW2_OK) {
+                fail(job, "reader: qcow2_read(v)", rc);
+                free(buf);
+                return NULL;
+            }
+            for (size_t i = 0; i < span; i++) {
+                uint64_t o = off + i;
+                uint64_t rel = o % (2 * REGION);
+                uint8_t final = (rel >= 3 && rel < REGION + 3) ? expected_byte(o) : 0;
+                if (buf[i] != 0 && buf[i] != final) {
+                    snprintf(job->msg, sizeof job->msg,
+                             "reader %d: byte at %llu is %u, neither 0 nor %u", job->id,
+                             (unsigned long long)o, buf[i], final);
+                    job->failed = 1;
+                    free(buf);
+                    return NULL;
+                }
+            }
+        }
+        rounds++;
+    }
+    free(buf);
     return NULL;
 }
 
@@ -104,11 +166,28 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
+    pthread_t readers[READERS];
+    struct job reader_jobs[READERS];
+    for (int i = 0; i < READERS; i++) {
+        reader_jobs[i] = (struct job){.id = i};
+        if (pthread_create(&readers[i], NULL, reader, &reader_jobs[i]) != 0) {
+            perror("pthread_create");
+            return 1;
+        }
+    }
     int failed = 0;
     for (int i = 0; i < THREADS; i++) {
         pthread_join(threads[i], NULL);
         if (jobs[i].failed) {
             fprintf(stderr, "%s\n", jobs[i].msg);
+            failed = 1;
+        }
+    }
+    atomic_store(&writers_done, 1);
+    for (int i = 0; i < READERS; i++) {
+        pthread_join(readers[i], NULL);
+        if (reader_jobs[i].failed) {
+            fprintf(stderr, "%s\n", reader_jobs[i].msg);
             failed = 1;
         }
     }
@@ -147,6 +226,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qemu-img check failed\n");
         failed = 1;
     }
-    if (!failed) printf("%d threads: all checks passed\n", THREADS);
+    if (!failed) printf("%d writers, %d readers: all checks passed\n", THREADS, READERS);
     return failed;
 }

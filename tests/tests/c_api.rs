@@ -20,6 +20,7 @@ const PROGRAMS: &[&str] = &[
     "test_threads",
     "test_encryption",
     "test_snapshots",
+    "test_api",
 ];
 
 fn workspace_root() -> PathBuf {
@@ -159,6 +160,96 @@ fn header_is_up_to_date() {
     }
 }
 
+/// The functions `include/qcow2rs.h` declares, sorted.
+fn header_functions() -> Vec<String> {
+    let header = std::fs::read_to_string(include_dir().join("qcow2rs.h")).unwrap();
+    let mut names: Vec<String> = header
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('#') && !l.starts_with('*'))
+        .filter_map(|l| {
+            // `enum qcow2_error qcow2_read(...`, `const char *qcow2_version(void);`
+            let before = &l[..l.find('(')?];
+            let name = before.split_whitespace().last()?.trim_start_matches('*');
+            (name.starts_with("qcow2_")
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .then(|| name.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The ABI check: the symbols `libqcow2rs.so` exports are exactly those listed in
+/// `capi/symbols.txt` (sorted), and exactly the functions the header declares. A new export must be
+/// added to the list on purpose (regenerate it with
+/// `nm -D --defined-only target/debug/libqcow2rs.so | awk '{print $3}' | sort > capi/symbols.txt`);
+/// a removed or renamed one breaks C callers and shows up here as a diff.
+#[test]
+fn exported_symbols_are_the_committed_list() {
+    let lib = lib_dir().join("libqcow2rs.so");
+    let out = run(Command::new("nm").args(["-D", "--defined-only"]).arg(&lib));
+    let mut exported: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    exported.sort();
+    exported.dedup();
+    let list_path = workspace_root().join("capi").join("symbols.txt");
+    let committed: Vec<String> = std::fs::read_to_string(&list_path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let diff = |want: &[String], have: &[String]| -> String {
+        let mut d = String::new();
+        for w in want.iter().filter(|w| !have.contains(w)) {
+            d.push_str(&format!("-{w}\n"));
+        }
+        for h in have.iter().filter(|h| !want.contains(h)) {
+            d.push_str(&format!("+{h}\n"));
+        }
+        d
+    };
+    assert!(
+        exported == committed,
+        "{} exports other symbols than {} lists (- listed but not exported, + exported but not \
+         listed):\n{}",
+        lib.display(),
+        list_path.display(),
+        diff(&committed, &exported)
+    );
+    let declared = header_functions();
+    assert!(
+        declared == committed,
+        "include/qcow2rs.h declares other functions than {} lists (- listed, not declared; + \
+         declared, not listed):\n{}",
+        list_path.display(),
+        diff(&committed, &declared)
+    );
+}
+
+/// Every exported function is called by at least one C test program.
+#[test]
+fn every_exported_function_is_called_from_c() {
+    let mut sources = String::new();
+    for entry in std::fs::read_dir(c_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension() == Some(OsStr::new("c")) && !path.ends_with("test_header.c") {
+            sources.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    let list = std::fs::read_to_string(workspace_root().join("capi").join("symbols.txt")).unwrap();
+    let uncalled: Vec<&str> = list
+        .lines()
+        .filter(|f| !sources.contains(&format!("{f}(")))
+        .collect();
+    assert!(
+        uncalled.is_empty(),
+        "no C test in tests/c/ calls {uncalled:?}"
+    );
+}
+
 #[test]
 fn header_compiles_as_c11_and_cpp17_and_twice() {
     let src = c_dir().join("test_header.c");
@@ -232,7 +323,7 @@ fn run_program(exe: &Path) {
         c.args([
             "--error-exitcode=1",
             "--leak-check=full",
-            "--errors-for-leak-kinds=definite,possible",
+            "--errors-for-leak-kinds=definite,indirect,possible",
         ])
         .arg(exe);
         c
