@@ -7,7 +7,8 @@
 #   - an encrypted (LUKS) image served with password-file=..., read back by qemu-io with the
 #     secret; a wrong password stops the server cleanly with a message and no panic;
 #   - readonly=true refuses writes;
-#   - qemu-img check calls every image clean once the server has exited.
+#   - qemu-img check calls every image clean once the server has exited;
+#   - then a smoke run of scripts/bench_nbd.py (16 MiB, 1 s runs).
 # Usage: nbdkit/test.sh [PLUGIN.so]. Without an argument it installs the C library into a
 # temporary prefix (scripts/install-c.sh) and builds the plugin there with its Makefile and
 # pkg-config, as a user would. Needs nbdkit, nbdkit-plugin-dev, qemu-utils (and pkg-config, a C
@@ -175,5 +176,16 @@ if nbdkit -U - "$PLUGIN" file="$T/disk.qcow2" force-share=true --run 'true' >/de
 fi
 clean "$T/disk.qcow2"
 qemu-img compare -q -f raw -F qcow2 "$T/ref.raw" "$T/disk.qcow2" || die "a read-only export changed the image"
+
+# A smoke run of the benchmark (scripts/bench_nbd.py), tiny: the script works end to end, with
+# fio's nbd engine, qemu-nbd and the strace counts. QCOW2RS_NBD_BENCH=0 skips it.
+if [ "${QCOW2RS_NBD_BENCH:-1}" != 0 ]; then
+    echo "== benchmark smoke run (scripts/bench_nbd.py --size 16M --runtime 1)"
+    for tool in fio qemu-nbd strace; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+    python3 "$ROOT/scripts/bench_nbd.py" --plugin "$PLUGIN" --size 16M --runtime 1 --ramp 0 \
+        --repeats 1 --depths 1 >"$T/bench.out" 2>&1 || { cat "$T/bench.out"; die "scripts/bench_nbd.py failed"; }
+    grep -q "^lowest ratio ours/qemu-nbd" "$T/bench.out" || { cat "$T/bench.out"; die "scripts/bench_nbd.py printed no summary"; }
+    sed -n '/^workload/,$p' "$T/bench.out"
+fi
 
 echo "nbdkit test: all passed"

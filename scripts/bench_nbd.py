@@ -140,7 +140,7 @@ def fio(args, workload, depth, sock):
     out = json.loads(text[text.index("{"):])  # the nbd engine prints a line before the JSON
     job = out["jobs"][0]
     part = job["read"] if workload == "randread" else job["write"]
-    return part["iops"], part["bw_bytes"]
+    return part["iops"], part["bw_bytes"], job.get("sync", {}).get("total_ios", 0)
 
 
 def fresh_image(args, workload, path):
@@ -179,6 +179,8 @@ def strace_count(path):
 
 
 def main():
+    # SIGTERM (as SIGINT) unwinds, so that servers are stopped and the scratch directory removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1G", help="image size (default 1G)")
     p.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default 10)")
@@ -243,10 +245,11 @@ def main():
                     out = os.path.join(tmp, f"strace-{w}-{kind}")
                     srv = Server(kind, args, image, sock, strace_out=out)
                     try:
-                        fio(args, w, max(depths), sock)
+                        flushes = fio(args, w, max(depths), sock)[2]
                     finally:
                         srv.stop()
                     syncs[(w, kind)] = strace_count(out)
+                    syncs[(w, kind)]["flushes"] = flushes
 
         print()
         print(f"{'workload':10} {'qd':>3} {'ours IOPS':>11} {'qemu-nbd IOPS':>14} "
@@ -266,12 +269,17 @@ def main():
                       f"{qb / 2**20:>11.1f} {ratio:>5.2f}x")
         if syncs:
             print()
-            print(f"fdatasync+fsync calls in one extra run of {args.runtime} s at "
+            print(f"fdatasync/fsync calls in one extra run of {args.runtime} s at "
                   f"qd{max(depths)} (strace -f -c):")
             for w in workloads:
-                o, q = syncs[(w, "ours")], syncs[(w, "qemu")]
-                print(f"  {w:10} ours {o['fdatasync']} fdatasync + {o['fsync']} fsync; "
-                      f"qemu-nbd {q['fdatasync']} fdatasync + {q['fsync']} fsync")
+                line = f"  {w:10}"
+                for kind, name in (("ours", "ours"), ("qemu", "qemu-nbd")):
+                    c = syncs[(w, kind)]
+                    n = c["fdatasync"] + c["fsync"]
+                    per = f", {n / c['flushes']:.2f} per flush" if c["flushes"] else ""
+                    line += (f"  {name}: {c['fdatasync']} fdatasync + {c['fsync']} fsync for "
+                             f"{c['flushes']} NBD flushes{per};")
+                print(line.rstrip(";"))
         print()
         print(f"lowest ratio ours/qemu-nbd: {min(ratios):.2f}x")
     finally:

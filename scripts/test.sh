@@ -4,7 +4,8 @@
 #   qemu-img interop suite, the C API tests, the README's Rust, C and command-line examples), the
 #   crash simulator (its summary line shown), the ordering-mutant catalogue (scripts/mutants.sh:
 #   every mutant must be killed), then pip install ./python and pytest python/tests (with the
-#   README's Python example), the nbdkit plugin's test (nbdkit/test.sh), then each fuzz target for a short budget (scripts/fuzz.sh).
+#   README's Python example), the nbdkit plugin's test (nbdkit/test.sh, with a smoke run of
+#   scripts/bench_nbd.py), then each fuzz target for a short budget (scripts/fuzz.sh).
 # Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 # Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
 # installs with apt-get when they are missing.
