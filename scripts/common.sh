@@ -27,11 +27,12 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 
-# qemu-img and qemu-io (the test oracle) and a C compiler.
+# qemu-img and qemu-io (the test oracle), a C compiler and pkg-config (the installed C library).
 ensure_system_tools() {
     local pkgs=()
     { have qemu-img && have qemu-io; } || pkgs+=(qemu-utils)
     have cc || have gcc || pkgs+=(gcc libc6-dev)
+    have pkg-config || pkgs+=(pkg-config)
     if [ "${#pkgs[@]}" -gt 0 ]; then
         say "Installing ${pkgs[*]}"
         apt_install "${pkgs[@]}"

@@ -2,7 +2,8 @@
 # Set up qcow2rs on a fresh machine and run the main job end to end:
 #   1. install what is missing (qemu-utils, a C compiler; Rust and Python 3 must be there),
 #   2. build (release) and install the `qcow2rs` command into ~/.cargo/bin,
-#   3. build the C library (target/release/libqcow2rs.so and .a, header include/qcow2rs.h),
+#   3. build and install the C library with scripts/install-c.sh (libqcow2rs.so.0, .a, qcow2rs.h and
+#      qcow2rs.pc into $PREFIX, default /usr/local; PREFIX=$HOME/.local needs no root),
 #   4. build and install the Python module (pip install ./python),
 #   5. create an image and write and read it through the CLI, Python and C, and have qemu-img
 #      check every image and compare its content.
@@ -20,6 +21,12 @@ mkdir -p "$BIN_DIR"
 install -m 755 target/release/qcow2rs "$BIN_DIR/qcow2rs"
 say "Installed $BIN_DIR/qcow2rs"
 case ":$PATH:" in *":$BIN_DIR:"*) ;; *) echo "note: add $BIN_DIR to your PATH"; export PATH="$BIN_DIR:$PATH" ;; esac
+
+say "Installing the C library (scripts/install-c.sh, PREFIX=${PREFIX:-/usr/local})"
+bash "$ROOT/scripts/install-c.sh"
+C_PREFIX="${PREFIX:-/usr/local}"
+case "$C_PREFIX" in /*) ;; *) C_PREFIX="$ROOT/$C_PREFIX" ;; esac
+export PKG_CONFIG_PATH="$C_PREFIX/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 
 install_python_module
 
@@ -87,7 +94,7 @@ qemu_reads py.qcow2 $((40 << 20)) 17 "hello.from.Pytho"
 qemu-img convert -f qcow2 -O raw py.qcow2 py.raw
 cmp -n $((4 << 20)) data.raw py.raw 0 $((1 << 20))   # what Python wrote at 1 MiB, read by qemu-img
 
-say "C: compile against include/qcow2rs.h and target/release/libqcow2rs.so"
+say "C: compile against the installed library with pkg-config (cflags and libs of qcow2rs)"
 cat > demo.c <<'CEOF'
 #include <stdio.h>
 #include <string.h>
@@ -115,9 +122,9 @@ int main(void) {
 }
 CEOF
 CC="$(command -v cc || command -v gcc)"
-"$CC" -std=c11 -Wall -Wextra -Werror -I"$ROOT/include" demo.c -o demo \
-    -L"$ROOT/target/release" -lqcow2rs -Wl,-rpath,"$ROOT/target/release"
-./demo
+# shellcheck disable=SC2046 # pkg-config's output is a list of words
+"$CC" -std=c11 -Wall -Wextra -Werror demo.c $(pkg-config --cflags --libs qcow2rs) -o demo
+env -u LD_LIBRARY_PATH ./demo
 qemu_ok c.qcow2
 qemu_reads c.qcow2 $((1 << 20)) 12 "hello.from.C"
 

@@ -4,7 +4,8 @@
 #   qemu-img interop suite, the C API tests, the README's Rust, C and command-line examples), the
 #   crash simulator (its summary line shown), the ordering-mutant catalogue (scripts/mutants.sh:
 #   every mutant must be killed), then pip install ./python and pytest python/tests (with the
-#   README's Python example), then each fuzz target for a short budget (scripts/fuzz.sh).
+#   README's Python example), the nbdkit plugin's test (nbdkit/test.sh, with a smoke run of
+#   scripts/bench_nbd.py), then each fuzz target for a short budget (scripts/fuzz.sh).
 # Every step runs even when an earlier one fails; the exit code is non-zero if any failed.
 # Works from any directory. Needs qemu-img/qemu-io (qemu-utils) and a C compiler, which it
 # installs with apt-get when they are missing.
@@ -43,6 +44,15 @@ step "crash-sim" cargo test -p qcow2rs-tests --test crash_sim --locked -- --exac
 # No separate baseline: the crash-sim step just ran the same workloads without a mutant.
 step "mutants" env QCOW2RS_MUTANT_BASELINE=0 bash scripts/mutants.sh
 step "pytest" pytest_step
+# The nbdkit plugin (nbdkit/): installs the C library into a temporary prefix, builds the plugin
+# with pkg-config and tests it with qemu-io / qemu-img as NBD clients (nbdkit/test.sh).
+nbdkit_step() {
+    if ! { have nbdkit && have fio && [ -f /usr/include/nbdkit-plugin.h ]; }; then
+        apt_install nbdkit nbdkit-plugin-dev libnbd-bin fio || return 1
+    fi
+    bash nbdkit/test.sh
+}
+step "nbdkit" nbdkit_step
 # The fuzz targets (fuzz/, cargo-fuzz): a fixed number of executions from a fixed seed each
 # (QCOW2RS_FUZZ_SECONDS=N: N seconds from a random seed instead); any finding fails the step.
 # Installs cargo-fuzz when missing; QCOW2RS_FUZZ_SECONDS=0 skips the step.
@@ -55,4 +65,4 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
     echo "test.sh: FAILED: ${FAILED[*]}"
     exit 1
 fi
-echo "test.sh: all steps passed (rustfmt, clippy, cargo test, crash-sim, mutants, pytest, fuzz)"
+echo "test.sh: all steps passed (rustfmt, clippy, cargo test, crash-sim, mutants, pytest, nbdkit, fuzz)"

@@ -2,13 +2,17 @@
 //! section and the commands are the lines of the ```` ```sh ```` block after it, both taken from
 //! README.md verbatim: a change to either that breaks the example fails here.
 //!
-//! The README tells the user to run the commands from the repository root. Here `cargo ...` lines
-//! run in the repository root; the other lines run in a scratch directory that stands in for it:
-//! it holds `demo.c` and symlinks `include` and `target` to the repository's, so `-Iinclude`,
-//! `-Ltarget/release` and `"$PWD/target/release"` resolve as they do for the user, and `demo` and
-//! `disk.qcow2` are written there rather than into the checkout. `LD_LIBRARY_PATH` (which `cargo
-//! test` points at `target/debug`, where a debug `libqcow2rs.so` lives) is removed, so the program
-//! must find the library by itself, as it must for a user.
+//! The README tells the user to run the commands from the repository root. Here `cargo ...` and
+//! `./scripts/...` lines run in the repository root; the other lines run in a scratch directory that
+//! stands in for it: it holds `demo.c` and symlinks `include` and `target` to the repository's, and
+//! `demo` and `disk.qcow2` are written there rather than into the checkout. The install script
+//! installs into a temporary user prefix (`PREFIX`, no root needed), and `PKG_CONFIG_PATH` points at
+//! its `lib/pkgconfig`, as the script tells a user to set it. `LD_LIBRARY_PATH` (which `cargo test`
+//! points at `target/debug`, where a debug `libqcow2rs.so` lives) is removed, so the program must
+//! find the installed library by itself (through the rpath in the user prefix's `qcow2rs.pc`), as
+//! it must for a user. The test then checks what was installed: the soname `libqcow2rs.so.0`, the
+//! symlink chain, no debug information in the installed library, and a program that needs
+//! `libqcow2rs.so.0` from the prefix, not from the build tree.
 //!
 //! (The Rust example is a doctest of this crate, see lib.rs; the command-line example is run by
 //! cli/tests/readme.rs and the Python one by python/tests/test_readme.py.)
@@ -85,6 +89,8 @@ fn readme_c_example_builds_and_runs_as_printed() {
         .tempdir()
         .unwrap();
     let dir = scratch.path();
+    let prefix = dir.join("prefix");
+    let pkg_config_path = prefix.join("lib").join("pkgconfig");
     std::fs::write(dir.join("demo.c"), program).unwrap();
     std::os::unix::fs::symlink(root.join("include"), dir.join("include")).unwrap();
     std::os::unix::fs::symlink(&target, dir.join("target")).unwrap();
@@ -103,7 +109,7 @@ fn readme_c_example_builds_and_runs_as_printed() {
 
     let mut last = None;
     for line in commands.lines().filter(|l| !l.trim().is_empty()) {
-        let cwd = if line.starts_with("cargo ") {
+        let cwd = if line.starts_with("cargo ") || line.starts_with("./scripts/") {
             &root
         } else {
             dir
@@ -113,6 +119,9 @@ fn readme_c_example_builds_and_runs_as_printed() {
             .arg(line)
             .current_dir(cwd)
             .env("PATH", &path)
+            .env("PREFIX", &prefix)
+            .env("PKG_CONFIG_PATH", &pkg_config_path)
+            .env("CARGO_TARGET_DIR", &target)
             .env_remove("LD_LIBRARY_PATH"));
         assert_eq!(
             r.code,
@@ -127,6 +136,8 @@ fn readme_c_example_builds_and_runs_as_printed() {
         last.stdout, "hello, qcow2\n",
         "the README's C program should print what it read back\n{last}"
     );
+
+    check_installed(&prefix, &dir.join("demo"));
 
     // The example is also warning-free C11.
     let r = run(Command::new("cc")
@@ -155,4 +166,50 @@ fn readme_c_example_builds_and_runs_as_printed() {
     img.read_at(&mut buf, 1 << 20).unwrap();
     assert_eq!(&buf, b"hello, qcow2");
     img.close().unwrap();
+}
+
+/// What `scripts/install-c.sh` put into `prefix`, and how `exe` (built with pkg-config) uses it.
+fn check_installed(prefix: &Path, exe: &Path) {
+    let lib = prefix.join("lib");
+    let real = lib.join(format!("libqcow2rs.so.{}", env!("CARGO_PKG_VERSION")));
+    for (link, to) in [
+        ("libqcow2rs.so", "libqcow2rs.so.0"),
+        (
+            "libqcow2rs.so.0",
+            real.file_name().unwrap().to_str().unwrap(),
+        ),
+    ] {
+        let target = std::fs::read_link(lib.join(link))
+            .unwrap_or_else(|e| panic!("{} is not a symlink: {e}", lib.join(link).display()));
+        assert_eq!(target, Path::new(to), "{link} should point at {to}");
+    }
+    for file in [
+        lib.join("libqcow2rs.a"),
+        prefix.join("include").join("qcow2rs.h"),
+        lib.join("pkgconfig").join("qcow2rs.pc"),
+    ] {
+        assert!(file.is_file(), "{} was not installed", file.display());
+    }
+
+    let dynamic = run(Command::new("readelf").arg("-d").arg(&real));
+    assert_eq!(dynamic.code, 0, "readelf -d failed\n{dynamic}");
+    assert!(
+        dynamic.stdout.contains("Library soname: [libqcow2rs.so.0]"),
+        "the installed library's soname is not libqcow2rs.so.0\n{dynamic}"
+    );
+    let sections = run(Command::new("readelf").arg("-S").arg("-W").arg(&real));
+    assert_eq!(sections.code, 0, "readelf -S failed\n{sections}");
+    assert!(
+        sections.stdout.contains(".dynsym") && !sections.stdout.contains(".debug_info"),
+        "the installed library should carry no debug information\n{sections}"
+    );
+
+    let needed = run(Command::new("readelf").arg("-d").arg(exe));
+    assert!(
+        needed
+            .stdout
+            .contains("Shared library: [libqcow2rs.so.0]")
+            && needed.stdout.contains(&format!("[{}]", lib.display())),
+        "the README's program should need libqcow2rs.so.0 with the prefix's lib/ as its run path\n{needed}"
+    );
 }
