@@ -251,7 +251,7 @@ class Image(io.RawIOBase):
     def __init__(
         self,
         path: StrPath,
-        mode: str = "r",
+        mode: str = "rb",
         *,
         cache: str = "writeback",
         l2_cache_size: Optional[int] = None,
@@ -279,8 +279,13 @@ class Image(io.RawIOBase):
             force_share=force_share,
         )
         self.name = os.fsdecode(path)
-        self._mode = mode
+        self._mode = "rb" if self._native.read_only else "rb+"
         self._pos = 0
+
+    @property
+    def mode(self) -> str:
+        """``"rb"`` (read-only) or ``"rb+"`` (read-write), as :class:`io.FileIO` spells them."""
+        return self._mode
 
     # -- the image's own calls -------------------------------------------------------------
 
@@ -288,12 +293,17 @@ class Image(io.RawIOBase):
         """Read up to `length` bytes at `offset`: fewer (or none) at the end of the disk."""
         return self._native.read_at(offset, length)
 
+    def readinto_at(self, offset: int, buffer: Buffer) -> int:
+        """Read into `buffer` (a writable, C-contiguous bytes-like object) at `offset`, without
+        a copy; return the number of bytes read (fewer, or 0, at the end of the disk)."""
+        return self._native.readinto_at(offset, buffer)
+
     def write_at(self, offset: int, data: Buffer) -> None:
-        """Write all of `data` (any bytes-like object) at `offset`.
+        """Write all of `data` (any C-contiguous bytes-like object, not copied) at `offset`.
 
         Raises :class:`InvalidArgumentError` if the write would end past the end of the disk.
         """
-        self._native.write_at(offset, _as_bytes(data))
+        self._native.write_at(offset, data)
 
     def write_compressed(self, offset: int, data: Buffer) -> None:
         """Write `data`, compressed, as the whole cluster at the cluster-aligned `offset`.
@@ -316,6 +326,42 @@ class Image(io.RawIOBase):
     def resize(self, size: int) -> None:
         """Change the virtual size. Shrinking requires the cut-off tail to be unallocated."""
         self._native.resize(size)
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        """Resize the virtual disk to `size` bytes (default: the current position), as
+        :meth:`resize` does; return the new size. The position does not move."""
+        self._check_open()
+        if size is None:
+            size = self._pos
+        self._native.resize(size)
+        return size
+
+    # -- LUKS key slots --------------------------------------------------------------------
+
+    def add_password(
+        self,
+        password: Union[str, bytes],
+        *,
+        slot: Optional[int] = None,
+        iter_time: Optional[int] = None,
+        force: bool = False,
+    ) -> int:
+        """Add `password` to LUKS key slot `slot` (default: the first free one), as
+        ``qemu-img amend -o encrypt.state=active,encrypt.new-secret=...`` does; return the
+        slot. `iter_time` is the PBKDF2 time in milliseconds (default 2000); `force` allows
+        overwriting an active slot. The image must be open read-write with a password."""
+        return self._native.change_key_slots(
+            add=password, slot=slot, iter_time=iter_time, force=force
+        )[0]
+
+    def remove_password(self, password: Union[str, bytes], *, force: bool = False) -> List[int]:
+        """Erase every LUKS key slot that `password` opens; return those slots. Erasing the
+        last working password needs `force`."""
+        return self._native.change_key_slots(remove=password, force=force)
+
+    def remove_key_slot(self, slot: int, *, force: bool = False) -> None:
+        """Erase LUKS key slot `slot`. Erasing the last active slot needs `force`."""
+        self._native.change_key_slots(slot=slot, force=force)
 
     def info(self) -> ImageInfo:
         """Facts about the image, as ``qemu-img info`` shows them."""
@@ -467,10 +513,7 @@ class Image(io.RawIOBase):
     def readinto(self, buffer: Buffer) -> int:
         """Read into `buffer` (a writable bytes-like object); return the number of bytes read."""
         self._check_open()
-        with memoryview(buffer) as view, view.cast("B") as target:
-            data = self._native.read_at(self._pos, target.nbytes)
-            n = len(data)
-            target[:n] = data
+        n: int = self._native.readinto_at(self._pos, buffer)
         self._pos += n
         return n
 
@@ -480,10 +523,11 @@ class Image(io.RawIOBase):
         Raises :class:`InvalidArgumentError` if the write would end past the end of the disk.
         """
         self._check_open()
-        b = _as_bytes(data)
-        self._native.write_at(self._pos, b)
-        self._pos += len(b)
-        return len(b)
+        with memoryview(data) as view:
+            n = view.nbytes
+            self._native.write_at(self._pos, view)
+        self._pos += n
+        return n
 
     def flush(self) -> None:
         """Make everything written so far durable."""
@@ -518,7 +562,7 @@ class Image(io.RawIOBase):
 
 def open(  # noqa: A001 - like gzip.open and tarfile.open
     path: StrPath,
-    mode: str = "r",
+    mode: str = "rb",
     *,
     cache: str = "writeback",
     l2_cache_size: Optional[int] = None,
@@ -532,14 +576,16 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
-    `mode` is ``"r"`` (read-only) or ``"rw"`` / ``"r+"`` (read-write). `cache` is QEMU's cache
+    `mode` is ``"rb"`` (read-only) or ``"r+b"`` (read-write), as the built-in :func:`open`
+    spells them (``"r"``, ``"r+"``, ``"rb+"`` and the earlier ``"rw"`` are accepted too; modes
+    that create or truncate are not: use :func:`create`). `cache` is QEMU's cache
     mode: ``"writeback"`` (durable at flush), ``"writethrough"``, ``"none"``, ``"directsync"`` or
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
     `password` (str or bytes) opens an encrypted image; a wrong one raises
     :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
     password of encrypted backing files. `snapshot` (an ID or a name, looked up as
     ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
-    active disk: `mode` must be ``"r"``; a missing snapshot raises
+    active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
 
     `backing` says which backing files the image may make us open; an image's header can name
@@ -552,12 +598,12 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     file raises :class:`NotFoundError` (a :class:`FileNotFoundError`), naming it.
 
     `damaged` opens a damaged (truncated) image for inspection and rescue; `mode` must be
-    ``"r"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
+    ``"rb"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
     (:meth:`Image.damage` lists them), :meth:`Image.check` reports the damage as
     ``qemu-img check`` does, and reading what the file lost raises :class:`CorruptImageError`.
     The image is locked as QEMU locks it: opening it read-write while anyone else (QEMU, or
     another qcow2rs user, in this process too) has it open, or read-only while someone writes
-    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"r"`` only)
+    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"rb"`` only)
     opens it even while someone writes it, for inspection; what is read may then be
     inconsistent.
     """

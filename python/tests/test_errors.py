@@ -222,7 +222,8 @@ def test_negative_size_is_invalid(tmp_path: Path) -> None:
     "kwargs",
     [
         {"mode": "w"},
-        {"mode": "rb"},
+        {"mode": "wb"},
+        {"mode": "r+w"},
         {"cache": "sometimes"},
         {"l2_cache_size": -1},
     ],
