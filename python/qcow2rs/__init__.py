@@ -117,6 +117,21 @@ class Snapshot:
         """The creation time, as an aware datetime in UTC (to the microsecond)."""
         return _EPOCH + timedelta(seconds=self.date_sec, microseconds=self.date_nsec // 1000)
 
+    def to_dict(self) -> Dict[str, Any]:
+        """The snapshot as ``qemu-img info --output=json`` lists it (``snapshots``)."""
+        d: Dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount is not None:
+            d["icount"] = self.icount
+        return d
+
 
 def _date_arg(date: Union[datetime, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
     """A creation time as (seconds, nanoseconds) since the epoch; a naive datetime is local time,
@@ -170,6 +185,59 @@ class ImageInfo:
     snapshots: Tuple[Snapshot, ...] = ()
     """The internal snapshots, in table order (``qemu-img snapshot -l``). Last and with a default
     so that code building an ImageInfo by keyword from before snapshots keeps working."""
+    encryption: Optional[Dict[str, Any]] = None
+    """The encryption (None for none), as the ``encrypt`` object of ``qemu-img info
+    --output=json`` shows it: ``format`` (``"luks"`` or ``"aes"``) and, for LUKS, the cipher,
+    the hash, the key slots (``slots``: ``active``, ``iters``, ``stripes``, ``key-offset``)..."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The image as ``qemu-img info --output=json`` (without ``--backing-chain``) shows it:
+        the same keys and values (the ``file`` child's sizes are read from the file now)."""
+        st = os.stat(self.filename)
+        actual = st.st_blocks * 512
+        d: Dict[str, Any] = {
+            "filename": self.filename,
+            "format": "qcow2",
+            "dirty-flag": self.dirty,
+            "actual-size": actual,
+            "virtual-size": self.virtual_size,
+            "cluster-size": self.cluster_size,
+        }
+        if self.crypt_method != 0:
+            d["encrypted"] = True
+        if self.backing_file is not None:
+            d["backing-filename"] = self.backing_file
+            d["full-backing-filename"] = self.full_backing_filename
+            if self.backing_format is not None:
+                d["backing-filename-format"] = self.backing_format
+        if self.snapshots:
+            d["snapshots"] = [s.to_dict() for s in self.snapshots]
+        data: Dict[str, Any] = {"compat": self.compat}
+        if self.compat != "0.10":
+            data["extended-l2"] = self.extended_l2
+            data["lazy-refcounts"] = self.lazy_refcounts
+            data["corrupt"] = self.corrupt
+        data["refcount-bits"] = self.refcount_bits
+        if self.encryption is not None:
+            data["encrypt"] = dict(self.encryption)
+        data["compression-type"] = self.compression_type
+        d["format-specific"] = {"type": "qcow2", "data": data}
+        size = -(-st.st_size // 512) * 512
+        d["children"] = [
+            {
+                "name": "file",
+                "info": {
+                    "filename": self.filename,
+                    "format": "file",
+                    "dirty-flag": False,
+                    "actual-size": actual,
+                    "virtual-size": size,
+                    "format-specific": {"type": "file", "data": {}},
+                    "children": [],
+                },
+            }
+        ]
+        return d
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use qcow2rs::{
     BackingPolicy, CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType,
-    CreateOptions, EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg,
-    KeySlotChange, KeySlotState, MapEntry, OpenOptions, Password, Preallocation, RepairMode,
-    SnapshotInfo, SnapshotOptions, SnapshotRef,
+    CreateOptions, EncryptionFormat, EncryptionInfo, EncryptionOptions, Error, HashAlg, Image,
+    ImageInfo, IvGenAlg, KeySlotChange, KeySlotState, MapEntry, OpenOptions, Password,
+    Preallocation, RepairMode, SnapshotInfo, SnapshotOptions, SnapshotRef,
 };
 
 mod errors;
@@ -691,6 +691,48 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> PyResult<Bound<'py, PyDict>
     d.set_item("snapshot_count", i.snapshot_count)?;
     d.set_item("snapshots", snapshot_list(py, &i.snapshots)?)?;
     d.set_item("read_only", i.read_only)?;
+    d.set_item(
+        "encryption",
+        i.encryption
+            .as_ref()
+            .map(|e| encrypt_dict(py, e))
+            .transpose()?,
+    )?;
+    Ok(d)
+}
+
+/// The encryption of an image as `qemu-img info --output=json` shows it (`encrypt` in
+/// `format-specific`), keys and all.
+fn encrypt_dict<'py>(py: Python<'py>, e: &EncryptionInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", e.format.as_str())?;
+    if let Some(l) = &e.luks {
+        d.set_item("cipher-alg", l.cipher_alg.as_str())?;
+        d.set_item("cipher-mode", l.cipher_mode.as_str())?;
+        d.set_item("ivgen-alg", l.ivgen_alg.as_str())?;
+        if let Some(h) = l.ivgen_hash_alg {
+            d.set_item("ivgen-hash-alg", h.as_str())?;
+        }
+        d.set_item("hash-alg", l.hash_alg.as_str())?;
+        d.set_item("detached-header", false)?;
+        d.set_item("payload-offset", l.payload_offset)?;
+        d.set_item("master-key-iters", l.master_key_iters)?;
+        d.set_item("uuid", &l.uuid)?;
+        let slots = PyList::empty(py);
+        for s in &l.slots {
+            let o = PyDict::new(py);
+            o.set_item("active", s.active)?;
+            if let Some(i) = s.iters {
+                o.set_item("iters", i)?;
+            }
+            if let Some(st) = s.stripes {
+                o.set_item("stripes", st)?;
+            }
+            o.set_item("key-offset", s.key_offset)?;
+            slots.append(o)?;
+        }
+        d.set_item("slots", slots)?;
+    }
     Ok(d)
 }
 
