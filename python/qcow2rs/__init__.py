@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Un
 
 try:
     from . import _qcow2rs
-except ImportError as e:  # pragma: no cover - a broken installation
+except ImportError:  # pragma: no cover - a broken installation (the cause is chained)
     raise ImportError(
         f"qcow2rs: the native module qcow2rs._qcow2rs is missing next to {__file__}. "
         "Install the package (`pip install ./python` from the repository root); when running "
         "from inside python/, the source directory qcow2rs/ shadows the installed package"
-    ) from e
+    )
 from ._errors import (
     BadKeyError,
     BadPasswordError,

@@ -6,6 +6,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 from typing_extensions import Buffer
 
 __version__: str
+__all__ = ["__version__", "create", "open", "NativeImage"]
 
 def create(
     path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],

@@ -605,7 +605,10 @@ impl NativeImage {
 
     /// Create an internal snapshot named `name`; `date` is (seconds, nanoseconds) or None for
     /// now, `icount` None for none. Returns it as a dict.
-    #[pyo3(signature = (name, *, vm_clock_nsec = 0, icount = Some(0), date = None))]
+    #[pyo3(
+        signature = (name, *, vm_clock_nsec = 0, icount = Some(0), date = None),
+        text_signature = "($self, /, name, *, vm_clock_nsec=0, icount=0, date=None)"
+    )]
     fn create_snapshot<'py>(
         &self,
         py: Python<'py>,

@@ -42,7 +42,7 @@ def test_modes_as_open_spells_them(disk: Path, mode: str, read_only: bool, shown
 
 
 def test_help_shows_the_whole_docstrings() -> None:
-    text = pydoc.render_doc(qcow2rs.create, renderer=pydoc.plaintext)
+    text = pydoc.render_doc(qcow2rs.create, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
     for word in ("compression_type", "preallocation", "backing_format", "iter_time"):
         assert word in text, word
     assert "r+b" in (qcow2rs.open.__doc__ or "")
@@ -143,7 +143,7 @@ def test_hashlib_file_digest(disk: Path) -> None:
         img.write_at(0, data)
     want = hashlib.sha256(data + bytes(6 * MiB)).hexdigest()
     with qcow2rs.open(disk) as img:
-        assert hashlib.file_digest(img, "sha256").hexdigest() == want  # type: ignore[arg-type]
+        assert hashlib.file_digest(img, "sha256").hexdigest() == want
 
 
 def test_tarfile_and_zipfile_read_from_an_image(tmp_path: Path) -> None:
