@@ -27,12 +27,13 @@ Internal snapshots, as ``qemu-img snapshot`` makes them::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 try:
     from . import _qcow2rs
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "__version__",
     "create",
+    "convert",
     "open",
     "Image",
     "ImageInfo",
@@ -626,6 +628,145 @@ class Image(io.RawIOBase):
         if self.closed:
             return f"<qcow2rs.Image name={name!r} closed>"
         return f"<qcow2rs.Image name={name!r} mode={getattr(self, '_mode', '?')!r}>"
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def _detect_format(path: StrPath) -> str:
+    with io.open(path, "rb") as f:
+        return "qcow2" if f.read(4) == _QCOW2_MAGIC else "raw"
+
+
+def convert(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    src_format: Optional[str] = None,
+    dst_format: str = "qcow2",
+    compress: bool = False,
+    sparse_size: int = 4096,
+    src_password: Optional[Union[str, bytes]] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+    chunk_size: int = 2 << 20,
+    **create_options: Any,
+) -> None:
+    """Copy the disk `src` into a new image `dst`, as ``qemu-img convert`` does.
+
+    `src_format` (``-f``) is ``"qcow2"`` or ``"raw"`` (default: told from the file's magic);
+    `src_password` opens an encrypted source. `dst_format` (``-O``) is ``"qcow2"`` or ``"raw"``.
+    `compress` (``-c``) writes every cluster compressed. Runs of zeros at least `sparse_size`
+    bytes long (``-S``, default 4 KiB; 0 writes everything) and what the source does not
+    allocate are not written, so they stay unallocated (sparse) in `dst`. The keyword arguments
+    left (``-o``) go to :func:`create`: ``cluster_size``, ``compat``, ``compression_type``,
+    ``encrypt`` with ``password`` (then `dst` is encrypted), ... `progress`, if given, is
+    called as ``progress(done, total)`` in bytes after every chunk of `chunk_size` bytes
+    (``-p``). An existing `dst` is overwritten.
+    """
+    fmt = src_format or _detect_format(src)
+    if fmt not in ("qcow2", "raw"):
+        raise InvalidArgumentError(22, f"invalid source format: {fmt!r} (use 'qcow2' or 'raw')")
+    if dst_format not in ("qcow2", "raw"):
+        raise InvalidArgumentError(
+            22, f"invalid output format: {dst_format!r} (use 'qcow2' or 'raw')"
+        )
+    if dst_format == "raw" and (compress or create_options):
+        raise InvalidArgumentError(22, "compress and image options need dst_format='qcow2'")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidArgumentError(22, f"sparse_size must be a multiple of 512, not {sparse_size}")
+    if chunk_size <= 0:
+        raise InvalidArgumentError(22, f"chunk_size must be positive, not {chunk_size}")
+    with contextlib.ExitStack() as stack:
+        # The source: (size, read_at(off, n), extents that may hold data).
+        if fmt == "qcow2":
+            simg = stack.enter_context(Image(src, "rb", password=src_password))
+            size = simg.virtual_size
+            read_at: Callable[[int, int], bytes] = simg.read_at
+            extents = [
+                (e.start, e.length) for e in simg.map() if e.present and not e.zero
+            ]
+        else:
+            sfile = stack.enter_context(io.open(src, "rb", buffering=0))
+            size = os.fstat(sfile.fileno()).st_size
+            fd = sfile.fileno()
+
+            def pread(off: int, n: int) -> bytes:
+                return os.pread(fd, n, off)
+
+            read_at = pread
+
+            extents = [(0, size)]
+        if dst_format == "qcow2":
+            create(dst, -(-size // 512) * 512, **create_options)
+            dimg = stack.enter_context(
+                Image(dst, "r+b", password=create_options.get("password"))
+            )
+            cluster = dimg.cluster_size
+            step = max(chunk_size // cluster, 1) * cluster
+
+            def write_at(off: int, data: bytes) -> None:
+                if compress:
+                    for k in range(0, len(data), cluster):
+                        piece = data[k : k + cluster]
+                        if piece.count(0) != len(piece):
+                            dimg.write_compressed(off + k, piece)
+                else:
+                    dimg.write_at(off, data)
+
+        else:
+            dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
+            dfile.truncate(size)
+            cluster = 65536
+            step = max(chunk_size // cluster, 1) * cluster
+            dfd = dfile.fileno()
+
+            def write_at(off: int, data: bytes) -> None:
+                os.pwrite(dfd, data, off)
+
+        total = sum(n for _, n in extents)
+        done = 0
+        # Zero runs are skipped at this granularity (whole clusters when compressing).
+        grain = cluster if compress else sparse_size
+        for start, length in extents:
+            # Chunks aligned to `step`, so that compressed writes get whole clusters.
+            off = start
+            end = start + length
+            while off < end:
+                n = min(end, (off // step + 1) * step) - off
+                data = read_at(off, n)
+                _write_nonzero(write_at, off, data, grain)
+                off += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        if progress is not None and total == 0:
+            progress(0, 0)
+
+
+def _write_nonzero(
+    write_at: Callable[[int, bytes], None], off: int, data: bytes, grain: int
+) -> None:
+    """Write `data` at `off`, leaving out the aligned runs of `grain` zero bytes (0: none)."""
+    if not grain:
+        write_at(off, data)
+        return
+    view = memoryview(data)
+    i = 0
+    n = len(data)
+    while i < n:
+        # The next piece: up to the next grain boundary of the guest offset.
+        j = min(n, ((off + i) // grain + 1) * grain - off)
+        if view[i:j].tobytes().count(0) != j - i:
+            # Extend over the following non-zero pieces, for one write.
+            k = j
+            while k < n:
+                nk = min(n, k + grain)
+                if view[k:nk].tobytes().count(0) == nk - k:
+                    break
+                k = nk
+            write_at(off + i, view[i:k].tobytes())
+            j = k
+        i = j
 
 
 def open(  # noqa: A001 - like gzip.open and tarfile.open
