@@ -57,6 +57,7 @@ from ._errors import (
     ReadOnlyError,
     SnapshotNotFoundError,
     UnsupportedError,
+    UnsupportedFeatureError,
 )
 from ._qcow2rs import __version__, create
 
@@ -78,6 +79,7 @@ __all__ = [
     "PermissionDeniedError",
     "CorruptImageError",
     "UnsupportedError",
+    "UnsupportedFeatureError",
     "InvalidArgumentError",
     "BadKeyError",
     "BadPasswordError",
