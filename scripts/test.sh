@@ -31,7 +31,12 @@ step() { # NAME COMMAND...
 pytest_step() {
     install_python_module || return 1
     "$PY" -c 'import pytest' 2>/dev/null || pip_install 'pytest>=8' || return 1
-    "$PY" -m pytest python/tests
+    "$PY" -m pytest python/tests || return 1
+    # The checked-in stubs and py.typed: the tests type-check against the installed package,
+    # and stubtest compares the native module's stub with what it has at run time.
+    "$PY" -c 'import mypy' 2>/dev/null || pip_install 'mypy>=1.10' || return 1
+    "$PY" -m mypy --strict --no-incremental python/tests || return 1
+    "$PY" -m mypy.stubtest qcow2rs
 }
 
 step "rustfmt" cargo fmt --all -- --check

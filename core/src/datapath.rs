@@ -59,13 +59,181 @@ use crate::state::State;
 
 /// The last decompressed cluster: (host offset of the compressed data, the cluster). Dropped
 /// whenever a cluster is freed (the bytes at that offset may be rewritten).
+///
+/// Readers decompress outside the state lock ([`read`]) and store what they decompressed
+/// afterwards, without the state lock; the epoch, bumped by every `clear`, tells them whether
+/// a cluster was freed since they looked the mapping up (then they store nothing: the bytes
+/// they read may since have been rewritten).
 #[derive(Default)]
-pub(crate) struct Decompressed(Option<(HostOffset, Vec<u8>)>);
+pub(crate) struct Decompressed(Arc<Mutex<Slot>>);
+
+#[derive(Default)]
+struct Slot {
+    epoch: u64,
+    last: Option<(HostOffset, Arc<Vec<u8>>)>,
+}
 
 impl Decompressed {
     pub(crate) fn clear(&mut self) {
-        self.0 = None;
+        let mut s = self.slot();
+        s.epoch += 1;
+        s.last = None;
     }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cluster compressed at `offset`, if it is the one kept.
+    fn get(&self, offset: HostOffset) -> Option<Arc<Vec<u8>>> {
+        match &self.slot().last {
+            Some((o, d)) if *o == offset => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.slot().epoch
+    }
+
+    /// Keep `data`, decompressed from `offset` by a reader that looked the mapping up at
+    /// `epoch`, unless a cluster was freed since.
+    fn store(&self, epoch: u64, offset: HostOffset, data: Vec<u8>) {
+        let mut s = self.slot();
+        if s.epoch == epoch {
+            s.last = Some((offset, Arc::new(data)));
+        }
+    }
+}
+
+/// A compressed cluster that [`read`] decompresses outside the state lock: `len` bytes at
+/// `start` in the caller's buffer are the bytes at `in_cluster` of guest cluster `guest`
+/// (its offset), stored as `comp_len` bytes of compressed data at `host`.
+struct CompPiece {
+    start: usize,
+    len: usize,
+    in_cluster: usize,
+    guest: u64,
+    host: HostOffset,
+    comp_len: usize,
+}
+
+/// What the unlocked compressed read needs from the state.
+struct CompCtx<'a> {
+    storage: &'a dyn crate::storage::Storage,
+    name: &'a str,
+    kind: crate::options::CompressionType,
+    cluster_size: usize,
+}
+
+/// Compressed output below which a request is decompressed on the calling thread only.
+const PARALLEL_DECOMPRESS_MIN: usize = 256 << 10;
+
+/// Largest span of the file read in one call for several compressed clusters.
+const COMP_SPAN_MAX: u64 = 4 << 20;
+
+/// Read and decompress `pieces` (in buffer order) into `buf`, whose index 0 is buffer index
+/// `base` of the request, on this thread. Returns the last cluster it decompressed into a
+/// buffer of its own (a part of a cluster was asked for), to be kept in the cache.
+fn decompress_serial(
+    ctx: &CompCtx<'_>,
+    buf: &mut [u8],
+    base: usize,
+    pieces: &[CompPiece],
+) -> Result<Option<(HostOffset, Vec<u8>)>> {
+    let mut kept = None;
+    let mut i = 0;
+    while i < pieces.len() {
+        // Compressed clusters written one after another lie one after another in the file
+        // (their sector-rounded lengths may overlap): read such a run in one call.
+        let start = pieces[i].host.get();
+        let mut end = start + pieces[i].comp_len as u64;
+        let mut j = i + 1;
+        while j < pieces.len() {
+            let h = pieces[j].host.get();
+            let e = h + pieces[j].comp_len as u64;
+            if h < start || h > end + 4096 || e.max(end) - start > COMP_SPAN_MAX {
+                break;
+            }
+            end = end.max(e);
+            j += 1;
+        }
+        let mut span = vec![0u8; (end - start) as usize];
+        ctx.storage.read_at(&mut span, start).map_err(|e| {
+            Error::io(
+                ctx.name,
+                format!("read compressed cluster at {:#x}", pieces[i].host),
+                e,
+            )
+        })?;
+        for p in &pieces[i..j] {
+            let at = (p.host.get() - start) as usize;
+            let input = &span[at..at + p.comp_len];
+            let out = &mut buf[p.start - base..p.start - base + p.len];
+            let whole = p.in_cluster == 0 && p.len == ctx.cluster_size;
+            let fail = |w: String| {
+                Error::corrupt(
+                    ctx.name,
+                    format!("compressed cluster for guest offset {:#x}: {w}", p.guest),
+                    p.host.get(),
+                )
+            };
+            if whole {
+                compress::decompress(input, out, ctx.kind).map_err(fail)?;
+            } else {
+                let mut cluster = vec![0u8; ctx.cluster_size];
+                compress::decompress(input, &mut cluster, ctx.kind).map_err(fail)?;
+                out.copy_from_slice(&cluster[p.in_cluster..p.in_cluster + p.len]);
+                kept = Some((p.host, cluster));
+            }
+        }
+        i = j;
+    }
+    Ok(kept)
+}
+
+/// [`decompress_serial`] for a whole request, spread over the cores when it is large (as the
+/// cipher spreads large requests: `crypto::parallelism`).
+fn decompress_pieces(
+    ctx: &CompCtx<'_>,
+    buf: &mut [u8],
+    pieces: &[CompPiece],
+) -> Result<Option<(HostOffset, Vec<u8>)>> {
+    let total: usize = pieces.iter().map(|p| p.len).sum();
+    let threads = crate::crypto::parallelism().min(pieces.len());
+    if total < PARALLEL_DECOMPRESS_MIN || threads < 2 {
+        return decompress_serial(ctx, buf, 0, pieces);
+    }
+    let per = pieces.len().div_ceil(threads);
+    let groups: Vec<&[CompPiece]> = pieces.chunks(per).collect();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut rest = buf;
+        let mut base = 0usize;
+        let mut last = None;
+        for (k, &group) in groups.iter().enumerate() {
+            // This group's part of the buffer: up to where the next group's first piece begins.
+            let end = groups.get(k + 1).map_or(base + rest.len(), |g| g[0].start);
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
+            rest = tail;
+            let at = base;
+            base = end;
+            if k + 1 == groups.len() {
+                // The last group runs on this thread.
+                last = Some(decompress_serial(ctx, part, at, group));
+            } else {
+                handles.push(scope.spawn(move || decompress_serial(ctx, part, at, group)));
+            }
+        }
+        let mut kept = None;
+        for h in handles {
+            match h.join() {
+                Ok(r) => kept = r?.or(kept),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        Ok(last.transpose()?.flatten().or(kept))
+    })
 }
 
 /// One piece of a guest request that the lock-free path moves: `len` bytes at `start` in the
@@ -146,6 +314,7 @@ pub(crate) fn read(
     }
     let geo = s.geo;
     let mut plan: Vec<Piece> = Vec::new();
+    let mut comps: Vec<CompPiece> = Vec::new();
     let mut done = 0usize;
     let mut off = offset;
     while done < buf.len() {
@@ -157,6 +326,21 @@ pub(crate) fn read(
                 s.check_data_in_file(host, c)?;
                 push_piece(&mut plan, done, n, host + in_cluster);
             }
+            Desc::Compressed { offset: host, len } => {
+                s.check_compressed(c, host, len)?;
+                let at = in_cluster as usize;
+                match s.decompressed.get(host) {
+                    Some(data) => buf[done..done + n].copy_from_slice(&data[at..at + n]),
+                    None => comps.push(CompPiece {
+                        start: done,
+                        len: n,
+                        in_cluster: at,
+                        guest: geo.guest_offset(c).get(),
+                        host,
+                        comp_len: len as usize,
+                    }),
+                }
+            }
             d => s.read_desc(c, in_cluster, &mut buf[done..done + n], d)?,
         }
         done += n;
@@ -166,12 +350,33 @@ pub(crate) fn read(
     let storage = s.file.storage().clone();
     let name = s.file.shared_name();
     let crypto = s.crypto.clone();
-    let _shared = gate.read().unwrap_or_else(|e| e.into_inner());
+    let kind = s.compression;
+    let cache = Decompressed(s.decompressed.0.clone());
+    let epoch = cache.epoch();
+    // Held until every byte is read: a flush cannot free and reuse a cluster read here, nor
+    // punch it out (`flush.rs`, `apply_deferred_frees`), so the bytes read are the ones the
+    // mapping named when it was looked up under the lock.
+    let shared = gate.read().unwrap_or_else(|e| e.into_inner());
     drop(s);
+    #[cfg(feature = "testing")]
+    testing::in_unlocked_read();
     for p in plan {
         let guest = offset + p.start as u64;
         let part = &mut buf[p.start..p.start + p.len];
         host_read(&*storage, crypto.as_deref(), &name, part, p.host, guest)?;
+    }
+    if !comps.is_empty() {
+        let ctx = CompCtx {
+            storage: &*storage,
+            name: &name,
+            kind,
+            cluster_size: geo.cluster_size() as usize,
+        };
+        let kept = decompress_pieces(&ctx, buf, &comps)?;
+        drop(shared);
+        if let Some((host, data)) = kept {
+            cache.store(epoch, host, data);
+        }
     }
     Ok(())
 }
@@ -607,6 +812,25 @@ pub mod testing {
         HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
     }
 
+    thread_local! {
+        static READ_HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Run `f` once, on this thread, the next time one of its reads (of an image without
+    /// extended L2 entries) has looked its clusters up and released the lock, before it reads
+    /// and decompresses the data: the window in which another thread could free and reuse a
+    /// cluster the read is about to read. The I/O gate is held (shared) while `f` runs, so
+    /// `f` must not wait for a flush it starts itself.
+    pub fn in_unlocked_read_window(f: impl FnOnce() + 'static) {
+        READ_HOOK.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    pub(super) fn in_unlocked_read() {
+        if let Some(f) = READ_HOOK.with(|h| h.borrow_mut().take()) {
+            f()
+        }
+    }
+
     pub(super) fn between_phases() {
         if let Some(f) = HOOK.with(|h| h.borrow_mut().take()) {
             f()
@@ -920,15 +1144,10 @@ impl State {
         }
     }
 
-    /// The guest cluster `c` stored compressed at `offset` (`len` bytes), decompressed.
-    fn decompressed(&mut self, c: GuestCluster, offset: HostOffset, len: u64) -> Result<Vec<u8>> {
-        if let Some((o, d)) = &self.decompressed.0 {
-            if *o == offset {
-                return Ok(d.clone());
-            }
-        }
-        let cluster_size = self.geo.cluster_size();
-        if offset.get() >= self.file.len() || len > 2 * cluster_size {
+    /// Validate a compressed cluster's place: it starts inside the file and is not longer than
+    /// a compressed cluster can be.
+    fn check_compressed(&self, c: GuestCluster, offset: HostOffset, len: u64) -> Result<()> {
+        if offset.get() >= self.file.len() || len > 2 * self.geo.cluster_size() {
             return Err(Error::corrupt(
                 self.name(),
                 format!(
@@ -938,9 +1157,24 @@ impl State {
                 offset.get(),
             ));
         }
+        Ok(())
+    }
+
+    /// The guest cluster `c` stored compressed at `offset` (`len` bytes), decompressed (under
+    /// the lock: the paths that are not [`read`]).
+    fn decompressed(
+        &mut self,
+        c: GuestCluster,
+        offset: HostOffset,
+        len: u64,
+    ) -> Result<Arc<Vec<u8>>> {
+        if let Some(d) = self.decompressed.get(offset) {
+            return Ok(d);
+        }
+        self.check_compressed(c, offset, len)?;
         let mut input = vec![0u8; len as usize];
         self.file.read(&mut input, offset, "compressed cluster")?;
-        let mut out = vec![0u8; cluster_size as usize];
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
         compress::decompress(&input, &mut out, self.compression).map_err(|w| {
             Error::corrupt(
                 self.name(),
@@ -951,8 +1185,12 @@ impl State {
                 offset.get(),
             )
         })?;
-        self.decompressed.0 = Some((offset, out.clone()));
-        Ok(out)
+        let epoch = self.decompressed.epoch();
+        self.decompressed.store(epoch, offset, out);
+        Ok(self
+            .decompressed
+            .get(offset)
+            .expect("stored under the lock, with the current epoch"))
     }
 
     // ---------------------------------------------------------------- writes

@@ -27,21 +27,22 @@ Internal snapshots, as ``qemu-img snapshot`` makes them::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 try:
     from . import _qcow2rs
-except ImportError as e:  # pragma: no cover - a broken installation
+except ImportError:  # pragma: no cover - a broken installation (the cause is chained)
     raise ImportError(
         f"qcow2rs: the native module qcow2rs._qcow2rs is missing next to {__file__}. "
         "Install the package (`pip install ./python` from the repository root); when running "
         "from inside python/, the source directory qcow2rs/ shadows the installed package"
-    ) from e
+    )
 from ._errors import (
     BadKeyError,
     BadPasswordError,
@@ -56,6 +57,7 @@ from ._errors import (
     ReadOnlyError,
     SnapshotNotFoundError,
     UnsupportedError,
+    UnsupportedFeatureError,
 )
 from ._qcow2rs import __version__, create
 
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "__version__",
     "create",
+    "convert",
     "open",
     "Image",
     "ImageInfo",
@@ -76,6 +79,7 @@ __all__ = [
     "PermissionDeniedError",
     "CorruptImageError",
     "UnsupportedError",
+    "UnsupportedFeatureError",
     "InvalidArgumentError",
     "BadKeyError",
     "BadPasswordError",
@@ -116,6 +120,21 @@ class Snapshot:
     def date(self) -> datetime:
         """The creation time, as an aware datetime in UTC (to the microsecond)."""
         return _EPOCH + timedelta(seconds=self.date_sec, microseconds=self.date_nsec // 1000)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The snapshot as ``qemu-img info --output=json`` lists it (``snapshots``)."""
+        d: Dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount is not None:
+            d["icount"] = self.icount
+        return d
 
 
 def _date_arg(date: Union[datetime, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
@@ -170,6 +189,59 @@ class ImageInfo:
     snapshots: Tuple[Snapshot, ...] = ()
     """The internal snapshots, in table order (``qemu-img snapshot -l``). Last and with a default
     so that code building an ImageInfo by keyword from before snapshots keeps working."""
+    encryption: Optional[Dict[str, Any]] = None
+    """The encryption (None for none), as the ``encrypt`` object of ``qemu-img info
+    --output=json`` shows it: ``format`` (``"luks"`` or ``"aes"``) and, for LUKS, the cipher,
+    the hash, the key slots (``slots``: ``active``, ``iters``, ``stripes``, ``key-offset``)..."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The image as ``qemu-img info --output=json`` (without ``--backing-chain``) shows it:
+        the same keys and values (the ``file`` child's sizes are read from the file now)."""
+        st = os.stat(self.filename)
+        actual = st.st_blocks * 512
+        d: Dict[str, Any] = {
+            "filename": self.filename,
+            "format": "qcow2",
+            "dirty-flag": self.dirty,
+            "actual-size": actual,
+            "virtual-size": self.virtual_size,
+            "cluster-size": self.cluster_size,
+        }
+        if self.crypt_method != 0:
+            d["encrypted"] = True
+        if self.backing_file is not None:
+            d["backing-filename"] = self.backing_file
+            d["full-backing-filename"] = self.full_backing_filename
+            if self.backing_format is not None:
+                d["backing-filename-format"] = self.backing_format
+        if self.snapshots:
+            d["snapshots"] = [s.to_dict() for s in self.snapshots]
+        data: Dict[str, Any] = {"compat": self.compat}
+        if self.compat != "0.10":
+            data["extended-l2"] = self.extended_l2
+            data["lazy-refcounts"] = self.lazy_refcounts
+            data["corrupt"] = self.corrupt
+        data["refcount-bits"] = self.refcount_bits
+        if self.encryption is not None:
+            data["encrypt"] = dict(self.encryption)
+        data["compression-type"] = self.compression_type
+        d["format-specific"] = {"type": "qcow2", "data": data}
+        size = -(-st.st_size // 512) * 512
+        d["children"] = [
+            {
+                "name": "file",
+                "info": {
+                    "filename": self.filename,
+                    "format": "file",
+                    "dirty-flag": False,
+                    "actual-size": actual,
+                    "virtual-size": size,
+                    "format-specific": {"type": "file", "data": {}},
+                    "children": [],
+                },
+            }
+        ]
+        return d
 
 
 @dataclass(frozen=True)
@@ -251,7 +323,7 @@ class Image(io.RawIOBase):
     def __init__(
         self,
         path: StrPath,
-        mode: str = "r",
+        mode: str = "rb",
         *,
         cache: str = "writeback",
         l2_cache_size: Optional[int] = None,
@@ -279,8 +351,13 @@ class Image(io.RawIOBase):
             force_share=force_share,
         )
         self.name = os.fsdecode(path)
-        self._mode = mode
+        self._mode = "rb" if self._native.read_only else "rb+"
         self._pos = 0
+
+    @property
+    def mode(self) -> str:
+        """``"rb"`` (read-only) or ``"rb+"`` (read-write), as :class:`io.FileIO` spells them."""
+        return self._mode
 
     # -- the image's own calls -------------------------------------------------------------
 
@@ -288,12 +365,17 @@ class Image(io.RawIOBase):
         """Read up to `length` bytes at `offset`: fewer (or none) at the end of the disk."""
         return self._native.read_at(offset, length)
 
+    def readinto_at(self, offset: int, buffer: Buffer) -> int:
+        """Read into `buffer` (a writable, C-contiguous bytes-like object) at `offset`, without
+        a copy; return the number of bytes read (fewer, or 0, at the end of the disk)."""
+        return self._native.readinto_at(offset, buffer)
+
     def write_at(self, offset: int, data: Buffer) -> None:
-        """Write all of `data` (any bytes-like object) at `offset`.
+        """Write all of `data` (any C-contiguous bytes-like object, not copied) at `offset`.
 
         Raises :class:`InvalidArgumentError` if the write would end past the end of the disk.
         """
-        self._native.write_at(offset, _as_bytes(data))
+        self._native.write_at(offset, data)
 
     def write_compressed(self, offset: int, data: Buffer) -> None:
         """Write `data`, compressed, as the whole cluster at the cluster-aligned `offset`.
@@ -316,6 +398,42 @@ class Image(io.RawIOBase):
     def resize(self, size: int) -> None:
         """Change the virtual size. Shrinking requires the cut-off tail to be unallocated."""
         self._native.resize(size)
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        """Resize the virtual disk to `size` bytes (default: the current position), as
+        :meth:`resize` does; return the new size. The position does not move."""
+        self._check_open()
+        if size is None:
+            size = self._pos
+        self._native.resize(size)
+        return size
+
+    # -- LUKS key slots --------------------------------------------------------------------
+
+    def add_password(
+        self,
+        password: Union[str, bytes],
+        *,
+        slot: Optional[int] = None,
+        iter_time: Optional[int] = None,
+        force: bool = False,
+    ) -> int:
+        """Add `password` to LUKS key slot `slot` (default: the first free one), as
+        ``qemu-img amend -o encrypt.state=active,encrypt.new-secret=...`` does; return the
+        slot. `iter_time` is the PBKDF2 time in milliseconds (default 2000); `force` allows
+        overwriting an active slot. The image must be open read-write with a password."""
+        return self._native.change_key_slots(
+            add=password, slot=slot, iter_time=iter_time, force=force
+        )[0]
+
+    def remove_password(self, password: Union[str, bytes], *, force: bool = False) -> List[int]:
+        """Erase every LUKS key slot that `password` opens; return those slots. Erasing the
+        last working password needs `force`."""
+        return self._native.change_key_slots(remove=password, force=force)
+
+    def remove_key_slot(self, slot: int, *, force: bool = False) -> None:
+        """Erase LUKS key slot `slot`. Erasing the last active slot needs `force`."""
+        self._native.change_key_slots(slot=slot, force=force)
 
     def info(self) -> ImageInfo:
         """Facts about the image, as ``qemu-img info`` shows them."""
@@ -467,10 +585,7 @@ class Image(io.RawIOBase):
     def readinto(self, buffer: Buffer) -> int:
         """Read into `buffer` (a writable bytes-like object); return the number of bytes read."""
         self._check_open()
-        with memoryview(buffer) as view, view.cast("B") as target:
-            data = self._native.read_at(self._pos, target.nbytes)
-            n = len(data)
-            target[:n] = data
+        n: int = self._native.readinto_at(self._pos, buffer)
         self._pos += n
         return n
 
@@ -480,10 +595,11 @@ class Image(io.RawIOBase):
         Raises :class:`InvalidArgumentError` if the write would end past the end of the disk.
         """
         self._check_open()
-        b = _as_bytes(data)
-        self._native.write_at(self._pos, b)
-        self._pos += len(b)
-        return len(b)
+        with memoryview(data) as view:
+            n = view.nbytes
+            self._native.write_at(self._pos, view)
+        self._pos += n
+        return n
 
     def flush(self) -> None:
         """Make everything written so far durable."""
@@ -516,9 +632,148 @@ class Image(io.RawIOBase):
         return f"<qcow2rs.Image name={name!r} mode={getattr(self, '_mode', '?')!r}>"
 
 
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def _detect_format(path: StrPath) -> str:
+    with io.open(path, "rb") as f:
+        return "qcow2" if f.read(4) == _QCOW2_MAGIC else "raw"
+
+
+def convert(
+    src: StrPath,
+    dst: StrPath,
+    *,
+    src_format: Optional[str] = None,
+    dst_format: str = "qcow2",
+    compress: bool = False,
+    sparse_size: int = 4096,
+    src_password: Optional[Union[str, bytes]] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+    chunk_size: int = 2 << 20,
+    **create_options: Any,
+) -> None:
+    """Copy the disk `src` into a new image `dst`, as ``qemu-img convert`` does.
+
+    `src_format` (``-f``) is ``"qcow2"`` or ``"raw"`` (default: told from the file's magic);
+    `src_password` opens an encrypted source. `dst_format` (``-O``) is ``"qcow2"`` or ``"raw"``.
+    `compress` (``-c``) writes every cluster compressed. Runs of zeros at least `sparse_size`
+    bytes long (``-S``, default 4 KiB; 0 writes everything) and what the source does not
+    allocate are not written, so they stay unallocated (sparse) in `dst`. The keyword arguments
+    left (``-o``) go to :func:`create`: ``cluster_size``, ``compat``, ``compression_type``,
+    ``encrypt`` with ``password`` (then `dst` is encrypted), ... `progress`, if given, is
+    called as ``progress(done, total)`` in bytes after every chunk of `chunk_size` bytes
+    (``-p``). An existing `dst` is overwritten.
+    """
+    fmt = src_format or _detect_format(src)
+    if fmt not in ("qcow2", "raw"):
+        raise InvalidArgumentError(22, f"invalid source format: {fmt!r} (use 'qcow2' or 'raw')")
+    if dst_format not in ("qcow2", "raw"):
+        raise InvalidArgumentError(
+            22, f"invalid output format: {dst_format!r} (use 'qcow2' or 'raw')"
+        )
+    if dst_format == "raw" and (compress or create_options):
+        raise InvalidArgumentError(22, "compress and image options need dst_format='qcow2'")
+    if sparse_size < 0 or (sparse_size and sparse_size % 512):
+        raise InvalidArgumentError(22, f"sparse_size must be a multiple of 512, not {sparse_size}")
+    if chunk_size <= 0:
+        raise InvalidArgumentError(22, f"chunk_size must be positive, not {chunk_size}")
+    with contextlib.ExitStack() as stack:
+        # The source: (size, read_at(off, n), extents that may hold data).
+        if fmt == "qcow2":
+            simg = stack.enter_context(Image(src, "rb", password=src_password))
+            size = simg.virtual_size
+            read_at: Callable[[int, int], bytes] = simg.read_at
+            extents = [
+                (e.start, e.length) for e in simg.map() if e.present and not e.zero
+            ]
+        else:
+            sfile = stack.enter_context(io.open(src, "rb", buffering=0))
+            size = os.fstat(sfile.fileno()).st_size
+            fd = sfile.fileno()
+
+            def pread(off: int, n: int) -> bytes:
+                return os.pread(fd, n, off)
+
+            read_at = pread
+
+            extents = [(0, size)]
+        if dst_format == "qcow2":
+            create(dst, -(-size // 512) * 512, **create_options)
+            dimg = stack.enter_context(
+                Image(dst, "r+b", password=create_options.get("password"))
+            )
+            cluster = dimg.cluster_size
+            step = max(chunk_size // cluster, 1) * cluster
+
+            def write_at(off: int, data: bytes) -> None:
+                if compress:
+                    for k in range(0, len(data), cluster):
+                        piece = data[k : k + cluster]
+                        if piece.count(0) != len(piece):
+                            dimg.write_compressed(off + k, piece)
+                else:
+                    dimg.write_at(off, data)
+
+        else:
+            dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
+            dfile.truncate(size)
+            cluster = 65536
+            step = max(chunk_size // cluster, 1) * cluster
+            dfd = dfile.fileno()
+
+            def write_at(off: int, data: bytes) -> None:
+                os.pwrite(dfd, data, off)
+
+        total = sum(n for _, n in extents)
+        done = 0
+        # Zero runs are skipped at this granularity (whole clusters when compressing).
+        grain = cluster if compress else sparse_size
+        for start, length in extents:
+            # Chunks aligned to `step`, so that compressed writes get whole clusters.
+            off = start
+            end = start + length
+            while off < end:
+                n = min(end, (off // step + 1) * step) - off
+                data = read_at(off, n)
+                _write_nonzero(write_at, off, data, grain)
+                off += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+        if progress is not None and total == 0:
+            progress(0, 0)
+
+
+def _write_nonzero(
+    write_at: Callable[[int, bytes], None], off: int, data: bytes, grain: int
+) -> None:
+    """Write `data` at `off`, leaving out the aligned runs of `grain` zero bytes (0: none)."""
+    if not grain:
+        write_at(off, data)
+        return
+    view = memoryview(data)
+    i = 0
+    n = len(data)
+    while i < n:
+        # The next piece: up to the next grain boundary of the guest offset.
+        j = min(n, ((off + i) // grain + 1) * grain - off)
+        if view[i:j].tobytes().count(0) != j - i:
+            # Extend over the following non-zero pieces, for one write.
+            k = j
+            while k < n:
+                nk = min(n, k + grain)
+                if view[k:nk].tobytes().count(0) == nk - k:
+                    break
+                k = nk
+            write_at(off + i, view[i:k].tobytes())
+            j = k
+        i = j
+
+
 def open(  # noqa: A001 - like gzip.open and tarfile.open
     path: StrPath,
-    mode: str = "r",
+    mode: str = "rb",
     *,
     cache: str = "writeback",
     l2_cache_size: Optional[int] = None,
@@ -532,14 +787,16 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
-    `mode` is ``"r"`` (read-only) or ``"rw"`` / ``"r+"`` (read-write). `cache` is QEMU's cache
+    `mode` is ``"rb"`` (read-only) or ``"r+b"`` (read-write), as the built-in :func:`open`
+    spells them (``"r"``, ``"r+"``, ``"rb+"`` and the earlier ``"rw"`` are accepted too; modes
+    that create or truncate are not: use :func:`create`). `cache` is QEMU's cache
     mode: ``"writeback"`` (durable at flush), ``"writethrough"``, ``"none"``, ``"directsync"`` or
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
     `password` (str or bytes) opens an encrypted image; a wrong one raises
     :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
     password of encrypted backing files. `snapshot` (an ID or a name, looked up as
     ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
-    active disk: `mode` must be ``"r"``; a missing snapshot raises
+    active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
 
     `backing` says which backing files the image may make us open; an image's header can name
@@ -552,12 +809,12 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     file raises :class:`NotFoundError` (a :class:`FileNotFoundError`), naming it.
 
     `damaged` opens a damaged (truncated) image for inspection and rescue; `mode` must be
-    ``"r"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
+    ``"rb"``. Tables cut short by the end of the file read as zeros there, as QEMU reads them
     (:meth:`Image.damage` lists them), :meth:`Image.check` reports the damage as
     ``qemu-img check`` does, and reading what the file lost raises :class:`CorruptImageError`.
     The image is locked as QEMU locks it: opening it read-write while anyone else (QEMU, or
     another qcow2rs user, in this process too) has it open, or read-only while someone writes
-    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"r"`` only)
+    it, raises :class:`ImageLockedError`. `force_share` (``qemu-img -U``, mode ``"rb"`` only)
     opens it even while someone writes it, for inspection; what is read may then be
     inconsistent.
     """

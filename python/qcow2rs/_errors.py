@@ -14,6 +14,7 @@ __all__ = [
     "PermissionDeniedError",
     "CorruptImageError",
     "UnsupportedError",
+    "UnsupportedFeatureError",
     "InvalidArgumentError",
     "BadKeyError",
     "BadPasswordError",
@@ -59,6 +60,10 @@ class UnsupportedError(Error):
     """The image uses a feature qcow2rs does not implement (EOPNOTSUPP)."""
 
     __module__ = "qcow2rs"
+
+
+#: The name the issue tracker uses: the same class as :class:`UnsupportedError`.
+UnsupportedFeatureError = UnsupportedError
 
 
 class InvalidArgumentError(Error, ValueError):

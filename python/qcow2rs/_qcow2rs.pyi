@@ -3,7 +3,10 @@
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union, final
 
+from typing_extensions import Buffer
+
 __version__: str
+__all__ = ["__version__", "create", "open", "NativeImage"]
 
 def create(
     path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
@@ -41,7 +44,7 @@ def create(
 
 def open(
     path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
-    mode: str = "r",
+    mode: str = "rb",
     *,
     cache: str = "writeback",
     l2_cache_size: Optional[int] = None,
@@ -56,7 +59,8 @@ def open(
 @final
 class NativeImage:
     def read_at(self, offset: int, length: int) -> bytes: ...
-    def write_at(self, offset: int, data: bytes) -> None: ...
+    def readinto_at(self, offset: int, buffer: Buffer) -> int: ...
+    def write_at(self, offset: int, data: Buffer) -> None: ...
     def write_compressed(self, offset: int, data: bytes) -> None: ...
     def write_zeroes(self, offset: int, length: int) -> None: ...
     def discard(self, offset: int, length: int) -> None: ...
@@ -79,6 +83,17 @@ class NativeImage:
     def delete_snapshot(self, id_or_name: str) -> Dict[str, Any]: ...
     @property
     def snapshot_view(self) -> Optional[Dict[str, Any]]: ...
+    def change_key_slots(
+        self,
+        *,
+        add: Optional[Union[str, bytes]] = None,
+        remove: Optional[Union[str, bytes]] = None,
+        slot: Optional[int] = None,
+        iter_time: Optional[int] = None,
+        force: bool = False,
+    ) -> List[int]: ...
+    @property
+    def filename(self) -> str: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...

@@ -18,8 +18,8 @@ const EACCES: i32 = 13;
 /// Why a call on an image failed: the core said no, or the image was already closed.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// An error from the core library.
-    Core(qcow2rs::Error),
+    /// An error from the core library, in a call on the image file named.
+    InImage(qcow2rs::Error, String),
     /// The image was closed before the call.
     Closed,
 }
@@ -28,7 +28,7 @@ impl Failure {
     /// The exception to raise for this failure.
     pub(crate) fn into_pyerr(self, py: Python<'_>) -> PyErr {
         match self {
-            Failure::Core(e) => to_pyerr(py, e),
+            Failure::InImage(e, file) => to_pyerr_in(py, e, Some(&file)),
             // What io.FileIO raises for any operation on a closed file.
             Failure::Closed => PyValueError::new_err("I/O operation on closed image"),
         }
@@ -37,6 +37,12 @@ impl Failure {
 
 /// Convert a core error to the matching `qcow2rs` exception.
 pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
+    to_pyerr_in(py, err, None)
+}
+
+/// [`to_pyerr`] for an error in a call on the open image `image`: an error that names no file
+/// (an invalid argument) gets the image as its `filename`.
+pub(crate) fn to_pyerr_in(py: Python<'_>, err: qcow2rs::Error, image: Option<&str>) -> PyErr {
     use qcow2rs::Error as E;
     let errno = err.errno();
     let message = err.to_string();
@@ -69,6 +75,7 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
         // A variant added to the core later: still a qcow2rs.Error with the right errno.
         _ => (&ERROR, None),
     };
+    let filename = filename.or(image);
     match class
         .get(py)
         .and_then(|cls| cls.call1((errno, message, filename)))

@@ -8,13 +8,14 @@
 use std::path::PathBuf;
 use std::sync::{PoisonError, RwLock};
 
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
 use qcow2rs::{
     BackingPolicy, CacheMode, CheckReport, CipherAlg, CipherMode, Compat, CompressionType,
-    CreateOptions, EncryptionFormat, EncryptionOptions, Error, HashAlg, Image, ImageInfo, IvGenAlg,
-    MapEntry, OpenOptions, Password, Preallocation, RepairMode, SnapshotInfo, SnapshotOptions,
-    SnapshotRef,
+    CreateOptions, EncryptionFormat, EncryptionInfo, EncryptionOptions, Error, HashAlg, Image,
+    ImageInfo, IvGenAlg, KeySlotChange, KeySlotState, MapEntry, OpenOptions, Password,
+    Preallocation, RepairMode, SnapshotInfo, SnapshotOptions, SnapshotRef,
 };
 
 mod errors;
@@ -99,6 +100,15 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 }
 
 /// Create a new qcow2 image file (an existing file is overwritten).
+///
+/// The keyword arguments are qemu-img's ``-o`` options: `cluster_size` (512 to 2 MiB, a power
+/// of two), `refcount_bits`, `compat` is ``"1.1"`` (v3) or ``"0.10"`` (v2); `preallocation` is
+/// ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or ``"zstd"``;
+/// `backing_format` (``"qcow2"`` or ``"raw"``) is required with `backing_file`.
+/// `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
+/// `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
+/// `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
+/// for LUKS. `backing_password` opens an encrypted backing file.
 #[pyfunction]
 #[pyo3(signature = (
     path,
@@ -199,12 +209,23 @@ fn create(
     raise(py, py.detach(|| Image::create(&path, &opts)))
 }
 
-/// Open an image file. `mode` is `"r"` (read-only) or `"rw"`/`"r+"` (read-write). `snapshot`
+/// Whether `mode` opens read-only (`Some(true)`), read-write (`Some(false)`), or is not a mode
+/// (`None`). The modes are the built-in `open`'s binary ones that neither create nor truncate
+/// (`"rb"`, `"r+b"`, `"rb+"`, and `"r"`, `"r+"` without the `b`), plus the earlier `"rw"`.
+fn read_only_mode(mode: &str) -> Option<bool> {
+    match mode {
+        "r" | "rb" => Some(true),
+        "r+" | "r+b" | "rb+" | "rw" => Some(false),
+        _ => None,
+    }
+}
+
+/// Open an image file. `mode` is `"rb"` (read-only) or `"r+b"` (read-write). `snapshot`
 /// (an ID or a name) opens a read-only view of that internal snapshot.
 #[pyfunction]
 #[pyo3(signature = (
     path,
-    mode = "r",
+    mode = "rb",
     *,
     cache = "writeback",
     l2_cache_size = None,
@@ -234,14 +255,13 @@ fn open(
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
-    let read_only = match mode {
-        "r" => true,
-        "rw" | "r+" => false,
-        _ => {
+    let read_only = match read_only_mode(mode) {
+        Some(ro) => ro,
+        None => {
             return raise(
                 py,
                 Err(Error::InvalidArgument(format!(
-                    "invalid mode: '{mode}' (use 'r', 'rw' or 'r+')"
+                    "invalid mode: '{mode}' (use 'rb' to read or 'r+b' to read and write)"
                 ))),
             )
         }
@@ -290,7 +310,7 @@ impl NativeImage {
         py.detach(|| {
             let guard = self.image.read().unwrap_or_else(PoisonError::into_inner);
             let image = guard.as_ref().ok_or(Failure::Closed)?;
-            f(image).map_err(Failure::Core)
+            f(image).map_err(|e| Failure::InImage(e, image.filename().to_string()))
         })
         .map_err(|f| f.into_pyerr(py))
     }
@@ -322,13 +342,62 @@ impl NativeImage {
         PyBytes::new_with(py, n, |buf| self.with(py, |img| img.read_at(buf, offset)))
     }
 
-    /// Write all of `data` at `offset`. The disk does not grow: writing past its end fails.
-    /// An empty write does nothing, wherever it is (like writing nothing to a file).
-    fn write_at(&self, py: Python<'_>, offset: i128, data: &[u8]) -> PyResult<()> {
+    /// Read into `buffer` (any writable, C-contiguous object with the buffer protocol) at
+    /// `offset`, without the GIL and without a copy; returns the number of bytes read (short,
+    /// or 0, at the end of the disk).
+    fn readinto_at(
+        &self,
+        py: Python<'_>,
+        offset: i128,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
         let offset = raise(py, to_u64("offset", offset))?;
-        if data.is_empty() {
+        let buf = PyUntypedBuffer::get(buffer)?;
+        if buf.readonly() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(
+                "readinto needs a writable buffer (bytearray, memoryview, ...)",
+            ));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "readinto needs a C-contiguous buffer",
+            ));
+        }
+        let len = buf.len_bytes();
+        // SAFETY: the buffer is exported (so it cannot be resized or freed) until `buf` drops,
+        // after the read; it is writable and contiguous, `len` bytes long.
+        let target: &mut [u8] = if len == 0 {
+            &mut []
+        } else {
+            unsafe { std::slice::from_raw_parts_mut(buf.buf_ptr().cast::<u8>(), len) }
+        };
+        self.with(py, move |img| {
+            let n = img.virtual_size().saturating_sub(offset).min(len as u64) as usize;
+            if n > 0 {
+                img.read_at(&mut target[..n], offset)?;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Write all of `data` (any C-contiguous object with the buffer protocol; not copied) at
+    /// `offset`. The disk does not grow: writing past its end fails. An empty write does
+    /// nothing, wherever it is (like writing nothing to a file).
+    fn write_at(&self, py: Python<'_>, offset: i128, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let offset = raise(py, to_u64("offset", offset))?;
+        let buf = PyUntypedBuffer::get(data)?;
+        if !buf.is_c_contiguous() {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "write needs a C-contiguous buffer",
+            ));
+        }
+        let len = buf.len_bytes();
+        if len == 0 {
             return Ok(());
         }
+        // SAFETY: the buffer stays exported (not resized, not freed) until `buf` drops, after
+        // the write; it is contiguous and `len` bytes long.
+        let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.buf_ptr().cast::<u8>(), len) };
         self.with(py, |img| {
             let size = img.virtual_size();
             let len = data.len() as u64;
@@ -426,6 +495,52 @@ impl NativeImage {
         check_dict(py, &report)
     }
 
+    /// Add or remove LUKS passwords, as `qemu-img amend -o encrypt.*` does: `add` is the
+    /// password to add (`encrypt.new-secret`, into `slot` or the first free one), else `remove`
+    /// erases every slot it opens (`encrypt.old-secret`), else `slot` is erased. Returns the
+    /// slots changed.
+    #[pyo3(signature = (*, add = None, remove = None, slot = None, iter_time = None, force = false))]
+    fn change_key_slots(
+        &self,
+        py: Python<'_>,
+        add: Option<&Bound<'_, PyAny>>,
+        remove: Option<&Bound<'_, PyAny>>,
+        slot: Option<usize>,
+        iter_time: Option<i128>,
+        force: bool,
+    ) -> PyResult<Vec<usize>> {
+        let add = password_arg(add)?;
+        let remove = password_arg(remove)?;
+        let iter_time_ms = raise(py, iter_time.map(|t| to_u64("iter_time", t)).transpose())?;
+        let change = KeySlotChange {
+            state: if add.is_some() {
+                KeySlotState::Active
+            } else {
+                KeySlotState::Inactive
+            },
+            keyslot: slot,
+            new_secret: add,
+            old_secret: remove,
+            iter_time_ms,
+            force,
+        };
+        if change.new_secret.is_none() && change.old_secret.is_none() && slot.is_none() {
+            return raise(
+                py,
+                Err(Error::InvalidArgument(
+                    "nothing to change: give a password to add or remove, or a slot".into(),
+                )),
+            );
+        }
+        self.with(py, |img| img.change_key_slots(&change))
+    }
+
+    /// The image file's name, as opened.
+    #[getter]
+    fn filename(&self, py: Python<'_>) -> PyResult<String> {
+        self.with(py, |img| Ok(img.filename().to_string()))
+    }
+
     /// Flush and close. Closing a closed image does nothing.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let image = py.detach(|| {
@@ -490,7 +605,10 @@ impl NativeImage {
 
     /// Create an internal snapshot named `name`; `date` is (seconds, nanoseconds) or None for
     /// now, `icount` None for none. Returns it as a dict.
-    #[pyo3(signature = (name, *, vm_clock_nsec = 0, icount = Some(0), date = None))]
+    #[pyo3(
+        signature = (name, *, vm_clock_nsec = 0, icount = Some(0), date = None),
+        text_signature = "($self, /, name, *, vm_clock_nsec=0, icount=0, date=None)"
+    )]
     fn create_snapshot<'py>(
         &self,
         py: Python<'py>,
@@ -576,6 +694,48 @@ fn info_dict<'py>(py: Python<'py>, i: &ImageInfo) -> PyResult<Bound<'py, PyDict>
     d.set_item("snapshot_count", i.snapshot_count)?;
     d.set_item("snapshots", snapshot_list(py, &i.snapshots)?)?;
     d.set_item("read_only", i.read_only)?;
+    d.set_item(
+        "encryption",
+        i.encryption
+            .as_ref()
+            .map(|e| encrypt_dict(py, e))
+            .transpose()?,
+    )?;
+    Ok(d)
+}
+
+/// The encryption of an image as `qemu-img info --output=json` shows it (`encrypt` in
+/// `format-specific`), keys and all.
+fn encrypt_dict<'py>(py: Python<'py>, e: &EncryptionInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", e.format.as_str())?;
+    if let Some(l) = &e.luks {
+        d.set_item("cipher-alg", l.cipher_alg.as_str())?;
+        d.set_item("cipher-mode", l.cipher_mode.as_str())?;
+        d.set_item("ivgen-alg", l.ivgen_alg.as_str())?;
+        if let Some(h) = l.ivgen_hash_alg {
+            d.set_item("ivgen-hash-alg", h.as_str())?;
+        }
+        d.set_item("hash-alg", l.hash_alg.as_str())?;
+        d.set_item("detached-header", false)?;
+        d.set_item("payload-offset", l.payload_offset)?;
+        d.set_item("master-key-iters", l.master_key_iters)?;
+        d.set_item("uuid", &l.uuid)?;
+        let slots = PyList::empty(py);
+        for s in &l.slots {
+            let o = PyDict::new(py);
+            o.set_item("active", s.active)?;
+            if let Some(i) = s.iters {
+                o.set_item("iters", i)?;
+            }
+            if let Some(st) = s.stripes {
+                o.set_item("stripes", st)?;
+            }
+            o.set_item("key-offset", s.key_offset)?;
+            slots.append(o)?;
+        }
+        d.set_item("slots", slots)?;
+    }
     Ok(d)
 }
 

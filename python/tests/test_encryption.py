@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import shutil
 from pathlib import Path
+from typing import Any, Dict
 
 import pytest
 
@@ -48,7 +49,7 @@ def qemu_read(path: Path, password: str, offset: int, data: bytes) -> None:
         dict(encrypt="aes"),
     ],
 )
-def test_create_write_read_reopen(tmp_path: Path, kwargs: dict) -> None:
+def test_create_write_read_reopen(tmp_path: Path, kwargs: Dict[str, Any]) -> None:
     path = tmp_path / "enc.qcow2"
     qcow2rs.create(path, 8 * MiB, password="s3cret", **kwargs)
     with qcow2rs.open(path, "r+", password=b"s3cret") as img:

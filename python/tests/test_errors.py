@@ -130,8 +130,9 @@ def test_sane_header_opens(tmp_path: Path) -> None:
 def test_unsupported_version(tmp_path: Path) -> None:
     path = tmp_path / "v7.qcow2"
     path.write_bytes(qcow2_header(version=7) + bytes(0x40000))
-    with pytest.raises(qcow2rs.UnsupportedError) as ei:
+    with pytest.raises(qcow2rs.UnsupportedFeatureError) as ei:
         qcow2rs.open(path)
+    assert qcow2rs.UnsupportedFeatureError is qcow2rs.UnsupportedError
     assert ei.value.errno == errno.EOPNOTSUPP
     assert ei.value.filename == str(path)
 
@@ -222,7 +223,8 @@ def test_negative_size_is_invalid(tmp_path: Path) -> None:
     "kwargs",
     [
         {"mode": "w"},
-        {"mode": "rb"},
+        {"mode": "wb"},
+        {"mode": "r+w"},
         {"cache": "sometimes"},
         {"l2_cache_size": -1},
     ],

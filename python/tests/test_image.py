@@ -339,7 +339,7 @@ def test_pathlike_and_name(disk: Path) -> None:
     with qcow2rs.open(disk) as img:
         assert img.name == str(disk)
         r = repr(img)
-        assert r.startswith("<qcow2rs.Image ") and str(disk) in r and "'r'" in r
+        assert r.startswith("<qcow2rs.Image ") and str(disk) in r and "'rb'" in r
     assert "closed" in repr(img)
 
 

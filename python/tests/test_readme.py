@@ -32,5 +32,7 @@ def test_readme_python_example_runs_as_printed(
     out = capsys.readouterr().out
     # The block's comment promises this output.
     assert out.startswith("CheckResult(corruptions=0, leaks=0, "), out
-    with qcow2rs.open(tmp_path / "disk.qcow2") as img:
-        assert img.read_at(1 << 20, 12) == b"hello, qcow2"
+    with qcow2rs.open(tmp_path / "disk.qcow2", password="s3cret") as img:
+        assert img.read_at(0, 12) == b"hello, qcow2"
+        assert img.info().backing_file == "base.qcow2"
+        assert img.info().crypt_method == 2

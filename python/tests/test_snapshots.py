@@ -10,7 +10,7 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import pytest
 
@@ -221,11 +221,12 @@ def test_read_only_image_refuses_changes(disk: Path) -> None:
         img.create_snapshot("s")
     with qcow2rs.open(disk) as img:
         assert [s.name for s in img.snapshots()] == ["s"]
-        for call in (
+        calls: Tuple[Callable[[], object], ...] = (
             lambda: img.create_snapshot("t"),
             lambda: img.apply_snapshot("s"),
             lambda: img.delete_snapshot("s"),
-        ):
+        )
+        for call in calls:
             with pytest.raises(qcow2rs.ReadOnlyError) as ei:
                 call()
             assert ei.value.errno == errno.EROFS

@@ -112,3 +112,43 @@ def test_open_releases_the_gil(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "done"
     assert "error: CorruptImageError" in r.stdout
+
+
+def test_threads_share_a_compressed_image_qemu_wrote(tmp_path: Path, qemu_img: Any) -> None:
+    """Compressed clusters are decompressed outside the image's lock (a large read's on all
+    cores): threads reading one image qemu-img compressed, with readinto_at and read_at, get
+    exactly the raw file's bytes while another thread rewrites other clusters."""
+    raw = tmp_path / "src.raw"
+    lines = b"".join(b"line %06d of a compressible disk\n" % i for i in range(200_000))
+    model = (lines * (8 * MiB // len(lines) + 1))[: 8 * MiB]
+    raw.write_bytes(model)
+    img_path = tmp_path / "c.qcow2"
+    r = qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", raw, img_path)
+    assert r.returncode == 0, r.stderr
+    with qcow2rs.open(img_path, "r+b") as img:
+        assert all(e.compressed for e in img.map(0, 6 * MiB))
+
+        def reader(seed: int) -> int:
+            r = random.Random(seed)
+            bad = 0
+            for _ in range(60):
+                n = r.choice([512, 4096, 100_000, 2 * MiB])
+                off = r.randrange(6 * MiB - n)  # the writer's clusters lie beyond
+                if seed % 2:
+                    buf = bytearray(n)
+                    got = img.readinto_at(off, buf)
+                    bad += bytes(buf[:got]) != model[off : off + n]
+                else:
+                    bad += img.read_at(off, n) != model[off : off + n]
+            return bad
+
+        def writer() -> int:
+            for k in range(40):
+                img.write_at(6 * MiB + (k % 32) * 65536, bytes([k]) * 65536)
+            return 0
+
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(reader, s) for s in range(4)] + [pool.submit(writer)]
+            assert [f.result() for f in futures] == [0] * 5
+    r = qemu_img("check", img_path)
+    assert r.returncode == 0, r.stdout + r.stderr

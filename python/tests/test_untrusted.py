@@ -54,9 +54,9 @@ def test_backing_policy(tmp_path: Path, qemu_img: QemuImg) -> None:
     os.mkfifo(images / "fifo")
     overlay(qemu_img, ov, "fifo", "raw")
     for policy in ("any", [images]):
-        with pytest.raises(qcow2rs.Error) as ei:
+        with pytest.raises(qcow2rs.Error) as fifo:
             qcow2rs.open(ov, backing=policy)
-        assert "FIFO" in str(ei.value)
+        assert "FIFO" in str(fifo.value)
 
     with pytest.raises(qcow2rs.InvalidArgumentError):
         qcow2rs.open(ov, backing="/tmp")  # a single directory must be given as a list

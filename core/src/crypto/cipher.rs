@@ -464,7 +464,9 @@ impl Op for CbcDecrypt<'_> {
     }
 }
 
-fn parallelism() -> usize {
+/// Threads a large request is split over (the cores, at most 8); also used by the compressed
+/// read path (`datapath.rs`).
+pub(crate) fn parallelism() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }

@@ -26,7 +26,7 @@ pub use luks::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 
 use crate::error::{Error, Result};
 use crate::offset::{GuestOffset, HostOffset};
-pub(crate) use cipher::SECTOR;
+pub(crate) use cipher::{parallelism, SECTOR};
 use cipher::{BlockCipher, IvGen, Mode, SectorCipher};
 
 /// A password or key: bytes, wiped from memory when dropped, never shown by `Debug`.

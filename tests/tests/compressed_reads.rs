@@ -1,0 +1,170 @@
+//! Compressed clusters are read and decompressed outside the image lock (`core/src/datapath.rs`,
+//! `read`), a large read on all cores. These tests check the bytes against what was written
+//! (and against qemu-img), and put a free-and-reuse of the very cluster a read is about to read
+//! into the read's unlocked window, deterministically through the `testing` hook: the read must
+//! return what the cluster held when its mapping was looked up.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qcow2rs::{CompressionType, CreateOptions, Image, OpenOptions};
+use qcow2rs_tests::*;
+
+const CS: u64 = 64 * KIB;
+
+/// Compressible, and different in every cluster and every 4 KiB of it.
+fn cluster(tag: u64) -> Vec<u8> {
+    (0..CS)
+        .map(|i| ((i / 4096) as u8).wrapping_mul(7) ^ (tag as u8).wrapping_mul(31) ^ (i % 3) as u8)
+        .collect()
+}
+
+fn create(dir: &Path, kind: CompressionType, clusters: u64) -> PathBuf {
+    let p = dir.join(format!("c-{kind:?}.qcow2"));
+    let mut o = CreateOptions::new(64 * MIB);
+    o.compression_type = kind;
+    Image::create(&p, &o).unwrap();
+    let img = Image::open(&p, &OpenOptions::new()).unwrap();
+    for k in 0..clusters {
+        img.write_compressed(k * CS, &cluster(k)).unwrap();
+    }
+    img.close().unwrap();
+    p
+}
+
+fn read(img: &Image, off: u64, len: u64) -> Vec<u8> {
+    let mut b = vec![0u8; len as usize];
+    img.read_at(&mut b, off).unwrap();
+    b
+}
+
+#[test]
+fn large_unaligned_and_small_reads_return_what_was_written() {
+    let dir = TempDir::new().unwrap();
+    for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+        let n = 48;
+        let p = create(dir.path(), kind, n);
+        let want: Vec<u8> = (0..n).flat_map(cluster).collect();
+        let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+        let map = img.map(0, n * CS).unwrap();
+        assert!(map.iter().all(|e| e.compressed), "{kind:?}: {map:?}");
+        // One large read (decompressed on all cores), unaligned at both ends, with a
+        // never-written tail.
+        let got = read(&img, 1000, n * CS + 5000);
+        assert!(
+            got[..(n * CS - 1000) as usize] == want[1000..],
+            "{kind:?} large read"
+        );
+        assert!(got[(n * CS - 1000) as usize..].iter().all(|&b| b == 0));
+        // Small reads, sequential (the kept cluster) and backwards (a new one each time).
+        let fwd: Vec<u64> = (0..n * CS).step_by(12288).collect();
+        let mut back: Vec<u64> = (0..n * CS).step_by(20480).collect();
+        back.reverse();
+        for off in fwd.into_iter().chain(back) {
+            let len = 4096.min(n * CS - off);
+            let o = off as usize;
+            assert!(
+                read(&img, off, len) == want[o..o + len as usize],
+                "{kind:?} at {off:#x}"
+            );
+        }
+        assert_eq!(
+            read(&img, 0, n * CS),
+            qemu_read_all(&p, "qcow2")[..(n * CS) as usize]
+        );
+    }
+}
+
+#[test]
+fn threads_sharing_one_image_read_the_right_bytes() {
+    let dir = TempDir::new().unwrap();
+    let n = 32;
+    let p = create(dir.path(), CompressionType::Zlib, n);
+    let want: Arc<Vec<u8>> = Arc::new((0..n).flat_map(cluster).collect());
+    let img = Arc::new(Image::open(&p, &OpenOptions::read_only()).unwrap());
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (img, want) = (img.clone(), want.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9u64 + t;
+                for _ in 0..400 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = [512, 4096, 70000, 300000][(x % 4) as usize];
+                    let off = (x >> 8) % (n * CS - len);
+                    let o = off as usize;
+                    assert!(
+                        read(&img, off, len) == want[o..o + len as usize],
+                        "{off:#x}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// In the window of a read of compressed guest cluster 0 (looked up, lock released, not yet
+/// read), another thread discards that cluster, flushes (which frees its host cluster and
+/// punches it out) and writes new data that takes the freed cluster. The read must return the
+/// old data: the free waits for the read (the I/O gate, as for uncompressed clusters). A read
+/// that ran outside the gate would read zeros or the new data, and fail to decompress or
+/// return wrong bytes.
+fn free_and_reuse_in_the_window(partial: bool) {
+    let dir = TempDir::new().unwrap();
+    let p = create(dir.path(), CompressionType::Zlib, 1);
+    let len_before = file_len(&p);
+    let img = Arc::new(Image::open(&p, &OpenOptions::new()).unwrap());
+    let other = img.clone();
+    let (tx, rx) = mpsc::channel();
+    let (htx, hrx) = mpsc::channel();
+    qcow2rs::testing::in_unlocked_read_window(move || {
+        let h = std::thread::spawn(move || {
+            other.discard(0, CS).unwrap();
+            other.flush().unwrap();
+            other.write_at(&vec![0xa5; CS as usize], 5 * CS).unwrap();
+            other.flush().unwrap();
+            let _ = tx.send(());
+        });
+        // With the gate the other thread waits for this read; give it time to get ahead if
+        // it can.
+        let _ = rx.recv_timeout(Duration::from_millis(500));
+        htx.send(h).unwrap();
+    });
+    let (off, len) = if partial { (8192, 4096) } else { (0, CS) };
+    let mut got = vec![0u8; len as usize];
+    let r = img.read_at(&mut got, off);
+    hrx.recv().unwrap().join().unwrap();
+    r.unwrap();
+    assert!(
+        got == cluster(0)[off as usize..(off + len) as usize],
+        "the read returned bytes that were not in the cluster when it was looked up"
+    );
+    // The new data did take the freed cluster, the only one free inside the old file (else
+    // the test proves nothing).
+    let host = img.map(5 * CS, CS).unwrap()[0].offset.unwrap();
+    assert!(
+        host < len_before,
+        "the write did not reuse the freed cluster ({host:#x})"
+    );
+    // And what is read now is the new state (the kept cluster was not stored stale).
+    assert!(read(&img, off, len).iter().all(|&b| b == 0));
+    assert!(read(&img, 5 * CS, CS).iter().all(|&b| b == 0xa5));
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    assert_qemu_clean(&p);
+}
+
+#[test]
+fn a_cluster_freed_and_reused_in_the_window_of_a_whole_cluster_read_reads_the_old_data() {
+    free_and_reuse_in_the_window(false);
+}
+
+#[test]
+fn a_cluster_freed_and_reused_in_the_window_of_a_partial_read_reads_the_old_data() {
+    free_and_reuse_in_the_window(true);
+}
