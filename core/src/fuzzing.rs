@@ -324,13 +324,13 @@ fn mutate_one(img: &mut [u8], kind: u8, sel: u16, value: u64) {
                 })
                 .find(|&o| o != 0)
                 .unwrap_or(0);
-            (l2 + 8 * ((sel >> 4) % (cs / 8)), 8)
+            (l2.saturating_add(8 * ((sel >> 4) % (cs / 8))), 8)
         }
         3 => (entry(lay.reftable.0, lay.reftable.1), 8),
         4 => {
             let rb = be64(img, lay.reftable.0 as usize) & refcount::REFT_OFFSET_MASK;
             (
-                rb + 2 * (sel % (cs / 2)),
+                rb.saturating_add(2 * (sel % (cs / 2))),
                 [1, 2, 4, 8][(kind as usize >> 3) & 3],
             )
         }
