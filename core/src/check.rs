@@ -94,6 +94,8 @@ struct Walk {
     report: CheckReport,
     /// (L1 index, L2 offset) of the active tree, for the COPIED pass.
     active_l2: Vec<(usize, u64)>,
+    /// Active L1 entries with flags but no offset (see `walk_l1`), for `-r all` to clear.
+    active_l1_flags_only: Vec<(usize, u64)>,
     /// Whether a repair can only be done by rebuilding the refcount structures.
     need_rebuild: bool,
 }
@@ -149,6 +151,20 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             ));
         }
         if off == 0 {
+            // Flags without an offset: every reader takes the entry for an unallocated table,
+            // but QEMU's check tests the raw entry for zero and counts an L2 table at offset 0,
+            // and QEMU's writer, seeing COPIED, would load the header cluster as the L2 table.
+            // Reported as a corruption; `-r all` clears the entry of the active tree (the guest
+            // data does not change: the range reads as unallocated before and after).
+            if e != 0 {
+                if active {
+                    w.active_l1_flags_only.push((i, e));
+                } else {
+                    w.error(format!(
+                        "ERROR snapshot L1 entry {i} has flags but no L2 table offset: {e:x}"
+                    ));
+                }
+            }
             continue;
         }
         if !off.is_multiple_of(cs) {
@@ -291,6 +307,7 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         refs: vec![0u32; nb_clusters as usize],
         report: CheckReport::default(),
         active_l2: Vec::new(),
+        active_l1_flags_only: Vec::new(),
         need_rebuild: false,
     };
     w.add(0, s.geo.cluster_size());
@@ -505,6 +522,20 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         // justifies it (a crash between them would leave COPIED on a cluster whose stored
         // refcount is still 2).
         s.caches.flush(&mut s.file, Kind::Refblock)?;
+    }
+    for (l1i, e) in std::mem::take(&mut w.active_l1_flags_only) {
+        if all {
+            w.report.messages.push(format!(
+                "Repairing L1 entry {l1i} with flags but no L2 table offset: {e:x}"
+            ));
+            s.rewrite_l1_entry(l1i, 0)?;
+            w.report.corruptions_fixed += 1;
+            fixed = true;
+        } else {
+            w.error(format!(
+                "ERROR L1 entry {l1i} has flags but no L2 table offset: {e:x}"
+            ));
+        }
     }
     let refs_of = |w: &Walk, c: u64| w.refs.get(c as usize).copied().unwrap_or(0);
     for (l1i, off) in std::mem::take(&mut w.active_l2) {
