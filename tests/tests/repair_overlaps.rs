@@ -85,3 +85,79 @@ fn l1_entry_with_flags_and_no_offset_is_reported_and_cleared() {
     qemu_io(&p, "qcow2", &["write -P 0xdd 2M 4k".into()]).ok();
     assert_qemu_clean(&p);
 }
+
+const PW: &str = "correct horse battery staple";
+
+fn secret_arg() -> String {
+    format!("secret,id=sec0,data={PW}")
+}
+
+fn qemu_io_secret(img: &Path, cmds: &[&str]) -> Run {
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.arg("--object").arg(secret_arg()).arg("--image-opts");
+    for c in cmds {
+        cmd.arg("-c").arg(c);
+    }
+    cmd.arg(format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        img.display()
+    ));
+    run(&mut cmd)
+}
+
+/// An active L1 entry pointing into the LUKS header area (at a cluster of key material): the
+/// COPIED pass of `-r all` read those random bytes as L2 entries and cleared bit 63 of every one
+/// that decoded as an aligned standard cluster with a refcount other than one, writing the
+/// "repaired" table back over the key material: the password no longer opened the image.
+/// (qemu-img check -r all does the same: its overlap check does not cover the encryption
+/// header.) A table that shares its cluster with other metadata is now left alone.
+#[test]
+fn copied_repair_never_writes_an_l2_table_over_the_luks_header() {
+    require_qemu();
+    let d = tmpdir("luks-l2");
+    let p = d.0.join("e.qcow2");
+    let obj = secret_arg();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        &obj,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
+        p.to_str().unwrap(),
+        "4M",
+    ])
+    .ok();
+    let w = qemu_io_secret(&p, &["write -P 0xaa 0 12k"]);
+    assert!(w.code == 0 && !w.all().contains("failed"), "{w}");
+    let ext = header_extensions(&p)
+        .into_iter()
+        .find(|e| e.0 == 0x0537_be77)
+        .expect("full disk encryption header extension");
+    let (luks_off, luks_len) = (peek_be64(&p, ext.1), peek_be64(&p, ext.1 + 8));
+    assert!(luks_len > 2 * 4096);
+    let luks_before = peek_bytes(&p, luks_off, luks_len as usize);
+    let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
+    poke_be64(&p, l1 + 8, (luks_off + 4096) | 1 << 63);
+
+    let img = Image::open(
+        &p,
+        &OpenOptions {
+            password: Some(PW.into()),
+            ..OpenOptions::new()
+        },
+    )
+    .unwrap();
+    let r = img.check(Some(RepairMode::All)).unwrap();
+    img.close().unwrap();
+    assert!(
+        peek_bytes(&p, luks_off, luks_len as usize) == luks_before,
+        "check -r all wrote into the LUKS header area:\n{}",
+        head_tail(&r.messages.join("\n"), 20)
+    );
+    // QEMU still opens it with the password and reads the data.
+    let rd = qemu_io_secret(&p, &["read -P 0xaa 0 12k"]);
+    assert!(rd.code == 0 && !rd.all().contains("failed"), "{rd}");
+}
