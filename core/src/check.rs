@@ -378,7 +378,24 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
             }
         }
     }
-    w.report.total_clusters = s.header.size.div_ceil(s.geo.cluster_size());
+    // The active L1 table is written in place whatever its refcount (unlike an L2 table or a
+    // data cluster, which a refcount above one makes copied on write): a cluster of it that
+    // anything else also uses (a snapshot's L1 table, an L2 table, data) would be changed by
+    // the next guest write. Raising the refcount to the number of references does not make
+    // that safe, so this stays a corruption that repair does not fix.
+    let cs = s.geo.cluster_size();
+    let (l1_off, l1_len) = (s.header.l1_table_offset, s.header.l1_size as u64 * 8);
+    if l1_len > 0 {
+        for c in l1_off / cs..=(l1_off + l1_len - 1) / cs {
+            match w.refs.get(c as usize).copied() {
+                Some(r) if r > 1 => w.error(format!(
+                    "ERROR active L1 table cluster {c} is also used by other metadata or data (references={r})"
+                )),
+                _ => {}
+            }
+        }
+    }
+    w.report.total_clusters = s.header.size.div_ceil(cs);
     Ok(w)
 }
 
