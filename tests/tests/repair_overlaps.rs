@@ -190,3 +190,43 @@ fn active_l1_table_shared_with_a_snapshot_is_not_called_clean() {
     );
     assert!(!our_check(&p).is_clean());
 }
+
+/// The same image opened read-write and written without a check: the write that gave guest
+/// cluster 2 MiB its first L2 table wrote the active L1 entry, which was the snapshot's L1
+/// entry too: the snapshot, read by qemu-img, then showed the new data. The image now opens
+/// read-only (QEMU's overlap check refuses the L1 write and marks the image corrupt).
+#[test]
+fn write_never_changes_a_snapshot_sharing_the_active_l1_table() {
+    require_qemu();
+    let d = tmpdir("l1-snap-write");
+    let p = d.0.join("s.qcow2");
+    qemu_image(&p);
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
+    let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
+    poke_be64(&p, peek_be64(&p, hdr::SNAPSHOTS_OFFSET), l1);
+
+    match Image::open(&p, &OpenOptions::default()) {
+        Ok(img) => {
+            let _ = img.write_at(&[0x5a; 4096], 2 << 20);
+            let _ = img.close();
+        }
+        Err(e) => eprintln!("open refused: {e}"),
+    }
+    let raw = d.0.join("snap.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-l",
+        "snapshot.name=s1",
+        "-O",
+        "raw",
+        p.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ])
+    .ok();
+    let snap = std::fs::read(&raw).unwrap();
+    assert!(
+        snap[2 << 20..(2 << 20) + 4096].iter().all(|&b| b == 0),
+        "a write to the active disk changed the snapshot"
+    );
+}
