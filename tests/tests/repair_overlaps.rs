@@ -230,3 +230,36 @@ fn write_never_changes_a_snapshot_sharing_the_active_l1_table() {
         "a write to the active disk changed the snapshot"
     );
 }
+
+/// An active L1 entry with COPIED naming the refcount table, or a refcount block, as its L2
+/// table. A guest write there took the table as its own (COPIED) and wrote the new cluster's L2
+/// entry into it: into the refcount table, entry 0 then named the guest data cluster as the
+/// first refcount block; into a refcount block, a refcount became 0x8000-odd. QEMU's overlap
+/// check refuses such a write (active L2 over refcount table or block).
+#[test]
+fn guest_write_never_writes_an_l2_entry_into_refcount_structures() {
+    require_qemu();
+    for target in ["refcount table", "refcount block"] {
+        let d = tmpdir(&format!("l2-{}", target.replace(' ', "-")));
+        let p = d.0.join("r.qcow2");
+        qemu_image(&p);
+        let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
+        let block = peek_be64(&p, reftable);
+        let off = if target == "refcount table" {
+            reftable
+        } else {
+            block
+        };
+        let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
+        poke_be64(&p, l1 + 8, off | 1 << 63);
+        let (t0, b0) = (peek_bytes(&p, reftable, 4096), peek_bytes(&p, block, 4096));
+
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        let w = img.write_at(&[0x5a; 4096], 2 << 20);
+        let _ = img.close();
+        assert!(
+            peek_bytes(&p, reftable, 4096) == t0 && peek_bytes(&p, block, 4096) == b0,
+            "a guest write ({w:?}) wrote an L2 entry into the {target}"
+        );
+    }
+}
