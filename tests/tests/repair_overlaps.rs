@@ -263,3 +263,33 @@ fn guest_write_never_writes_an_l2_entry_into_refcount_structures() {
         );
     }
 }
+
+/// An L2 entry (COPIED) naming the refcount block as a guest data cluster. Discarding that
+/// guest cluster dropped the block's only counted reference: its refcount became 0, and the
+/// next allocation could hand the live refcount block out as a new data cluster.
+#[test]
+fn discard_never_frees_a_refcount_block_named_by_an_l2_entry() {
+    require_qemu();
+    let d = tmpdir("discard-refblock");
+    let p = d.0.join("r.qcow2");
+    qemu_image(&p);
+    let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
+    let block = peek_be64(&p, reftable);
+    let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
+    let l2 = peek_be64(&p, l1) & L1E_OFFSET_MASK;
+    poke_be64(&p, l2 + 8, block | 1 << 63);
+    let b0 = peek_bytes(&p, block, 4096);
+
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let r = img.discard(4096, 4096);
+    let _ = img.flush();
+    for k in 0..8u64 {
+        let _ = img.write_at(&[0x5a; 4096], (1 << 20) + k * 4096);
+    }
+    let _ = img.close();
+    let b1 = peek_bytes(&p, block, 4096);
+    assert!(
+        b1.iter().any(|&b| b != 0x5a) && b1[..8] == b0[..8],
+        "discard ({r:?}) freed the refcount block and a guest write reused it"
+    );
+}
