@@ -94,6 +94,8 @@ struct Walk {
     report: CheckReport,
     /// (L1 index, L2 offset) of the active tree, for the COPIED pass.
     active_l2: Vec<(usize, u64)>,
+    /// Active L1 entries with flags but no offset (see `walk_l1`), for `-r all` to clear.
+    active_l1_flags_only: Vec<(usize, u64)>,
     /// Whether a repair can only be done by rebuilding the refcount structures.
     need_rebuild: bool,
 }
@@ -149,6 +151,20 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             ));
         }
         if off == 0 {
+            // Flags without an offset: every reader takes the entry for an unallocated table,
+            // but QEMU's check tests the raw entry for zero and counts an L2 table at offset 0,
+            // and QEMU's writer, seeing COPIED, would load the header cluster as the L2 table.
+            // Reported as a corruption; `-r all` clears the entry of the active tree (the guest
+            // data does not change: the range reads as unallocated before and after).
+            if e != 0 {
+                if active {
+                    w.active_l1_flags_only.push((i, e));
+                } else {
+                    w.error(format!(
+                        "ERROR snapshot L1 entry {i} has flags but no L2 table offset: {e:x}"
+                    ));
+                }
+            }
             continue;
         }
         if !off.is_multiple_of(cs) {
@@ -291,6 +307,7 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         refs: vec![0u32; nb_clusters as usize],
         report: CheckReport::default(),
         active_l2: Vec::new(),
+        active_l1_flags_only: Vec::new(),
         need_rebuild: false,
     };
     w.add(0, s.geo.cluster_size());
@@ -361,7 +378,24 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
             }
         }
     }
-    w.report.total_clusters = s.header.size.div_ceil(s.geo.cluster_size());
+    // The active L1 table is written in place whatever its refcount (unlike an L2 table or a
+    // data cluster, which a refcount above one makes copied on write): a cluster of it that
+    // anything else also uses (a snapshot's L1 table, an L2 table, data) would be changed by
+    // the next guest write. Raising the refcount to the number of references does not make
+    // that safe, so this stays a corruption that repair does not fix.
+    let cs = s.geo.cluster_size();
+    let (l1_off, l1_len) = (s.header.l1_table_offset, s.header.l1_size as u64 * 8);
+    if l1_len > 0 {
+        for c in l1_off / cs..=(l1_off + l1_len - 1) / cs {
+            match w.refs.get(c as usize).copied() {
+                Some(r) if r > 1 => w.error(format!(
+                    "ERROR active L1 table cluster {c} is also used by other metadata or data (references={r})"
+                )),
+                _ => {}
+            }
+        }
+    }
+    w.report.total_clusters = s.header.size.div_ceil(cs);
     Ok(w)
 }
 
@@ -506,7 +540,26 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         // refcount is still 2).
         s.caches.flush(&mut s.file, Kind::Refblock)?;
     }
+    for (l1i, e) in std::mem::take(&mut w.active_l1_flags_only) {
+        if all {
+            w.report.messages.push(format!(
+                "Repairing L1 entry {l1i} with flags but no L2 table offset: {e:x}"
+            ));
+            s.rewrite_l1_entry(l1i, 0)?;
+            w.report.corruptions_fixed += 1;
+            fixed = true;
+        } else {
+            w.error(format!(
+                "ERROR L1 entry {l1i} has flags but no L2 table offset: {e:x}"
+            ));
+        }
+    }
     let refs_of = |w: &Walk, c: u64| w.refs.get(c as usize).copied().unwrap_or(0);
+    let foreign = if all || leaks_mode {
+        non_l2_metadata(s)
+    } else {
+        Vec::new()
+    };
     for (l1i, off) in std::mem::take(&mut w.active_l2) {
         let rc = stored_refcount(s, off / s.geo.cluster_size(), nb_clusters)?;
         let e = s.tables.l1()[l1i];
@@ -528,6 +581,15 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
                 ));
                 w.report.missing_copied += missing as u64;
             }
+        }
+        if let Some(what) = shares_cluster_with(&foreign, off, s.geo.cluster_size()) {
+            // The COPIED pass would write this "table" back over the other structure (a LUKS
+            // header's key material, the snapshot table, ...), as QEMU's overlap check refuses
+            // to (and does not for the encryption header). Left alone, reported.
+            w.error(format!(
+                "ERROR l2_offset={off:#x}: L2 table shares its cluster with the {what}; its OFLAG_COPIED flags are not repaired"
+            ));
+            continue;
         }
         for j in 0..s.geo.l2_entries() as usize {
             let idx = s
@@ -594,6 +656,65 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         }
     }
     Ok((w.report, fixed))
+}
+
+/// The host byte ranges of the metadata other than L2 tables (as they are now, after any
+/// rebuild): header cluster, active L1 table, refcount table and blocks, snapshot table and the
+/// snapshots' L1 tables, encryption header, bitmap directory. A table the COPIED pass would
+/// write must not share a cluster with any of them.
+fn non_l2_metadata(s: &State) -> Vec<(u64, u64, &'static str)> {
+    let cs = s.geo.cluster_size();
+    let h = &*s.header;
+    let mut v = vec![
+        (0, cs, "image header"),
+        (h.l1_table_offset, h.l1_size as u64 * 8, "active L1 table"),
+        (
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+            "refcount table",
+        ),
+    ];
+    for &e in s.alloc.reftable() {
+        let off = e & REFT_OFFSET_MASK;
+        if off != 0 {
+            v.push((off, cs, "refcount block"));
+        }
+    }
+    if h.nb_snapshots > 0 {
+        v.push((
+            h.snapshots_offset,
+            s.snapshots.table_size(),
+            "snapshot table",
+        ));
+    }
+    for e in s.snapshots.entries() {
+        v.push((e.l1_table_offset, e.l1_size as u64 * 8, "snapshot L1 table"));
+    }
+    if let Some(ext) = h.extension(header::EXT_CRYPTO) {
+        if ext.len() >= 16 {
+            v.push((fmt::be64(ext, 0), fmt::be64(ext, 8), "encryption header"));
+        }
+    }
+    if let Some(ext) = h.extension(header::EXT_BITMAPS) {
+        if ext.len() >= 24 {
+            v.push((fmt::be64(ext, 16), fmt::be64(ext, 8), "bitmap directory"));
+        }
+    }
+    v
+}
+
+/// Which of `ranges` has bytes in the cluster at `off`, if any.
+fn shares_cluster_with(
+    ranges: &[(u64, u64, &'static str)],
+    off: u64,
+    cs: u64,
+) -> Option<&'static str> {
+    let end = off.saturating_add(cs);
+    ranges.iter().find_map(|&(o, len, what)| {
+        let first = o - o % cs;
+        let last = o.saturating_add(len);
+        (len > 0 && first < end && off < last).then_some(what)
+    })
 }
 
 /// Write new refcount structures past the end of the file, describing every reference found,

@@ -1261,18 +1261,27 @@ impl State {
     }
 
     /// Drop the reference an old descriptor held (after its L2 entry was replaced).
+    ///
+    /// A cluster that holds metadata (a crafted or damaged entry naming a refcount block, a
+    /// table, the header) keeps its count: dropping the reference would let the allocator hand
+    /// the live structure out again (an L2 entry naming the refcount block, discarded, freed
+    /// the block and the next write put guest data over it). At worst that leaks a reference.
     fn release(&mut self, d: Desc, discard: bool) -> Result<()> {
-        match d {
-            Desc::Normal { host } | Desc::ZeroAlloc { host } => {
-                self.free_clusters(host, 1, discard)
-            }
+        let (first, n) = match d {
+            Desc::Normal { host } | Desc::ZeroAlloc { host } => (self.geo.host_cluster(host), 1),
             Desc::Compressed { offset, len } => {
                 let first = self.geo.host_cluster(offset.sector_floor());
                 let last = self.geo.host_cluster(offset + (len - 1));
-                self.free_clusters(self.geo.host_offset(first), last - first + 1, discard)
+                (first, last - first + 1)
             }
-            _ => Ok(()),
+            _ => return Ok(()),
+        };
+        for i in 0..n {
+            if !self.is_metadata(first + i) {
+                self.free_clusters(self.geo.host_offset(first + i), 1, discard)?;
+            }
         }
+        Ok(())
     }
 
     /// Write `data` into guest cluster `c` at `in_cluster`. Returns `Some(host)` when the

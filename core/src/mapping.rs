@@ -265,6 +265,15 @@ impl State {
         let old = self.l2_table(c)?;
         if let Some(old) = old {
             if l1e & OFLAG_COPIED != 0 {
+                if let Some(what) = self.l2_overlap(old) {
+                    return Err(Error::corrupt(
+                        self.name(),
+                        format!(
+                            "Preventing write of the L2 table at {old:#x} (L1 entry {l1i}): it shares its cluster with the {what} (run check -r all)"
+                        ),
+                        old.get(),
+                    ));
+                }
                 return Ok(old);
             }
         }

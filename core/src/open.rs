@@ -456,6 +456,18 @@ impl Image {
             // Used read-only: let others read it as a read-only user would.
             storage.lock(name, LockMode::ReadOnly)?;
         }
+        if !read_only {
+            if let Some(what) = active_l1_overlap(&h, cs, &snapshots) {
+                // The active L1 table is written in place: a write would change the other
+                // structure too (a snapshot's L1 table: the snapshot's contents). QEMU's
+                // overlap check refuses those writes and marks the image corrupt.
+                read_only = true;
+                ro_reason = format!(
+                    "the active L1 table shares its clusters with the {what}; writing it would change that too (the image is corrupt)"
+                );
+                storage.lock(name, LockMode::ReadOnly)?;
+            }
+        }
         let backing = match (&h.backing_file, opts.backing_policy()) {
             (Some(_), crate::BackingPolicy::None) | (None, _) => None,
             (Some(bf), policy) => Some(backing::open(
@@ -552,6 +564,42 @@ impl Image {
         }
         Ok(img)
     }
+}
+
+/// Which structure written or read as something else shares a cluster with the active L1
+/// table (all are cluster-aligned by the specification), if any: the header cluster, the
+/// refcount table, the snapshot table, a snapshot's L1 table, the encryption header.
+fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry]) -> Option<String> {
+    let len = h.l1_size as u64 * 8;
+    if len == 0 {
+        return None;
+    }
+    let (a, b) = (h.l1_table_offset / cs, (h.l1_table_offset + len - 1) / cs);
+    let overlaps = |off: u64, n: u64| n > 0 && off / cs <= b && a <= (off + n - 1) / cs;
+    if overlaps(0, cs) {
+        return Some("image header".into());
+    }
+    if overlaps(
+        h.refcount_table_offset,
+        h.refcount_table_clusters as u64 * cs,
+    ) {
+        return Some("refcount table".into());
+    }
+    let table = crate::snapshot::Snapshots::new(snapshots.to_vec()).table_size();
+    if h.nb_snapshots > 0 && overlaps(h.snapshots_offset, table.max(1)) {
+        return Some("snapshot table".into());
+    }
+    for (i, e) in snapshots.iter().enumerate() {
+        if overlaps(e.l1_table_offset, e.l1_size as u64 * 8) {
+            return Some(format!("L1 table of snapshot {} ('{}')", i + 1, e.name));
+        }
+    }
+    if let Some(ext) = h.extension(header::EXT_CRYPTO) {
+        if ext.len() >= 16 && overlaps(fmt::be64(ext, 0), fmt::be64(ext, 8)) {
+            return Some("encryption header".into());
+        }
+    }
+    None
 }
 
 impl State {

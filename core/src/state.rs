@@ -157,6 +157,62 @@ impl State {
     }
 }
 
+impl State {
+    /// What other metadata (header, L1 table, refcount table or block, snapshot table or L1
+    /// table, encryption header) shares the cluster of the L2 table at `l2`, if any: a table
+    /// that is to be written in place must not (a crafted L1 entry with COPIED naming the
+    /// refcount table made a guest write put its L2 entry there). Checked once per table.
+    pub(crate) fn l2_overlap(&mut self, l2: HostOffset) -> Option<&'static str> {
+        let c = self.geo.host_cluster(l2);
+        if self.meta.l2_ok.contains(&c) {
+            return None;
+        }
+        let cs = self.geo.cluster_size();
+        let h = &*self.header;
+        let hit =
+            |off: u64, len: u64| len > 0 && off / cs <= c.get() && c.get() <= (off + len - 1) / cs;
+        let what = if c.get() == 0 {
+            Some("image header")
+        } else if hit(h.l1_table_offset, h.l1_size as u64 * 8) {
+            Some("active L1 table")
+        } else if hit(
+            h.refcount_table_offset,
+            h.refcount_table_clusters as u64 * cs,
+        ) {
+            Some("refcount table")
+        } else if h.nb_snapshots > 0 && hit(h.snapshots_offset, self.snapshots.table_size()) {
+            Some("snapshot table")
+        } else if self
+            .snapshots
+            .entries()
+            .iter()
+            .any(|e| hit(e.l1_table_offset, e.l1_size as u64 * 8))
+        {
+            Some("L1 table of a snapshot")
+        } else if self
+            .crypto
+            .as_ref()
+            .and_then(|k| k.luks.as_ref())
+            .is_some_and(|a| hit(a.offset.get(), a.len))
+        {
+            Some("encryption header")
+        } else if self
+            .alloc
+            .reftable()
+            .iter()
+            .any(|&e| e & REFT_OFFSET_MASK == l2.get())
+        {
+            Some("refcount block")
+        } else {
+            None
+        };
+        if what.is_none() {
+            self.meta.l2_ok.insert(c);
+        }
+        what
+    }
+}
+
 /// The header as stored in the file. Read it through `Deref`; change it only with
 /// [`StoredHeader::write`], which writes first and changes memory after.
 pub(crate) struct StoredHeader(Header);
@@ -230,6 +286,8 @@ impl std::ops::Deref for StoredHeader {
 #[derive(Default)]
 pub(crate) struct MetaClusters {
     set: Option<HashSet<HostCluster>>,
+    /// L2 tables found not to share their cluster with other metadata (`State::l2_overlap`).
+    l2_ok: HashSet<HostCluster>,
 }
 
 impl MetaClusters {
@@ -242,9 +300,11 @@ impl MetaClusters {
     /// The layout changed: rebuild the set when next needed.
     pub(crate) fn invalidate(&mut self) {
         self.set = None;
+        self.l2_ok.clear();
     }
     /// Cluster `c` was freed: if it held metadata, the set is stale.
     pub(crate) fn freed(&mut self, c: HostCluster) {
+        self.l2_ok.remove(&c);
         if self.set.as_ref().is_some_and(|m| m.contains(&c)) {
             self.set = None;
         }
