@@ -831,7 +831,24 @@ pub mod testing {
         }
     }
 
+    thread_local! {
+        static WINDOW_DELAY: std::cell::Cell<std::time::Duration> =
+            const { std::cell::Cell::new(std::time::Duration::ZERO) };
+    }
+
+    /// Sleep `d` in the window of every allocating write this thread makes from now on (zero:
+    /// no more): the crash simulator's concurrent workloads widen the window so that other
+    /// threads' writes to the same clusters land inside it on every run, not by luck of
+    /// scheduling (mutant `par-stale-link` is then caught every time).
+    pub fn set_window_delay(d: std::time::Duration) {
+        WINDOW_DELAY.with(|w| w.set(d));
+    }
+
     pub(super) fn between_phases() {
+        let d = WINDOW_DELAY.with(|w| w.get());
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
         if let Some(f) = HOOK.with(|h| h.borrow_mut().take()) {
             f()
         }

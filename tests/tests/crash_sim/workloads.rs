@@ -124,6 +124,9 @@ pub struct Spec {
     pub thread_of: Vec<usize>,
     /// Flush delay of the recording storage (concurrent workloads).
     pub flush_delay: Option<Duration>,
+    /// Sleep in the unlocked window of every allocating write (concurrent workloads: the
+    /// other threads' writes to the same clusters then land inside it every run).
+    pub window_delay: Option<Duration>,
     pub open: OpenOptions,
     /// Run before recording (part of the durable starting image).
     pub setup: Vec<G>,
@@ -159,6 +162,7 @@ impl Spec {
             random: false,
             thread_of: Vec::new(),
             flush_delay: None,
+            window_delay: None,
             open: OpenOptions::new(),
             setup: Vec::new(),
             ops: Vec::new(),
@@ -1001,6 +1005,8 @@ pub fn all() -> Vec<Spec> {
     );
     s.backing_data = Some(256 * KIB);
     s.flush_delay = Some(std::time::Duration::from_millis(2));
+    // Mutant par-stale-link needs two writers in the window for one cluster at once.
+    s.window_delay = Some(std::time::Duration::from_micros(300));
     let mut ops = Vec::new();
     let mut thread_of = Vec::new();
     let stripe = KIB;
@@ -1803,6 +1809,9 @@ fn run_concurrent(spec: &Spec, prep: &Prepared, faults: &[Fault]) -> Run {
             let (img, guest, bufs, slots, seq, rec) = (&img, &guest, &bufs, &slots, &seq, &rec);
             let (read_failures, errors) = (&read_failures, &errors);
             sc.spawn(move || {
+                if let Some(d) = spec.window_delay {
+                    qcow2rs::testing::set_window_delay(d);
+                }
                 for (j, g) in spec.ops.iter().enumerate() {
                     if spec.thread_of[j] != t {
                         continue;
