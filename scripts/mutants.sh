@@ -64,7 +64,8 @@ catchers() {
         failed-flush) echo failed_flush ;;
         resize-zero-order) echo resize ;;
         crypt-virgin | reserve-iv) echo encrypted ;;
-        par-early-link | par-stale-link) echo par_writers ;;
+        par-early-link) echo par_writers,cow_backing ;;
+        par-stale-link) echo par_writers ;;
         keyslot-*) echo key_slots ;;
         snap-*) echo snapshots ;;
         *) echo "" ;;
