@@ -55,6 +55,20 @@ static inline void print_last_error(void) {
         }                                                                                \
     } while (0)
 
+/* Open `path` with `flags` and the password `pw` (`len` bytes; NULL for none); the result code in
+ * `*rc`, the handle (NULL on failure) returned. */
+static inline qcow2_image *open_pw(const char *path, const void *pw, size_t len, uint32_t flags,
+                                   qcow2_error *rc) {
+    struct qcow2_open_options o;
+    MUST(qcow2_open_options_init(&o));
+    o.flags = flags;
+    o.password = pw;
+    o.password_len = len;
+    qcow2_image *img = NULL;
+    *rc = qcow2_open_ex(path, &o, &img);
+    return img;
+}
+
 /* The last error message of this thread, in a static buffer. */
 static inline const char *last_message(void) {
     static char msg[4096];

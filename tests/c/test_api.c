@@ -177,18 +177,6 @@ static void test_vectored(const char *dir) {
     free(raw);
 }
 
-static qcow2_image *open_pw(const char *path, const void *pw, size_t len, uint32_t flags,
-                            qcow2_error *rc) {
-    struct qcow2_open_options o;
-    MUST(qcow2_open_options_init(&o));
-    o.flags = flags;
-    o.password = pw;
-    o.password_len = len;
-    qcow2_image *img = NULL;
-    *rc = qcow2_open_ex(path, &o, &img);
-    return img;
-}
-
 static void test_encryption_info(const char *dir) {
     /* A password with a NUL byte inside: pointer + length, never a C string. */
     static const uint8_t PW[] = {'a', 0, 'b'};

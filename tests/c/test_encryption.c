@@ -18,18 +18,6 @@
 /* "p\u00e4ssword" in UTF-8 (9 bytes), as bytes + length (no terminator): what QEMU can share. */
 static const uint8_t PASSWORD[] = {'p', 0xc3, 0xa4, 's', 's', 'w', 'o', 'r', 'd'};
 
-static qcow2_image *open_with(const char *path, const uint8_t *pw, size_t len, uint32_t flags,
-                              qcow2_error *rc) {
-    struct qcow2_open_options o;
-    MUST(qcow2_open_options_init(&o));
-    o.flags = flags;
-    o.password = pw;
-    o.password_len = len;
-    qcow2_image *img = NULL;
-    *rc = qcow2_open_ex(path, &o, &img);
-    return img;
-}
-
 static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, const char *mode,
                 const char *ivgen) {
     char path[1024];
@@ -45,7 +33,7 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
     MUST(qcow2_create(path, 4 << 20, &c));
 
     qcow2_error rc;
-    qcow2_image *img = open_with(path, PASSWORD, sizeof PASSWORD, 0, &rc);
+    qcow2_image *img = open_pw(path, PASSWORD, sizeof PASSWORD, 0, &rc);
     MUST(rc);
     struct qcow2_image_info info;
     MUST(qcow2_info(img, &info));
@@ -56,7 +44,7 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
     MUST(qcow2_flush(img));
     MUST(qcow2_close(img));
 
-    img = open_with(path, PASSWORD, sizeof PASSWORD, QCOW2_OPEN_RDONLY, &rc);
+    img = open_pw(path, PASSWORD, sizeof PASSWORD, QCOW2_OPEN_RDONLY, &rc);
     MUST(rc);
     MUST(qcow2_read(img, 1000, back, sizeof back));
     CHECK(memcmp(buf, back, sizeof buf) == 0);
@@ -65,7 +53,7 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
     if (fmt == QCOW2_ENCRYPT_LUKS) {
         /* Key slots: add a second password, open with it, erase the first; the last one stays. */
         static const uint8_t SECOND[] = "second password";
-        img = open_with(path, PASSWORD, sizeof PASSWORD, 0, &rc);
+        img = open_pw(path, PASSWORD, sizeof PASSWORD, 0, &rc);
         MUST(rc);
         int32_t slot = -7;
         MUST(qcow2_luks_add_key(img, SECOND, sizeof SECOND - 1, -1, 10, false, &slot));
@@ -79,9 +67,9 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
         CHECK(count == 1);
         EXPECT_ERR(qcow2_luks_remove_key(img, 1, NULL, 0, false, NULL), QCOW2_ERR_INVALID_ARGUMENT);
         MUST(qcow2_close(img));
-        img = open_with(path, PASSWORD, sizeof PASSWORD, QCOW2_OPEN_RDONLY, &rc);
+        img = open_pw(path, PASSWORD, sizeof PASSWORD, QCOW2_OPEN_RDONLY, &rc);
         CHECK(img == NULL && rc == QCOW2_ERR_BAD_KEY);
-        img = open_with(path, SECOND, sizeof SECOND - 1, 0, &rc);
+        img = open_pw(path, SECOND, sizeof SECOND - 1, 0, &rc);
         MUST(rc);
         MUST(qcow2_read(img, 1000, back, sizeof back));
         CHECK(memcmp(buf, back, sizeof buf) == 0);
@@ -91,7 +79,7 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
         MUST(qcow2_close(img));
 
         /* The length counts: a prefix of the password is a wrong password. */
-        img = open_with(path, PASSWORD, 4, QCOW2_OPEN_RDONLY, &rc);
+        img = open_pw(path, PASSWORD, 4, QCOW2_OPEN_RDONLY, &rc);
         CHECK(img == NULL);
         CHECK(rc == QCOW2_ERR_BAD_KEY);
         char msg[1024];
@@ -100,10 +88,10 @@ static void one(const char *dir, const char *name, qcow2_encrypt_format fmt, con
         CHECK(strstr(msg, name) != NULL);
     }
     /* No password: refused, unless opened for inspection. */
-    img = open_with(path, NULL, 0, QCOW2_OPEN_RDONLY, &rc);
+    img = open_pw(path, NULL, 0, QCOW2_OPEN_RDONLY, &rc);
     CHECK(img == NULL);
     CHECK(rc == QCOW2_ERR_BAD_KEY);
-    img = open_with(path, NULL, 0, QCOW2_OPEN_RDONLY | QCOW2_OPEN_WITHOUT_KEY, &rc);
+    img = open_pw(path, NULL, 0, QCOW2_OPEN_RDONLY | QCOW2_OPEN_WITHOUT_KEY, &rc);
     MUST(rc);
     MUST(qcow2_info(img, &info));
     CHECK(info.virtual_size == 4 << 20);
