@@ -314,19 +314,44 @@ impl State {
             let mut first_free = None;
             let mut run = 0;
             let mut c = start;
-            while run < max {
-                if self.refcount(c)? == 0 {
+            // One refcount block at a time: a block that does not exist yet covers only free
+            // clusters, and a cached block is scanned without a cache lookup per cluster (this
+            // loop runs under the image lock for every allocation).
+            let (per_block, order) = (self.geo.refcounts_per_block(), self.geo.refcount_order());
+            'scan: while run < max {
+                let idx = self.geo.refcount_block_index(c);
+                let span = per_block - idx as u64;
+                let Some(block) = self.refcount_block(c)? else {
+                    let take = span.min(max - run);
                     first_free.get_or_insert(c);
                     if run == 0 {
                         start = c;
                     }
-                    run += 1;
-                } else if run >= min {
-                    break;
-                } else {
-                    run = 0;
+                    run += take;
+                    c += take;
+                    continue;
+                };
+                let i = self
+                    .caches
+                    .get(&mut self.file, Kind::Refblock, block, false)?;
+                let data = self.caches.data(Kind::Refblock, i);
+                for k in 0..span {
+                    if run >= max {
+                        break 'scan;
+                    }
+                    if refcount::get(data, idx + k as usize, order) == 0 {
+                        first_free.get_or_insert(c);
+                        if run == 0 {
+                            start = c;
+                        }
+                        run += 1;
+                    } else if run >= min {
+                        break 'scan;
+                    } else {
+                        run = 0;
+                    }
+                    c += 1;
                 }
-                c += 1;
             }
             let n = run;
             if self.geo.host_offset(start + n).get() > MAX_HOST_OFFSET {
