@@ -98,6 +98,11 @@ struct Walk {
     active_l1_flags_only: Vec<(usize, u64)>,
     /// Whether a repair can only be done by rebuilding the refcount structures.
     need_rebuild: bool,
+    /// References to clusters past the end of `refs` (past the end of the file): cluster and
+    /// number of references. The rebuild places its new structures where none of them points
+    /// (a crafted L2 entry naming the first cluster past the end made it share a cluster with
+    /// the new refcount block), and counts those inside the file it grew.
+    past_end: std::collections::BTreeMap<u64, u32>,
 }
 
 impl Walk {
@@ -117,6 +122,11 @@ impl Walk {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
                 None => {
+                    // Bounded: a table past the end is recorded for its first clusters only.
+                    for p in c..=last.min(c + 4096) {
+                        let n = self.past_end.entry(p).or_insert(0);
+                        *n = n.saturating_add(1);
+                    }
                     self.report.messages.push(format!(
                         "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
                     ));
@@ -309,6 +319,7 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         active_l2: Vec::new(),
         active_l1_flags_only: Vec::new(),
         need_rebuild: false,
+        past_end: Default::default(),
     };
     w.add(0, s.geo.cluster_size());
     w.add(s.header.l1_table_offset, s.header.l1_size as u64 * 8);
@@ -727,14 +738,18 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     let mut refs: Vec<u64> = w.refs.iter().map(|&r| r as u64).collect();
     let cs = s.geo.cluster_size();
     let per = s.geo.refcounts_per_block();
-    let area = nb_clusters.max(s.alloc.alloc_end().get());
+    let mut area = nb_clusters.max(s.alloc.alloc_end().get());
     let (mut nb, mut nt) = (0u64, 1u64);
     loop {
         let total = area + nb + nt;
         let nb2 = total.div_ceil(per);
         let nt2 = (nb2 * 8).div_ceil(cs).max(1);
         if nb2 == nb && nt2 == nt {
-            break;
+            // Not over a cluster that an entry names past the end of the file.
+            match w.past_end.range(area..area + nb + nt).next_back() {
+                Some((&c, _)) => area = c + 1,
+                None => break,
+            }
         }
         nb = nb2;
         nt = nt2;
@@ -746,6 +761,10 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
         ));
     }
     refs.resize((area + nb + nt) as usize, 0);
+    // Clusters named past the old end lie inside the file now: count their references.
+    for (&c, &n) in w.past_end.range(..area) {
+        refs[c as usize] = n as u64;
+    }
     for c in area..area + nb + nt {
         refs[c as usize] = 1;
     }
