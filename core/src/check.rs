@@ -96,6 +96,8 @@ struct Walk {
     active_l2: Vec<(usize, u64)>,
     /// Active L1 entries with flags but no offset (see `walk_l1`), for `-r all` to clear.
     active_l1_flags_only: Vec<(usize, u64)>,
+    /// The same in snapshots' L1 tables: (where the entry is stored, index, entry).
+    snapshot_l1_flags_only: Vec<(u64, usize, u64)>,
     /// Whether a repair can only be done by rebuilding the refcount structures.
     need_rebuild: bool,
     /// References to clusters past the end of `refs` (past the end of the file): cluster and
@@ -149,7 +151,9 @@ fn read_bytes(s: &State, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Walk one L1 tree (active or snapshot) and count its references.
-fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
+/// `snapshot_l1`: where the snapshot's L1 table `l1` is stored (None: the active L1 table).
+fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], snapshot_l1: Option<u64>) -> Result<()> {
+    let active = snapshot_l1.is_none();
     let cs = s.geo.cluster_size();
     for (i, &e) in l1.iter().enumerate() {
         // Contiguity is tracked per L2 table, as qemu-img does.
@@ -167,12 +171,9 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             // Reported as a corruption; `-r all` clears the entry of the active tree (the guest
             // data does not change: the range reads as unallocated before and after).
             if e != 0 {
-                if active {
-                    w.active_l1_flags_only.push((i, e));
-                } else {
-                    w.error(format!(
-                        "ERROR snapshot L1 entry {i} has flags but no L2 table offset: {e:x}"
-                    ));
+                match snapshot_l1 {
+                    None => w.active_l1_flags_only.push((i, e)),
+                    Some(t) => w.snapshot_l1_flags_only.push((t + i as u64 * 8, i, e)),
                 }
             }
             continue;
@@ -318,13 +319,14 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         report: CheckReport::default(),
         active_l2: Vec::new(),
         active_l1_flags_only: Vec::new(),
+        snapshot_l1_flags_only: Vec::new(),
         need_rebuild: false,
         past_end: Default::default(),
     };
     w.add(0, s.geo.cluster_size());
     w.add(s.header.l1_table_offset, s.header.l1_size as u64 * 8);
     let l1 = s.tables.l1().to_vec();
-    walk_l1(s, &mut w, &l1, true)?;
+    walk_l1(s, &mut w, &l1, None)?;
     for snap in s.snapshots.entries().to_vec() {
         w.add(snap.l1_table_offset, snap.l1_size as u64 * 8);
         let t = read_bytes(
@@ -333,7 +335,8 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
             snap.l1_size as u64 * 8,
             "snapshot L1 table",
         )?;
-        walk_l1(s, &mut w, &fmt::decode_table(&t), false)?;
+        let t = fmt::decode_table(&t);
+        walk_l1(s, &mut w, &t, Some(snap.l1_table_offset))?;
     }
     if s.header.nb_snapshots > 0 {
         let size = s.snapshots.table_size();
@@ -566,6 +569,25 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         }
     }
     let refs_of = |w: &Walk, c: u64| w.refs.get(c as usize).copied().unwrap_or(0);
+    // The same in a snapshot's L1 table: after the snapshot is applied it is the active
+    // table's entry (QEMU's writer would load the header cluster as its L2 table). Cleared in
+    // place, one 8-byte write, when nothing else uses the table's cluster (a crafted table
+    // sharing it with other metadata is left alone); the snapshot's data does not change.
+    for (at, l1i, e) in std::mem::take(&mut w.snapshot_l1_flags_only) {
+        if all && refs_of(&w, at / s.geo.cluster_size()) == 1 {
+            w.report.messages.push(format!(
+                "Repairing snapshot L1 entry {l1i} with flags but no L2 table offset: {e:x}"
+            ));
+            s.file
+                .write_meta(&[0; 8], HostOffset::new(at), "snapshot L1 entry")?;
+            w.report.corruptions_fixed += 1;
+            fixed = true;
+        } else {
+            w.error(format!(
+                "ERROR snapshot L1 entry {l1i} has flags but no L2 table offset: {e:x}"
+            ));
+        }
+    }
     let foreign = if all || leaks_mode {
         non_l2_metadata(s)
     } else {

@@ -159,3 +159,39 @@ fn refcount_rebuild_never_places_a_block_where_an_l2_entry_points() {
     assert_same("guest cluster 3", &data[12288..16384], &[0; 4096]);
     assert_same("guest cluster 0", &data[..4096], &[0xaa; 4096]);
 }
+
+/// A snapshot's L1 entry with flags but no offset (`0x8000000000000000`). Our check reported
+/// it and `-r all` left it: the "repaired" image still had the corruption qemu-img counts (an
+/// L2 table at offset 0), and applying the snapshot made it the active entry. `-r all` now
+/// clears it in place (the snapshot reads the same: an unallocated L2 table either way).
+#[test]
+fn snapshot_l1_entry_with_flags_and_no_offset_is_repaired() {
+    require_qemu();
+    let d = tmpdir("snap-l1-flags");
+    let p = d.0.join("s.qcow2");
+    qemu_image(&p);
+    qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
+    let table = peek_be64(&p, hdr::SNAPSHOTS_OFFSET);
+    let sn_l1 = peek_be64(&p, table);
+    assert_eq!(peek_be64(&p, sn_l1 + 8), 0);
+    poke_be64(&p, sn_l1 + 8, 1 << 63);
+    let q = qemu_check(&p);
+    assert!(q.corruptions > 0, "qemu-img check: {}", q.text);
+    assert!(our_check(&p).corruptions > 0);
+
+    let r = repair_all(&p);
+    assert!(r.is_clean(), "{:?}", r.messages);
+    assert_eq!(peek_be64(&p, sn_l1 + 8), 0);
+    assert_qemu_clean(&p);
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    img.apply_snapshot("s1").unwrap();
+    img.close().unwrap();
+    assert_qemu_clean(&p);
+}
+
+fn repair_all(path: &Path) -> qcow2rs::CheckReport {
+    let img = Image::open(path, &OpenOptions::default()).unwrap();
+    let r = img.check(Some(RepairMode::All)).unwrap();
+    img.close().unwrap();
+    r
+}
