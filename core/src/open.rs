@@ -456,6 +456,14 @@ impl Image {
             // Used read-only: let others read it as a read-only user would.
             storage.lock(name, LockMode::ReadOnly)?;
         }
+        if !read_only && h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            // data-file-raw without an external data file (which is refused above): QEMU
+            // refuses to open such an image at all ("data-file-raw requires a data file"), so
+            // it is never written here either. Read-only, to let its data be rescued.
+            read_only = true;
+            ro_reason = "the data-file-raw bit is set but the image has no external data file (the image is invalid; QEMU refuses to open it)".into();
+            storage.lock(name, LockMode::ReadOnly)?;
+        }
         if !read_only {
             if let Some(what) = active_l1_overlap(&h, cs, &snapshots) {
                 // The active L1 table is written in place: a write would change the other
