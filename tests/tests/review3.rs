@@ -611,3 +611,102 @@ fn data_file_raw_without_a_data_file_is_never_written() {
         "the image was written"
     );
 }
+
+/// Compressed clusters that QEMU packed across host cluster boundaries (each one then holds a
+/// reference to two host clusters, each host cluster is shared by several compressed clusters):
+/// discard, zero, overwrite them in part and whole, with a snapshot sharing them, then delete
+/// the snapshot and write again. qemu-img check must stay clean and qemu-img must read the
+/// model at every step.
+#[test]
+fn compressed_clusters_qemu_packed_across_host_clusters() {
+    require_qemu();
+    let d = tmpdir("comp-span");
+    let p = d.0.join("c.qcow2");
+    let cs = 4096u64;
+    let n = 48u64;
+    qemu_create(&p, n * cs, "cluster_size=4096");
+    let raw = d.0.join("src.raw");
+    let mut model = Vec::new();
+    for k in 0..n {
+        // Half compressible: about 2 KiB compressed, so they straddle host clusters.
+        let mut c = compressible(k, cs as usize / 2);
+        c.extend(Rng::new(k).bytes(cs as usize / 2 - 300));
+        c.resize(cs as usize, 0);
+        model.extend(c);
+    }
+    std::fs::write(&raw, &model).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        raw.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ])
+    .ok();
+    let q = assert_qemu_clean(&p);
+    assert!(q.compressed_clusters > n / 2, "{}", q.json);
+    // At least one compressed cluster crosses a host cluster boundary.
+    let l2 = peek_be64(&p, peek_be64(&p, hdr::L1_TABLE_OFFSET)) & L1E_OFFSET_MASK;
+    let spans = (0..n)
+        .map(|k| peek_be64(&p, l2 + 8 * k))
+        .filter(|&e| e & (1 << 62) != 0)
+        .filter(|&e| {
+            let off = e & ((1 << 58) - 1);
+            let nsec = (e & ((1 << 62) - 1)) >> 58;
+            let end = (off & !511) + (nsec + 1) * 512;
+            off / cs != (end - 1) / cs
+        })
+        .count();
+    assert!(spans > 0, "no compressed cluster crosses a host cluster boundary");
+
+    let mut rng = Rng::new(42);
+    let step = |model: &[u8], what: &str| {
+        assert_qemu_clean(&p);
+        assert_same(what, &qemu_read_all(&p, "qcow2"), model);
+    };
+    for round in 0..3 {
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        if round == 1 {
+            img.create_snapshot("s").unwrap();
+        }
+        for _ in 0..24 {
+            let c = rng.below(n) * cs;
+            let (a, b) = (c as usize, (c + cs) as usize);
+            match rng.below(4) {
+                0 => {
+                    img.discard(c, cs).unwrap();
+                    model[a..b].fill(0);
+                }
+                1 => {
+                    img.write_zeroes(c + 512, 1024).unwrap();
+                    model[a + 512..a + 1536].fill(0);
+                }
+                2 => {
+                    let buf = rng.bytes(1024);
+                    img.write_at(&buf, c + 2048).unwrap();
+                    model[a + 2048..a + 3072].copy_from_slice(&buf);
+                }
+                _ => {
+                    let buf = compressible(rng.next_u64(), cs as usize);
+                    img.write_compressed(c, &buf).unwrap_or_else(|_| {
+                        img.write_at(&buf, c).unwrap();
+                    });
+                    model[a..b].copy_from_slice(&buf);
+                }
+            }
+        }
+        if round == 2 {
+            img.delete_snapshot("s").unwrap();
+        }
+        let r = img.check(None).unwrap();
+        assert!(r.is_clean(), "round {round}: {:?}", r.messages);
+        img.close().unwrap();
+        step(&model, &format!("round {round}"));
+    }
+}
