@@ -663,7 +663,10 @@ fn compressed_clusters_qemu_packed_across_host_clusters() {
             off / cs != (end - 1) / cs
         })
         .count();
-    assert!(spans > 0, "no compressed cluster crosses a host cluster boundary");
+    assert!(
+        spans > 0,
+        "no compressed cluster crosses a host cluster boundary"
+    );
 
     let mut rng = Rng::new(42);
     let step = |model: &[u8], what: &str| {
@@ -709,4 +712,107 @@ fn compressed_clusters_qemu_packed_across_host_clusters() {
         img.close().unwrap();
         step(&model, &format!("round {round}"));
     }
+}
+
+/// Narrow refcounts (1 and 2 bits): a snapshot that would overflow a refcount fails; the
+/// failed operation may leak, never corrupt, and the image stays writable and readable as
+/// before (qemu-img check: leaks at most; after -r leaks, clean).
+#[test]
+fn snapshot_that_overflows_narrow_refcounts_fails_cleanly() {
+    require_qemu();
+    for bits in [1u32, 2] {
+        let d = tmpdir(&format!("narrow-{bits}"));
+        let p = d.0.join("n.qcow2");
+        let cs = 4096u64;
+        Image::create(
+            &p,
+            &qcow2rs::CreateOptions {
+                cluster_size: cs as u32,
+                refcount_bits: bits,
+                ..qcow2rs::CreateOptions::new(64 * cs)
+            },
+        )
+        .unwrap();
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        let mut model = vec![0u8; 64 * cs as usize];
+        for k in 0..16u64 {
+            let b = Rng::new(k).bytes(cs as usize);
+            img.write_at(&b, k * 3 * cs).unwrap();
+            model[(k * 3 * cs) as usize..((k * 3 + 1) * cs) as usize].copy_from_slice(&b);
+        }
+        let mut made = 0;
+        for s in 0..4 {
+            match img.create_snapshot(&format!("s{s}")) {
+                Ok(_) => made += 1,
+                Err(e) => {
+                    eprintln!("{bits} bits: snapshot {s}: {e}");
+                    break;
+                }
+            }
+        }
+        assert!(made < 4, "{bits}-bit refcounts took 4 snapshots");
+        let b = vec![0x5a; 2 * cs as usize];
+        img.write_at(&b, cs / 2).unwrap();
+        model[(cs / 2) as usize..(cs / 2 + 2 * cs) as usize].copy_from_slice(&b);
+        let mut got = vec![0u8; model.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert_same(&format!("{bits} bits"), &got, &model);
+        img.close().unwrap();
+        let q = qemu_check(&p);
+        assert!(
+            q.corruptions == 0 && q.check_errors == 0,
+            "{bits} bits: {}",
+            q.text
+        );
+        let img = Image::open(&p, &OpenOptions::default()).unwrap();
+        img.check(Some(RepairMode::Leaks)).unwrap();
+        img.close().unwrap();
+        assert_qemu_clean(&p);
+        assert_same(
+            &format!("{bits} bits (qemu)"),
+            &qemu_read_all(&p, "qcow2"),
+            &model,
+        );
+    }
+}
+
+/// Two snapshots whose entries name the same L1 table (crafted; qemu-img check -r all makes
+/// the refcounts agree, after which qemu-img calls the image clean). Deleting one must leave
+/// the other whole: its L1 table, L2 tables and data keep their references.
+#[test]
+fn deleting_a_snapshot_whose_l1_table_another_shares_keeps_the_other() {
+    require_qemu();
+    let d = tmpdir("shared-snap-l1");
+    let p = d.0.join("s.qcow2");
+    qemu_image(&p);
+    let ps = p.to_str().unwrap();
+    qemu_img(&["snapshot", "-c", "s1", ps]).ok();
+    qemu_img(&["snapshot", "-c", "s2", ps]).ok();
+    qemu_io(&p, "qcow2", &["write -P 0xdd 0 12k".into()]).ok();
+    let want = qemu_raw(&p, Some("s1"), false);
+    // Entry 2 names entry 1's L1 table.
+    let table = peek_be64(&p, hdr::SNAPSHOTS_OFFSET);
+    let l1_of_1 = peek_be64(&p, table);
+    let len1 = 40
+        + peek_be16(&p, table + 12) as u64
+        + peek_be16(&p, table + 14) as u64
+        + peek_be32(&p, table + 36) as u64;
+    let e2 = table + len1.div_ceil(8) * 8;
+    poke_be64(&p, e2, l1_of_1);
+    let fix = qemu_img(&["check", "-r", "all", ps]);
+    assert_qemu_clean(&p);
+    assert_same("s2 before", &qemu_raw(&p, Some("s2"), false), &want);
+
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    img.delete_snapshot("s1").unwrap();
+    for k in 0..16u64 {
+        img.write_at(&[0x5a; 4096], (1 << 20) + k * 4096).unwrap();
+    }
+    img.close().unwrap();
+    assert_qemu_clean(&p);
+    assert_same(
+        &format!("s2 after deleting s1 ({})", fix.all().lines().count()),
+        &qemu_raw(&p, Some("s2"), false),
+        &want,
+    );
 }
