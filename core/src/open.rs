@@ -465,7 +465,7 @@ impl Image {
             storage.lock(name, LockMode::ReadOnly)?;
         }
         if !read_only {
-            if let Some(what) = active_l1_overlap(&h, cs, &snapshots) {
+            if let Some(what) = active_l1_overlap(&h, cs, &snapshots, &reftable) {
                 // The active L1 table is written in place: a write would change the other
                 // structure too (a snapshot's L1 table: the snapshot's contents). QEMU's
                 // overlap check refuses those writes and marks the image corrupt.
@@ -576,8 +576,14 @@ impl Image {
 
 /// Which structure written or read as something else shares a cluster with the active L1
 /// table (all are cluster-aligned by the specification), if any: the header cluster, the
-/// refcount table, the snapshot table, a snapshot's L1 table, the encryption header.
-fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry]) -> Option<String> {
+/// refcount table or a refcount block, the snapshot table, a snapshot's L1 table, the
+/// encryption header.
+fn active_l1_overlap(
+    h: &Header,
+    cs: u64,
+    snapshots: &[snapshot::SnapshotEntry],
+    reftable: &[u64],
+) -> Option<String> {
     let len = h.l1_size as u64 * 8;
     if len == 0 {
         return None;
@@ -592,6 +598,13 @@ fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry])
         h.refcount_table_clusters as u64 * cs,
     ) {
         return Some("refcount table".into());
+    }
+    // An L1 entry written into a refcount block changed four refcounts (and the refcount
+    // cache's copy of the block, written back, undid the entry).
+    if let Some(i) = reftable.iter().position(|&e| {
+        e & refcount::REFT_OFFSET_MASK != 0 && overlaps(e & refcount::REFT_OFFSET_MASK, 1)
+    }) {
+        return Some(format!("refcount block {i}"));
     }
     let table = crate::snapshot::Snapshots::new(snapshots.to_vec()).table_size();
     if h.nb_snapshots > 0 && overlaps(h.snapshots_offset, table.max(1)) {

@@ -816,3 +816,36 @@ fn deleting_a_snapshot_whose_l1_table_another_shares_keeps_the_other() {
         &want,
     );
 }
+
+/// The active L1 table's offset names the refcount block (crafted). Its first entries read as
+/// garbage, but those past the refcounts in use are zero, and a guest write there gave the
+/// guest cluster an L2 table by writing the L1 entry, into the refcount block: the refcounts
+/// of four clusters became 0x8000-odd (and the refcount cache wrote its own copy of the block
+/// back over the entry). QEMU's overlap check refuses that L1 write (and marks the image
+/// corrupt); such an image now opens read-only, as one whose L1 table shares a cluster with
+/// the refcount table does.
+#[test]
+fn active_l1_table_over_a_refcount_block_is_never_written() {
+    require_qemu();
+    let d = tmpdir("l1-refblock");
+    let p = d.0.join("r.qcow2");
+    qemu_create(&p, 64 << 20, "cluster_size=4096");
+    qemu_io(&p, "qcow2", &["write -P 0xaa 0 4k".into()]).ok();
+    let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
+    let block = peek_be64(&p, reftable);
+    poke_be64(&p, hdr::L1_TABLE_OFFSET, block);
+    let before = peek_bytes(&p, block, 4096);
+
+    if let Ok(img) = Image::open(&p, &OpenOptions::default()) {
+        let ro = img.is_read_only();
+        let w = img.write_at(&[0x5a; 4096], 16 << 20);
+        let _ = img.close();
+        let after = peek_bytes(&p, block, 4096);
+        let changed: Vec<usize> = (0..4096).filter(|&i| before[i] != after[i]).collect();
+        assert!(
+            changed.iter().all(|&i| i < 16),
+            "a guest write ({w:?}) wrote into the refcount block that is also the L1 table: bytes {changed:?} changed"
+        );
+        assert!(ro, "opened read-write");
+    }
+}
