@@ -474,6 +474,15 @@ impl Image {
                     "the active L1 table shares its clusters with the {what}; writing it would change that too (the image is corrupt)"
                 );
                 storage.lock(name, LockMode::ReadOnly)?;
+            } else if let Some(what) = active_l2_over_refcounts(&h, cs, &l1, &reftable) {
+                // Every refcount change would rewrite entries of that L2 table: what the guest
+                // reads there would change with allocations elsewhere. QEMU's overlap check
+                // refuses such refcount writes. `check -r all` moves the refcount structures.
+                read_only = true;
+                ro_reason = format!(
+                    "an active L2 table shares its cluster with the {what}; refcount updates would change the guest's data (the image is corrupt; repair it with check -r all)"
+                );
+                storage.lock(name, LockMode::ReadOnly)?;
             }
         }
         let backing = match (&h.backing_file, opts.backing_policy()) {
@@ -621,6 +630,30 @@ fn active_l1_overlap(
         }
     }
     None
+}
+
+/// Which refcount structure (the refcount table, a refcount block) shares a cluster with an L2
+/// table of the active L1 table, if any.
+fn active_l2_over_refcounts(h: &Header, cs: u64, l1: &[u64], reftable: &[u64]) -> Option<String> {
+    let l2: std::collections::HashSet<u64> = l1
+        .iter()
+        .map(|&e| (e & crate::format::l2::L1E_OFFSET_MASK) / cs)
+        .filter(|&c| c != 0)
+        .collect();
+    if l2.is_empty() {
+        return None;
+    }
+    let first = h.refcount_table_offset / cs;
+    if (first..first + h.refcount_table_clusters as u64).any(|c| l2.contains(&c)) {
+        return Some("refcount table".into());
+    }
+    reftable
+        .iter()
+        .position(|&e| {
+            let o = e & refcount::REFT_OFFSET_MASK;
+            o != 0 && l2.contains(&(o / cs))
+        })
+        .map(|i| format!("refcount block {i}"))
 }
 
 impl State {

@@ -849,3 +849,58 @@ fn active_l1_table_over_a_refcount_block_is_never_written() {
         assert!(ro, "opened read-write");
     }
 }
+
+/// An active L1 entry (without COPIED) naming the refcount block as its L2 table. No L2 write
+/// lands there (the table is copied on write), but every refcount change rewrote "L2 entries"
+/// of guest range 2-4 MiB: allocations elsewhere changed what the guest read there (from
+/// zeros to errors about garbage entries). QEMU's overlap check refuses refcount-block writes
+/// over an active L2 table. Such an image now opens read-only; `check -r all` rebuilds the
+/// refcount structures elsewhere.
+#[test]
+fn refcount_updates_never_rewrite_an_active_l2_table() {
+    require_qemu();
+    let d = tmpdir("refblock-is-l2");
+    let p = d.0.join("r.qcow2");
+    qemu_create(&p, 64 << 20, "cluster_size=4096");
+    qemu_io(&p, "qcow2", &["write -P 0xaa 0 4k".into()]).ok();
+    let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
+    let block = peek_be64(&p, reftable);
+    let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
+    poke_be64(&p, l1 + 8, block);
+    let read_range = |img: &Image| {
+        (0..512u64)
+            .map(|k| {
+                let mut b = vec![0u8; 4096];
+                img.read_at(&mut b, (2 << 20) + k * 4096).map(|()| b).ok()
+            })
+            .collect::<Vec<_>>()
+    };
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let before = read_range(&img);
+    img.close().unwrap();
+
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    for k in 0..64u64 {
+        if let Err(e) = img.write_at(&[0x5a; 4096], (16 << 20) + k * 65536) {
+            eprintln!("write {k}: {e}");
+        }
+    }
+    let _ = img.close();
+    let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+    let after = read_range(&img);
+    img.close().unwrap();
+    let changed = (0..512).filter(|&k| before[k] != after[k]).count();
+    assert_eq!(
+        changed, 0,
+        "writes elsewhere changed {changed} guest clusters at 2-4 MiB"
+    );
+
+    // Repair moves the refcount structures away; then the image is writable again.
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let r = img.check(Some(RepairMode::All)).unwrap();
+    img.close().unwrap();
+    assert!(r.rebuilt, "{:?}", r.messages);
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    assert!(!img.is_read_only());
+    img.close().unwrap();
+}
