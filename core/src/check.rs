@@ -264,6 +264,13 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], snapshot_l1: Option<u64>) ->
 }
 
 fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
+    // Without the autoclear bit the extension is stale (a program that did not keep the
+    // bitmaps, this one included, wrote the image): QEMU ignores it, and its check counts the
+    // bitmaps' clusters as leaked. Counting them here called clean an image qemu-img finds
+    // leaks in, and would keep clusters that QEMU's `-r leaks` frees.
+    if s.header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
     let Some(ext) = s.header.extension(header::EXT_BITMAPS) else {
         return Ok(());
     };

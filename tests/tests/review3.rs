@@ -904,3 +904,42 @@ fn refcount_updates_never_rewrite_an_active_l2_table() {
     assert!(!img.is_read_only());
     img.close().unwrap();
 }
+
+/// An image with a persistent dirty bitmap (qemu-img bitmap --add), written by us: opening it
+/// read-write clears the autoclear bit (we do not keep bitmaps), after which QEMU ignores the
+/// bitmaps extension and its check counts the bitmap directory and table as leaked clusters.
+/// Our check still counted them as referenced and called the image clean where qemu-img
+/// reports leaks; both now agree, and after either repair both call it clean.
+#[test]
+fn bitmap_clusters_are_counted_as_qemu_counts_them() {
+    require_qemu();
+    let d = tmpdir("bitmaps");
+    let p = d.0.join("b.qcow2");
+    qemu_image(&p);
+    let ps = p.to_str().unwrap();
+    qemu_img(&["bitmap", "--add", ps, "b0"]).ok();
+    qemu_io(&p, "qcow2", &["write -P 0xbb 1M 64k".into()]).ok();
+    assert_qemu_clean(&p);
+    assert_our_check_clean(&p);
+
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    img.write_at(&[0x5a; 4096], 2 << 20).unwrap();
+    img.close().unwrap();
+    let q = qemu_check(&p);
+    let ours = our_check(&p);
+    assert_eq!(
+        (ours.corruptions, ours.leaks),
+        (q.corruptions, q.leaks),
+        "ours: {:?}\nqemu-img: {}",
+        ours.messages,
+        q.text
+    );
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    img.check(Some(RepairMode::Leaks)).unwrap();
+    img.close().unwrap();
+    assert_qemu_clean(&p);
+    assert_our_check_clean(&p);
+    let data = qemu_read_all(&p, "qcow2");
+    assert_same("1 MiB", &data[1 << 20..(1 << 20) + 65536], &[0xbb; 65536]);
+    assert_same("2 MiB", &data[2 << 20..(2 << 20) + 4096], &[0x5a; 4096]);
+}
