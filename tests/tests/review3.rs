@@ -943,3 +943,120 @@ fn bitmap_clusters_are_counted_as_qemu_counts_them() {
     assert_same("1 MiB", &data[1 << 20..(1 << 20) + 65536], &[0xbb; 65536]);
     assert_same("2 MiB", &data[2 << 20..(2 << 20) + 4096], &[0x5a; 4096]);
 }
+
+/// Threads writing, compressing, zeroing and discarding anywhere (partial and whole clusters,
+/// crossing cluster boundaries) while another thread creates, applies and deletes snapshots
+/// and resizes. No model (apply changes everything under the writers): the image must check
+/// clean, qemu-img must agree, and qemu-img and we must read the same disk and snapshots.
+#[test]
+fn snapshot_apply_and_resize_while_threads_write() {
+    require_qemu();
+    let d = tmpdir("apply-threads");
+    let p = d.0.join("t.qcow2");
+    let cs = 4096u64;
+    let size = 64 * cs;
+    Image::create(
+        &p,
+        &qcow2rs::CreateOptions {
+            cluster_size: cs as u32,
+            ..qcow2rs::CreateOptions::new(size)
+        },
+    )
+    .unwrap();
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let budget = std::time::Duration::from_millis(1500);
+    let mut names: Vec<String> = Vec::new();
+    std::thread::scope(|sc| {
+        for t in 0..3u64 {
+            let (img, stop) = (&img, &stop);
+            sc.spawn(move || {
+                let mut rng = Rng::new(2000 + t);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let size = img.virtual_size();
+                    let off = rng.below(size) & !511;
+                    let len = (rng.range(512, 2 * cs) & !511).min(size - off);
+                    // The disk may have shrunk under the request; nothing else may fail.
+                    let r = match rng.below(4) {
+                        0 => img.write_at(&rng.bytes(len as usize), off),
+                        1 => {
+                            let c = off / cs * cs;
+                            let n = cs.min(size - c);
+                            img.write_compressed(c, &compressible(rng.next_u64(), n as usize))
+                        }
+                        2 => img.write_zeroes(off, len),
+                        _ => img.discard(off, len),
+                    };
+                    match r {
+                        Ok(()) => {}
+                        Err(qcow2rs::Error::InvalidArgument(m)) if m.contains("past the end") => {}
+                        Err(e) => panic!("thread {t}: {e}"),
+                    }
+                }
+            });
+        }
+        let (img, stop, names) = (&img, &stop, &mut names);
+        sc.spawn(move || {
+            let mut rng = Rng::new(9);
+            let start = std::time::Instant::now();
+            let mut k = 0;
+            while start.elapsed() < budget {
+                match rng.below(10) {
+                    0..=3 if names.len() < 4 => {
+                        let n = format!("s{k}");
+                        k += 1;
+                        img.create_snapshot(&n).unwrap();
+                        names.push(n);
+                    }
+                    4..=5 if !names.is_empty() => {
+                        let n = &names[rng.below(names.len() as u64) as usize];
+                        img.apply_snapshot(n.as_str()).unwrap();
+                    }
+                    6 if !names.is_empty() => {
+                        let n = names.remove(rng.below(names.len() as u64) as usize);
+                        img.delete_snapshot(n.as_str()).unwrap();
+                    }
+                    7 => {
+                        let s = img.virtual_size();
+                        let new = if rng.chance(50) {
+                            s + 3 * cs
+                        } else {
+                            (s - 3 * cs).max(16 * cs)
+                        };
+                        img.resize(new).unwrap();
+                    }
+                    _ => img.flush().unwrap(),
+                }
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    });
+    let r = img.check(None).unwrap();
+    assert!(r.is_clean(), "{}", head_tail(&r.messages.join("\n"), 20));
+    let mut ours = vec![0u8; img.virtual_size() as usize];
+    img.read_at(&mut ours, 0).unwrap();
+    img.close().unwrap();
+    assert_qemu_clean(&p);
+    assert_same(
+        "qemu reads the disk as we do",
+        &qemu_read_all(&p, "qcow2"),
+        &ours,
+    );
+    for n in &names {
+        let view = Image::open(
+            &p,
+            &OpenOptions {
+                snapshot: Some(n.as_str().into()),
+                ..OpenOptions::read_only()
+            },
+        )
+        .unwrap();
+        let mut snap = vec![0u8; view.virtual_size() as usize];
+        view.read_at(&mut snap, 0).unwrap();
+        view.close().unwrap();
+        let q = qemu_raw(&p, Some(n), false);
+        let m = q.len().min(snap.len());
+        assert_same(&format!("snapshot {n}"), &q[..m], &snap[..m]);
+    }
+}
