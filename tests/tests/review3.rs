@@ -255,6 +255,9 @@ enum Kind {
     Plain,
     Subclusters,
     Luks,
+    /// Over a raw backing file of random data (discarded clusters become zero clusters, a
+    /// grown range reads as zeros).
+    Backing,
 }
 
 fn random_workload(seed: u64, cluster_size: u32, kind: Kind, ops: usize) {
@@ -269,12 +272,20 @@ fn random_workload(seed: u64, cluster_size: u32, kind: Kind, ops: usize) {
         e.iter_time_ms = 10;
         e
     });
+    let mut model = vec![0u8; size0 as usize];
+    let backing = matches!(kind, Kind::Backing);
+    if backing {
+        rng.fill(&mut model);
+        std::fs::write(d.0.join("base.raw"), &model).unwrap();
+    }
     Image::create(
         &p,
         &qcow2rs::CreateOptions {
             cluster_size,
             extended_l2: matches!(kind, Kind::Subclusters),
             encryption,
+            backing_file: backing.then(|| "base.raw".into()),
+            backing_format: backing.then(|| "raw".into()),
             ..qcow2rs::CreateOptions::new(size0)
         },
     )
@@ -283,7 +294,6 @@ fn random_workload(seed: u64, cluster_size: u32, kind: Kind, ops: usize) {
         password: luks.then(|| PW.into()),
         ..OpenOptions::default()
     };
-    let mut model = vec![0u8; size0 as usize];
     let mut snaps: Vec<Snap> = Vec::new();
     let mut img = Image::open(&p, &opts).unwrap();
     let mut next = 0;
@@ -439,6 +449,7 @@ fn random_snapshots_compressed_discards_resizes() {
             (65536, Kind::Plain),
             (16384, Kind::Subclusters),
             (4096, Kind::Luks),
+            (4096, Kind::Backing),
         ] {
             random_workload(seed, cs, kind, 160);
         }
