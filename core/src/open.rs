@@ -633,27 +633,31 @@ fn active_l1_overlap(
 }
 
 /// Which refcount structure (the refcount table, a refcount block) shares a cluster with an L2
-/// table of the active L1 table, if any.
+/// table of the active L1 table, if any. (Memory: a sorted copy of the refcount table's
+/// clusters, no more than the refcount table itself.)
 fn active_l2_over_refcounts(h: &Header, cs: u64, l1: &[u64], reftable: &[u64]) -> Option<String> {
-    let l2: std::collections::HashSet<u64> = l1
+    let mut blocks: Vec<(u64, usize)> = reftable
         .iter()
-        .map(|&e| (e & crate::format::l2::L1E_OFFSET_MASK) / cs)
-        .filter(|&c| c != 0)
+        .enumerate()
+        .map(|(i, &e)| ((e & refcount::REFT_OFFSET_MASK) / cs, i))
+        .filter(|&(c, _)| c != 0)
         .collect();
-    if l2.is_empty() {
-        return None;
-    }
+    blocks.sort_unstable();
     let first = h.refcount_table_offset / cs;
-    if (first..first + h.refcount_table_clusters as u64).any(|c| l2.contains(&c)) {
-        return Some("refcount table".into());
+    let table = first..first + h.refcount_table_clusters as u64;
+    for &e in l1 {
+        let c = (e & crate::format::l2::L1E_OFFSET_MASK) / cs;
+        if c == 0 {
+            continue;
+        }
+        if table.contains(&c) {
+            return Some("refcount table".into());
+        }
+        if let Ok(k) = blocks.binary_search_by_key(&c, |&(b, _)| b) {
+            return Some(format!("refcount block {}", blocks[k].1));
+        }
     }
-    reftable
-        .iter()
-        .position(|&e| {
-            let o = e & refcount::REFT_OFFSET_MASK;
-            o != 0 && l2.contains(&(o / cs))
-        })
-        .map(|i| format!("refcount block {i}"))
+    None
 }
 
 impl State {
