@@ -389,8 +389,21 @@ impl State {
     }
 
     /// Refuse to hand out clusters that hold metadata we know about: their refcounts are wrong,
-    /// and writing there would destroy the image.
-    fn check_overlap(&self, start: HostCluster, n: u64) -> Result<()> {
+    /// and writing there would destroy the image. Besides the tables the header names, this
+    /// covers refcount blocks, the active L2 tables and the encryption header
+    /// (`State::is_metadata`): a refcount block or an L2 table whose own refcount was 0 was
+    /// handed out, and guest data or a new L2 table written over it.
+    fn check_overlap(&mut self, start: HostCluster, n: u64) -> Result<()> {
+        if let Some(i) = (0..n).find(|&i| self.is_metadata(start + i)) {
+            let at = self.geo.host_offset(start + i).get();
+            return Err(Error::corrupt(
+                self.name(),
+                format!(
+                    "Preventing invalid allocation of the cluster at {at:#x}: it holds metadata but its refcount is 0 (run check -r all)"
+                ),
+                at,
+            ));
+        }
         let cluster_size = self.geo.cluster_size();
         let a = self.geo.host_offset(start).get();
         let b = self.geo.host_offset(start + n).get();
@@ -439,6 +452,7 @@ impl State {
         while self.refcount(b)? != 0 {
             b += 1;
         }
+        self.check_overlap(b, 1)?;
         // Every cluster before `b` is in use: the next search need not look there again.
         self.alloc.free_cluster_index = b;
         let self_describing = self.geo.refcount_table_index(b) == ri;

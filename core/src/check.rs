@@ -96,8 +96,15 @@ struct Walk {
     active_l2: Vec<(usize, u64)>,
     /// Active L1 entries with flags but no offset (see `walk_l1`), for `-r all` to clear.
     active_l1_flags_only: Vec<(usize, u64)>,
+    /// The same in snapshots' L1 tables: (where the entry is stored, index, entry).
+    snapshot_l1_flags_only: Vec<(u64, usize, u64)>,
     /// Whether a repair can only be done by rebuilding the refcount structures.
     need_rebuild: bool,
+    /// References to clusters past the end of `refs` (past the end of the file): cluster and
+    /// number of references. The rebuild places its new structures where none of them points
+    /// (a crafted L2 entry naming the first cluster past the end made it share a cluster with
+    /// the new refcount block), and counts those inside the file it grew.
+    past_end: std::collections::BTreeMap<u64, u32>,
 }
 
 impl Walk {
@@ -117,6 +124,11 @@ impl Walk {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),
                 None => {
+                    // Bounded: a table past the end is recorded for its first clusters only.
+                    for p in c..=last.min(c + 4096) {
+                        let n = self.past_end.entry(p).or_insert(0);
+                        *n = n.saturating_add(1);
+                    }
                     self.report.messages.push(format!(
                         "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
                     ));
@@ -139,7 +151,9 @@ fn read_bytes(s: &State, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Walk one L1 tree (active or snapshot) and count its references.
-fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> {
+/// `snapshot_l1`: where the snapshot's L1 table `l1` is stored (None: the active L1 table).
+fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], snapshot_l1: Option<u64>) -> Result<()> {
+    let active = snapshot_l1.is_none();
     let cs = s.geo.cluster_size();
     for (i, &e) in l1.iter().enumerate() {
         // Contiguity is tracked per L2 table, as qemu-img does.
@@ -157,12 +171,9 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
             // Reported as a corruption; `-r all` clears the entry of the active tree (the guest
             // data does not change: the range reads as unallocated before and after).
             if e != 0 {
-                if active {
-                    w.active_l1_flags_only.push((i, e));
-                } else {
-                    w.error(format!(
-                        "ERROR snapshot L1 entry {i} has flags but no L2 table offset: {e:x}"
-                    ));
+                match snapshot_l1 {
+                    None => w.active_l1_flags_only.push((i, e)),
+                    Some(t) => w.snapshot_l1_flags_only.push((t + i as u64 * 8, i, e)),
                 }
             }
             continue;
@@ -253,6 +264,13 @@ fn walk_l1(s: &mut State, w: &mut Walk, l1: &[u64], active: bool) -> Result<()> 
 }
 
 fn walk_bitmaps(s: &State, w: &mut Walk) -> Result<()> {
+    // Without the autoclear bit the extension is stale (a program that did not keep the
+    // bitmaps, this one included, wrote the image): QEMU ignores it, and its check counts the
+    // bitmaps' clusters as leaked. Counting them here called clean an image qemu-img finds
+    // leaks in, and would keep clusters that QEMU's `-r leaks` frees.
+    if s.header.autoclear_features & header::AUTOCLEAR_BITMAPS == 0 {
+        return Ok(());
+    }
     let Some(ext) = s.header.extension(header::EXT_BITMAPS) else {
         return Ok(());
     };
@@ -308,12 +326,14 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
         report: CheckReport::default(),
         active_l2: Vec::new(),
         active_l1_flags_only: Vec::new(),
+        snapshot_l1_flags_only: Vec::new(),
         need_rebuild: false,
+        past_end: Default::default(),
     };
     w.add(0, s.geo.cluster_size());
     w.add(s.header.l1_table_offset, s.header.l1_size as u64 * 8);
     let l1 = s.tables.l1().to_vec();
-    walk_l1(s, &mut w, &l1, true)?;
+    walk_l1(s, &mut w, &l1, None)?;
     for snap in s.snapshots.entries().to_vec() {
         w.add(snap.l1_table_offset, snap.l1_size as u64 * 8);
         let t = read_bytes(
@@ -322,7 +342,8 @@ fn walk(s: &mut State, nb_clusters: u64, count_refcount_structures: bool) -> Res
             snap.l1_size as u64 * 8,
             "snapshot L1 table",
         )?;
-        walk_l1(s, &mut w, &fmt::decode_table(&t), false)?;
+        let t = fmt::decode_table(&t);
+        walk_l1(s, &mut w, &t, Some(snap.l1_table_offset))?;
     }
     if s.header.nb_snapshots > 0 {
         let size = s.snapshots.table_size();
@@ -555,6 +576,25 @@ fn check_once(s: &mut State, repair: Option<RepairMode>) -> Result<(CheckReport,
         }
     }
     let refs_of = |w: &Walk, c: u64| w.refs.get(c as usize).copied().unwrap_or(0);
+    // The same in a snapshot's L1 table: after the snapshot is applied it is the active
+    // table's entry (QEMU's writer would load the header cluster as its L2 table). Cleared in
+    // place, one 8-byte write, when nothing else uses the table's cluster (a crafted table
+    // sharing it with other metadata is left alone); the snapshot's data does not change.
+    for (at, l1i, e) in std::mem::take(&mut w.snapshot_l1_flags_only) {
+        if all && refs_of(&w, at / s.geo.cluster_size()) == 1 {
+            w.report.messages.push(format!(
+                "Repairing snapshot L1 entry {l1i} with flags but no L2 table offset: {e:x}"
+            ));
+            s.file
+                .write_meta(&[0; 8], HostOffset::new(at), "snapshot L1 entry")?;
+            w.report.corruptions_fixed += 1;
+            fixed = true;
+        } else {
+            w.error(format!(
+                "ERROR snapshot L1 entry {l1i} has flags but no L2 table offset: {e:x}"
+            ));
+        }
+    }
     let foreign = if all || leaks_mode {
         non_l2_metadata(s)
     } else {
@@ -727,14 +767,18 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
     let mut refs: Vec<u64> = w.refs.iter().map(|&r| r as u64).collect();
     let cs = s.geo.cluster_size();
     let per = s.geo.refcounts_per_block();
-    let area = nb_clusters.max(s.alloc.alloc_end().get());
+    let mut area = nb_clusters.max(s.alloc.alloc_end().get());
     let (mut nb, mut nt) = (0u64, 1u64);
     loop {
         let total = area + nb + nt;
         let nb2 = total.div_ceil(per);
         let nt2 = (nb2 * 8).div_ceil(cs).max(1);
         if nb2 == nb && nt2 == nt {
-            break;
+            // Not over a cluster that an entry names past the end of the file.
+            match w.past_end.range(area..area + nb + nt).next_back() {
+                Some((&c, _)) => area = c + 1,
+                None => break,
+            }
         }
         nb = nb2;
         nt = nt2;
@@ -746,6 +790,10 @@ fn rebuild(s: &mut State, nb_clusters: u64) -> Result<()> {
         ));
     }
     refs.resize((area + nb + nt) as usize, 0);
+    // Clusters named past the old end lie inside the file now: count their references.
+    for (&c, &n) in w.past_end.range(..area) {
+        refs[c as usize] = n as u64;
+    }
     for c in area..area + nb + nt {
         refs[c as usize] = 1;
     }

@@ -456,14 +456,31 @@ impl Image {
             // Used read-only: let others read it as a read-only user would.
             storage.lock(name, LockMode::ReadOnly)?;
         }
+        if !read_only && h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            // data-file-raw without an external data file (which is refused above): QEMU
+            // refuses to open such an image at all ("data-file-raw requires a data file"), so
+            // it is never written here either. Read-only, to let its data be rescued.
+            read_only = true;
+            ro_reason = "the data-file-raw bit is set but the image has no external data file (the image is invalid; QEMU refuses to open it)".into();
+            storage.lock(name, LockMode::ReadOnly)?;
+        }
         if !read_only {
-            if let Some(what) = active_l1_overlap(&h, cs, &snapshots) {
+            if let Some(what) = active_l1_overlap(&h, cs, &snapshots, &reftable) {
                 // The active L1 table is written in place: a write would change the other
                 // structure too (a snapshot's L1 table: the snapshot's contents). QEMU's
                 // overlap check refuses those writes and marks the image corrupt.
                 read_only = true;
                 ro_reason = format!(
                     "the active L1 table shares its clusters with the {what}; writing it would change that too (the image is corrupt)"
+                );
+                storage.lock(name, LockMode::ReadOnly)?;
+            } else if let Some(what) = active_l2_over_refcounts(&h, cs, &l1, &reftable) {
+                // Every refcount change would rewrite entries of that L2 table: what the guest
+                // reads there would change with allocations elsewhere. QEMU's overlap check
+                // refuses such refcount writes. `check -r all` moves the refcount structures.
+                read_only = true;
+                ro_reason = format!(
+                    "an active L2 table shares its cluster with the {what}; refcount updates would change the guest's data (the image is corrupt; repair it with check -r all)"
                 );
                 storage.lock(name, LockMode::ReadOnly)?;
             }
@@ -568,8 +585,14 @@ impl Image {
 
 /// Which structure written or read as something else shares a cluster with the active L1
 /// table (all are cluster-aligned by the specification), if any: the header cluster, the
-/// refcount table, the snapshot table, a snapshot's L1 table, the encryption header.
-fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry]) -> Option<String> {
+/// refcount table or a refcount block, the snapshot table, a snapshot's L1 table, the
+/// encryption header.
+fn active_l1_overlap(
+    h: &Header,
+    cs: u64,
+    snapshots: &[snapshot::SnapshotEntry],
+    reftable: &[u64],
+) -> Option<String> {
     let len = h.l1_size as u64 * 8;
     if len == 0 {
         return None;
@@ -585,6 +608,13 @@ fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry])
     ) {
         return Some("refcount table".into());
     }
+    // An L1 entry written into a refcount block changed four refcounts (and the refcount
+    // cache's copy of the block, written back, undid the entry).
+    if let Some(i) = reftable.iter().position(|&e| {
+        e & refcount::REFT_OFFSET_MASK != 0 && overlaps(e & refcount::REFT_OFFSET_MASK, 1)
+    }) {
+        return Some(format!("refcount block {i}"));
+    }
     let table = crate::snapshot::Snapshots::new(snapshots.to_vec()).table_size();
     if h.nb_snapshots > 0 && overlaps(h.snapshots_offset, table.max(1)) {
         return Some("snapshot table".into());
@@ -597,6 +627,34 @@ fn active_l1_overlap(h: &Header, cs: u64, snapshots: &[snapshot::SnapshotEntry])
     if let Some(ext) = h.extension(header::EXT_CRYPTO) {
         if ext.len() >= 16 && overlaps(fmt::be64(ext, 0), fmt::be64(ext, 8)) {
             return Some("encryption header".into());
+        }
+    }
+    None
+}
+
+/// Which refcount structure (the refcount table, a refcount block) shares a cluster with an L2
+/// table of the active L1 table, if any. (Memory: a sorted copy of the refcount table's
+/// clusters, no more than the refcount table itself.)
+fn active_l2_over_refcounts(h: &Header, cs: u64, l1: &[u64], reftable: &[u64]) -> Option<String> {
+    let mut blocks: Vec<(u64, usize)> = reftable
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| ((e & refcount::REFT_OFFSET_MASK) / cs, i))
+        .filter(|&(c, _)| c != 0)
+        .collect();
+    blocks.sort_unstable();
+    let first = h.refcount_table_offset / cs;
+    let table = first..first + h.refcount_table_clusters as u64;
+    for &e in l1 {
+        let c = (e & crate::format::l2::L1E_OFFSET_MASK) / cs;
+        if c == 0 {
+            continue;
+        }
+        if table.contains(&c) {
+            return Some("refcount table".into());
+        }
+        if let Ok(k) = blocks.binary_search_by_key(&c, |&(b, _)| b) {
+            return Some(format!("refcount block {}", blocks[k].1));
         }
     }
     None

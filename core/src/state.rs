@@ -112,10 +112,20 @@ impl State {
     }
 
     /// Whether host cluster `c` holds metadata (header, L1, refcount table and blocks, active
-    /// L2 tables, snapshot table and the snapshots' L1 tables, LUKS header area). The set is built when first needed.
+    /// L2 tables, snapshot table and the snapshots' L1 and L2 tables, LUKS header area). The set
+    /// is built when first needed.
     pub(crate) fn is_metadata(&mut self, c: HostCluster) -> bool {
         if self.meta.set.is_none() {
             let geo = self.geo;
+            // The snapshots' L2 tables: one whose refcount was 0 was handed out by the
+            // allocator and overwritten (the snapshot lost its data). A snapshot L1 table that
+            // cannot be read contributes nothing here (using the snapshot reports it).
+            let mut snapshot_l2 = Vec::new();
+            for e in self.snapshots.entries() {
+                if let Ok(l1) = self.read_snapshot_l1(e) {
+                    snapshot_l2.extend(l1.iter().map(|&x| x & L1E_OFFSET_MASK));
+                }
+            }
             let mut m = HashSet::new();
             let mut range = |off: u64, len: u64| {
                 if len > 0 {
@@ -145,8 +155,8 @@ impl State {
                     m.insert(geo.host_cluster(HostOffset::new(o)));
                 }
             }
-            for &e in self.tables.l1() {
-                let o = e & L1E_OFFSET_MASK;
+            for &o in self.tables.l1().iter().chain(&snapshot_l2) {
+                let o = o & L1E_OFFSET_MASK;
                 if o != 0 {
                     m.insert(geo.host_cluster(HostOffset::new(o)));
                 }

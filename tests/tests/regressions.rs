@@ -519,13 +519,15 @@ fn repair_while_writing_keeps_data() {
     img.write_at(&vec![1u8; 4 * MIB as usize], 0).unwrap();
     img.flush().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (img, stop) = (img.clone(), stop.clone());
+        let (img, stop, started) = (img.clone(), stop.clone(), started.clone());
         std::thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let off = (i % 64) * 65536;
                 img.write_at(&pattern(i, 4096), off).unwrap();
+                started.store(true, Ordering::SeqCst);
                 if i.is_multiple_of(7) {
                     img.flush().unwrap();
                 }
@@ -534,6 +536,11 @@ fn repair_while_writing_keeps_data() {
             i
         })
     };
+    // On a loaded machine the twenty checks could all run before the writer's first write
+    // (the test then failed on `n > 0`, checking nothing concurrent).
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
     for _ in 0..20 {
         let r = img.check(Some(RepairMode::All)).unwrap();
         assert_eq!(r.corruptions, 0, "{:?}", r.messages);
