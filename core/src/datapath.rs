@@ -274,6 +274,99 @@ fn host_read(
     }
 }
 
+/// What the unlocked read of allocated clusters needs from the state.
+struct DataCtx<'a> {
+    storage: &'a dyn crate::storage::Storage,
+    crypto: Option<&'a Crypto>,
+    name: &'a str,
+    /// Guest offset of the request (buffer index 0).
+    offset: GuestOffset,
+}
+
+/// Allocated data below which a request is read (and decrypted) on the calling thread only.
+const PARALLEL_READ_MIN: usize = 256 << 10;
+
+/// Read (and decrypt) the allocated `pieces` of a request (in buffer order) into `buf`. A
+/// large request is cut into one part per core, each read and decrypted on its own thread:
+/// copying out of the page cache and decrypting cost about the same, and a single thread
+/// doing both left the other cores idle (legacy AES read at a third of the cipher's rate).
+/// Parts are cut at multiples of 4 KiB from a piece's start, so they stay sector-aligned
+/// for the cipher.
+fn read_pieces(ctx: &DataCtx<'_>, buf: &mut [u8], pieces: &[Piece]) -> Result<()> {
+    let total: usize = pieces.iter().map(|p| p.len).sum();
+    let threads = crate::crypto::parallelism();
+    if total < PARALLEL_READ_MIN || threads < 2 {
+        for p in pieces {
+            let guest = ctx.offset + p.start as u64;
+            let part = &mut buf[p.start..p.start + p.len];
+            host_read(ctx.storage, ctx.crypto, ctx.name, part, p.host, guest)?;
+        }
+        return Ok(());
+    }
+    // Cut the pieces into `threads` groups of about the same size.
+    let per = total.div_ceil(threads).next_multiple_of(4096);
+    let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
+    let mut room = per;
+    for p in pieces {
+        let mut done = 0;
+        while done < p.len {
+            if room == 0 {
+                groups.push(Vec::new());
+                room = per;
+            }
+            let n = (p.len - done).min(room);
+            groups.last_mut().expect("one group at least").push(Piece {
+                start: p.start + done,
+                len: n,
+                host: p.host + done as u64,
+            });
+            done += n;
+            room -= n;
+        }
+    }
+    let run = |part: &mut [u8], base: usize, group: &[Piece]| -> Result<()> {
+        for p in group {
+            let guest = ctx.offset + p.start as u64;
+            let out = &mut part[p.start - base..p.start - base + p.len];
+            ctx.storage
+                .read_at(out, p.host.get())
+                .map_err(|e| Error::io(ctx.name, format!("read data at {:#x}", p.host), e))?;
+            if let Some(c) = ctx.crypto {
+                c.decrypt_here(ctx.name, out, p.host, guest)?;
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut rest = buf;
+        let mut base = 0usize;
+        let mut last = Ok(());
+        for (k, group) in groups.iter().enumerate() {
+            // This group's part of the buffer: up to where the next group's first piece begins.
+            let end = groups.get(k + 1).map_or(base + rest.len(), |g| g[0].start);
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
+            rest = tail;
+            let at = base;
+            base = end;
+            if k + 1 == groups.len() {
+                // The last group runs on this thread.
+                last = run(part, at, group);
+            } else {
+                let run = &run;
+                handles.push(scope.spawn(move || run(part, at, group)));
+            }
+        }
+        for h in handles {
+            match h.join() {
+                Ok(r) => r?,
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        last
+    })
+}
+
 /// Whether a request covers whole sectors (an empty one does: it touches nothing).
 fn sector_aligned(offset: GuestOffset, len: usize) -> bool {
     len == 0 || (offset.get().is_multiple_of(SECTOR as u64) && len.is_multiple_of(SECTOR))
@@ -360,11 +453,13 @@ pub(crate) fn read(
     drop(s);
     #[cfg(feature = "testing")]
     testing::in_unlocked_read();
-    for p in plan {
-        let guest = offset + p.start as u64;
-        let part = &mut buf[p.start..p.start + p.len];
-        host_read(&*storage, crypto.as_deref(), &name, part, p.host, guest)?;
-    }
+    let data = DataCtx {
+        storage: &*storage,
+        crypto: crypto.as_deref(),
+        name: &name,
+        offset,
+    };
+    read_pieces(&data, buf, &plan)?;
     if !comps.is_empty() {
         let ctx = CompCtx {
             storage: &*storage,
