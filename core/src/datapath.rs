@@ -57,8 +57,9 @@ use crate::mutants::active as mutant;
 use crate::offset::{GuestCluster, GuestOffset, HostOffset};
 use crate::state::State;
 
-/// The last decompressed cluster: (host offset of the compressed data, the cluster). Dropped
-/// whenever a cluster is freed (the bytes at that offset may be rewritten).
+/// The last decompressed cluster: (host offset of the compressed data, the cluster, or the
+/// first part of it that a read decompressed: see [`CompPiece::decode`]). Dropped whenever a
+/// cluster is freed (the bytes at that offset may be rewritten).
 ///
 /// Readers decompress outside the state lock ([`read`]) and store what they decompressed
 /// afterwards, without the state lock; the epoch, bumped by every `clear`, tells them whether
@@ -84,7 +85,7 @@ impl Decompressed {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The cluster compressed at `offset`, if it is the one kept.
+    /// The cluster compressed at `offset` (or its first part), if it is the one kept.
     fn get(&self, offset: HostOffset) -> Option<Arc<Vec<u8>>> {
         match &self.slot().last {
             Some((o, d)) if *o == offset => Some(d.clone()),
@@ -116,6 +117,11 @@ struct CompPiece {
     guest: u64,
     host: HostOffset,
     comp_len: usize,
+    /// Bytes of the cluster to decompress when only a part of it is asked for: up to the end
+    /// of that part (a random 4 KiB read inflates half a cluster on average, not all of it),
+    /// or the whole cluster when the part starts it or continues the part kept in the cache
+    /// (sequential small reads then inflate each cluster once).
+    decode: usize,
 }
 
 /// What the unlocked compressed read needs from the state.
@@ -181,7 +187,9 @@ fn decompress_serial(
             if whole {
                 compress::decompress(input, out, ctx.kind).map_err(fail)?;
             } else {
-                let mut cluster = vec![0u8; ctx.cluster_size];
+                // Inflating stops once `decode` bytes are out: the rest of the stream is not
+                // looked at (a later read of the rest checks it).
+                let mut cluster = vec![0u8; p.decode];
                 compress::decompress(input, &mut cluster, ctx.kind).map_err(fail)?;
                 out.copy_from_slice(&cluster[p.in_cluster..p.in_cluster + p.len]);
                 kept = Some((p.host, cluster));
@@ -290,8 +298,8 @@ const PARALLEL_READ_MIN: usize = 256 << 10;
 /// large request is cut into one part per core, each read and decrypted on its own thread:
 /// copying out of the page cache and decrypting cost about the same, and a single thread
 /// doing both left the other cores idle (legacy AES read at a third of the cipher's rate).
-/// Parts are cut at multiples of 4 KiB from a piece's start, so they stay sector-aligned
-/// for the cipher.
+/// Every part but the last holds the same number of bytes, a multiple of 4 KiB; the pieces of
+/// an encrypted image are whole sectors, so every cut falls on a sector boundary.
 fn read_pieces(ctx: &DataCtx<'_>, buf: &mut [u8], pieces: &[Piece]) -> Result<()> {
     let total: usize = pieces.iter().map(|p| p.len).sum();
     let threads = crate::crypto::parallelism();
@@ -422,15 +430,24 @@ pub(crate) fn read(
             Desc::Compressed { offset: host, len } => {
                 s.check_compressed(c, host, len)?;
                 let at = in_cluster as usize;
-                match s.decompressed.get(host) {
-                    Some(data) => buf[done..done + n].copy_from_slice(&data[at..at + n]),
-                    None => comps.push(CompPiece {
+                let cs = geo.cluster_size() as usize;
+                let kept = s.decompressed.get(host);
+                match kept {
+                    Some(data) if data.len() >= at + n => {
+                        buf[done..done + n].copy_from_slice(&data[at..at + n])
+                    }
+                    _ => comps.push(CompPiece {
                         start: done,
                         len: n,
                         in_cluster: at,
                         guest: geo.guest_offset(c).get(),
                         host,
                         comp_len: len as usize,
+                        decode: if at == 0 || kept.is_some() {
+                            cs
+                        } else {
+                            at + n
+                        },
                     }),
                 }
             }
@@ -1280,8 +1297,9 @@ impl State {
         offset: HostOffset,
         len: u64,
     ) -> Result<Arc<Vec<u8>>> {
-        if let Some(d) = self.decompressed.get(offset) {
-            return Ok(d);
+        match self.decompressed.get(offset) {
+            Some(d) if d.len() == self.geo.cluster_size() as usize => return Ok(d),
+            _ => {}
         }
         self.check_compressed(c, offset, len)?;
         let mut input = vec![0u8; len as usize];

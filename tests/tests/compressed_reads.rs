@@ -244,3 +244,52 @@ fn large_reads_of_scattered_clusters_plain_and_encrypted() {
         }
     }
 }
+
+/// A read of a part of a compressed cluster inflates it only up to the end of that part, and
+/// keeps that first part in the cache; a later read within it is served from the cache, one
+/// beyond it inflates the whole cluster (`datapath.rs`, `CompPiece::decode`). Every order of
+/// such reads returns what was written.
+#[test]
+fn partial_reads_of_compressed_clusters_inflate_a_prefix() {
+    let dir = TempDir::new().unwrap();
+    for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+        let n = 6;
+        let p = create(dir.path(), kind, n);
+        let img = Image::open(&p, &OpenOptions::read_only()).unwrap();
+        for k in 0..n {
+            let want = cluster(k);
+            let base = k * CS;
+            for (at, len) in [
+                (40000u64, 4096u64),
+                (100, 4096),
+                (39000, 5096),
+                (50000, 10000),
+                (60000, 5536),
+                (0, 512),
+                (65000, 536),
+            ] {
+                let got = read(&img, base + at, len);
+                assert!(
+                    got[..] == want[at as usize..(at + len) as usize],
+                    "{kind:?} cluster {k}: {len} bytes at {at}"
+                );
+            }
+        }
+        // Prefixes of one cluster, then reads in another cluster's middle: the cache holds
+        // one cluster (or its first part) at a time.
+        let all: Vec<u8> = (0..n).flat_map(cluster).collect();
+        let mut x = 7u64;
+        for _ in 0..200 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = (x >> 33) % (n * CS - 4096);
+            let len = 1 + (x >> 20) % 4096;
+            let got = read(&img, off, len);
+            assert!(
+                got[..] == all[off as usize..(off + len) as usize],
+                "{kind:?} at {off}"
+            );
+        }
+    }
+}
