@@ -273,10 +273,10 @@ def qemu_io_time(path: Path, size: int, password: Optional[str]) -> Optional[flo
     if exe is None or password:
         return None
     out = run(exe, "-r", "-f", "qcow2", "-c", f"read 0 {size}", str(path))
-    # "1 GiB, 1 ops; 00.52 sec (1.9 GiB/sec and 1.9 ops/sec)" (or H:MM:SS.ss)
+    # "1 GiB, 1 ops; 00.52 sec (1.9 GiB/sec and 1.9 ops/sec)", or "...; 00:00:02.36 (..."
     for line in out.splitlines():
         if " ops; " in line:
-            t = line.split(" ops; ")[1].split(" sec")[0]
+            t = line.split(" ops; ")[1].split(" (")[0].replace(" sec", "")
             secs = 0.0
             for field in t.split(":"):
                 secs = secs * 60 + float(field)
