@@ -169,8 +169,9 @@ fn a_cluster_freed_and_reused_in_the_window_of_a_partial_read_reads_the_old_data
     free_and_reuse_in_the_window(true);
 }
 
-/// A large read of allocated clusters is cut into one part per core, each read (and
-/// decrypted) on its own thread (`datapath.rs`, `read_pieces`). Clusters written in a shuffled
+/// A large read of allocated clusters of an encrypted image is cut into one part per core,
+/// each read and decrypted on its own thread (`datapath.rs`, `read_pieces`; a plain image's
+/// are read on the calling thread). Clusters written in a shuffled
 /// order (so host order is not guest order, and pieces merge only sometimes), with holes,
 /// zero clusters and partial clusters, on a plain, a legacy AES and a LUKS image: every large
 /// read, aligned or not, returns what was written.
