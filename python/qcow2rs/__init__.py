@@ -651,9 +651,12 @@ def convert(
     src_password: Optional[Union[str, bytes]] = None,
     progress: Optional[Callable[[int, int], object]] = None,
     chunk_size: int = 2 << 20,
+    backing_file: Optional[str] = None,
+    backing_format: Optional[str] = None,
+    no_create: bool = False,
     **create_options: Any,
 ) -> None:
-    """Copy the disk `src` into a new image `dst`, as ``qemu-img convert`` does.
+    """Copy the disk `src` into the image `dst`, as ``qemu-img convert`` does.
 
     `src_format` (``-f``) is ``"qcow2"`` or ``"raw"`` (default: told from the file's magic);
     `src_password` opens an encrypted source. `dst_format` (``-O``) is ``"qcow2"`` or ``"raw"``.
@@ -663,7 +666,19 @@ def convert(
     left (``-o``) go to :func:`create`: ``cluster_size``, ``compat``, ``compression_type``,
     ``encrypt`` with ``password`` (then `dst` is encrypted), ... `progress`, if given, is
     called as ``progress(done, total)`` in bytes after every chunk of `chunk_size` bytes
-    (``-p``). An existing `dst` is overwritten.
+    (``-p``). An existing `dst` is overwritten, unless `no_create`.
+
+    `backing_file` (``-B``, with `backing_format`, ``-F``, which it needs) makes `dst` a
+    qcow2 image over that backing file (its name is stored as given, so a relative name is
+    relative to `dst`'s directory), which is expected to read as the source's backing chain:
+    what the source's top image does not allocate is left unallocated in `dst`, to be read
+    from the backing file; zeros the source's top image holds are written as zeros.
+
+    `no_create` (``-n``) writes into the existing image `dst` (of format `dst_format`, at least
+    as large as the source) instead of creating it; only ``password`` (an encrypted `dst`'s)
+    may then be among the keyword arguments left. Zero runs are then written as zeros (the old
+    contents must not show through), except where `backing_file` says to leave them to the
+    backing file that the existing `dst` is expected to have.
     """
     fmt = src_format or _detect_format(src)
     if fmt not in ("qcow2", "raw"):
@@ -672,21 +687,48 @@ def convert(
         raise InvalidArgumentError(
             22, f"invalid output format: {dst_format!r} (use 'qcow2' or 'raw')"
         )
-    if dst_format == "raw" and (compress or create_options):
-        raise InvalidArgumentError(22, "compress and image options need dst_format='qcow2'")
+    if dst_format == "raw" and (compress or create_options or backing_file is not None):
+        raise InvalidArgumentError(
+            22, "compress, backing_file and image options need dst_format='qcow2'"
+        )
+    if (backing_file is None) != (backing_format is None):
+        raise InvalidArgumentError(
+            22, "backing_file and backing_format go together (qemu-img convert -B needs -F)"
+        )
+    if backing_format is not None and backing_format not in ("qcow2", "raw"):
+        raise InvalidArgumentError(
+            22, f"invalid backing format: {backing_format!r} (use 'qcow2' or 'raw')"
+        )
+    dst_password = create_options.get("password")
+    if no_create and set(create_options) - {"password"}:
+        raise InvalidArgumentError(
+            22,
+            "image options have no effect with no_create=True: "
+            + ", ".join(sorted(set(create_options) - {"password"})),
+        )
     if sparse_size < 0 or (sparse_size and sparse_size % 512):
         raise InvalidArgumentError(22, f"sparse_size must be a multiple of 512, not {sparse_size}")
     if chunk_size <= 0:
         raise InvalidArgumentError(22, f"chunk_size must be positive, not {chunk_size}")
+    has_backing = backing_file is not None
+    # A new image without a backing file reads as zeros: zeros need not be written.
+    zero_init = not no_create and not has_backing
     with contextlib.ExitStack() as stack:
-        # The source: (size, read_at(off, n), extents that may hold data).
+        # The source: (size, read_at(off, n), extents: (start, length, is_data)); what no
+        # extent covers is left to the target's backing file or reads as zeros already.
+        extents: List[Tuple[int, int, bool]] = []
         if fmt == "qcow2":
             simg = stack.enter_context(Image(src, "rb", password=src_password))
             size = simg.virtual_size
             read_at: Callable[[int, int], bytes] = simg.read_at
-            extents = [
-                (e.start, e.length) for e in simg.map() if e.present and not e.zero
-            ]
+            for e in simg.map():
+                if has_backing and (e.depth > 0 or not e.present):
+                    continue  # the target's backing file holds it
+                if e.zero or not e.present:
+                    if not zero_init:
+                        extents.append((e.start, e.length, False))
+                else:
+                    extents.append((e.start, e.length, True))
         else:
             sfile = stack.enter_context(io.open(src, "rb", buffering=0))
             size = os.fstat(sfile.fileno()).st_size
@@ -696,13 +738,16 @@ def convert(
                 return os.pread(fd, n, off)
 
             read_at = pread
-
-            extents = [(0, size)]
+            extents = [(0, size, True)]
         if dst_format == "qcow2":
-            create(dst, -(-size // 512) * 512, **create_options)
-            dimg = stack.enter_context(
-                Image(dst, "r+b", password=create_options.get("password"))
-            )
+            if not no_create:
+                if has_backing:
+                    create_options = dict(
+                        create_options, backing_file=backing_file, backing_format=backing_format
+                    )
+                create(dst, -(-size // 512) * 512, **create_options)
+            dimg = stack.enter_context(Image(dst, "r+b", password=dst_password))
+            dst_size = dimg.virtual_size
             cluster = dimg.cluster_size
             step = max(chunk_size // cluster, 1) * cluster
 
@@ -712,12 +757,19 @@ def convert(
                         piece = data[k : k + cluster]
                         if piece.count(0) != len(piece):
                             dimg.write_compressed(off + k, piece)
+                        elif not zero_init:
+                            dimg.write_zeroes(off + k, len(piece))
                 else:
                     dimg.write_at(off, data)
 
+            write_zeros: Callable[[int, int], None] = dimg.write_zeroes
         else:
-            dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
-            dfile.truncate(size)
+            if no_create:
+                dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
+            else:
+                dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
+                dfile.truncate(size)
+            dst_size = os.fstat(dfile.fileno()).st_size
             cluster = 65536
             step = max(chunk_size // cluster, 1) * cluster
             dfd = dfile.fileno()
@@ -725,18 +777,35 @@ def convert(
             def write_at(off: int, data: bytes) -> None:
                 os.pwrite(dfd, data, off)
 
-        total = sum(n for _, n in extents)
+            def write_zeros(off: int, n: int) -> None:
+                zeros = bytes(min(n, step))
+                while n > 0:
+                    k = min(n, len(zeros))
+                    os.pwrite(dfd, zeros[:k], off)
+                    off += k
+                    n -= k
+
+        if dst_size < size:
+            raise InvalidArgumentError(
+                22, f"{os.fspath(dst)!s}: output file is smaller than input file "
+                f"({dst_size} < {size} bytes)"
+            )
+        total = sum(n for _, n, _ in extents)
         done = 0
-        # Zero runs are skipped at this granularity (whole clusters when compressing).
+        # Zero runs are skipped (or written as zeros) at this granularity (whole clusters when
+        # compressing).
         grain = cluster if compress else sparse_size
-        for start, length in extents:
+        for start, length, is_data in extents:
             # Chunks aligned to `step`, so that compressed writes get whole clusters.
             off = start
             end = start + length
             while off < end:
                 n = min(end, (off // step + 1) * step) - off
-                data = read_at(off, n)
-                _write_nonzero(write_at, off, data, grain)
+                if is_data:
+                    data = read_at(off, n)
+                    _write_nonzero(write_at, off, data, grain, None if zero_init else write_zeros)
+                else:
+                    write_zeros(off, n)
                 off += n
                 done += n
                 if progress is not None:
@@ -746,29 +815,40 @@ def convert(
 
 
 def _write_nonzero(
-    write_at: Callable[[int, bytes], None], off: int, data: bytes, grain: int
+    write_at: Callable[[int, bytes], None],
+    off: int,
+    data: bytes,
+    grain: int,
+    write_zeros: Optional[Callable[[int, int], None]] = None,
 ) -> None:
-    """Write `data` at `off`, leaving out the aligned runs of `grain` zero bytes (0: none)."""
+    """Write `data` at `off`, leaving out the aligned runs of `grain` zero bytes (0: none), or
+    writing them with `write_zeros(off, n)` when given."""
     if not grain:
         write_at(off, data)
         return
     view = memoryview(data)
     i = 0
     n = len(data)
+
+    def zero(a: int, b: int) -> bool:
+        return view[a:b].tobytes().count(0) == b - a
+
     while i < n:
         # The next piece: up to the next grain boundary of the guest offset.
         j = min(n, ((off + i) // grain + 1) * grain - off)
-        if view[i:j].tobytes().count(0) != j - i:
-            # Extend over the following non-zero pieces, for one write.
-            k = j
-            while k < n:
-                nk = min(n, k + grain)
-                if view[k:nk].tobytes().count(0) == nk - k:
-                    break
-                k = nk
+        is_zero = zero(i, j)
+        # Extend over the following pieces of the same kind, for one write.
+        k = j
+        while k < n:
+            nk = min(n, k + grain)
+            if zero(k, nk) != is_zero:
+                break
+            k = nk
+        if not is_zero:
             write_at(off + i, view[i:k].tobytes())
-            j = k
-        i = j
+        elif write_zeros is not None:
+            write_zeros(off + i, k - i)
+        i = k
 
 
 def open(  # noqa: A001 - like gzip.open and tarfile.open

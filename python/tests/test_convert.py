@@ -94,10 +94,110 @@ def test_encrypted_source_and_destination(tmp_path: Path, qemu_img: Run) -> None
     )
 
 
+def _overlay(tmp_path: Path, qemu_img: Run, qemu_io: Run) -> Tuple[Path, Path]:
+    """base.qcow2 (the _raw disk) and ov.qcow2 over it, whose top image holds new data, zeros
+    written over the base's data (an explicit zero cluster and an allocated zero cluster) and
+    leaves the rest to the base."""
+    raw = tmp_path / "src.raw"
+    _raw(raw)
+    base = tmp_path / "base.qcow2"
+    _ok(qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, base))
+    ov = tmp_path / "ov.qcow2"
+    _ok(qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", ov))
+    _ok(qemu_io("-f", "qcow2", "-c", "write -P 0x5a 3M 200k", "-c", "write -z 0 128k",
+                "-c", "write -P 0 2M 64k", "-c", "write -P 0x33 5M 1k", ov))
+    return base, ov
+
+
+def _top_allocated(qemu_img: Run, path: Path) -> int:
+    m = json.loads(_ok(qemu_img("map", "--output=json", path)))
+    return sum(e["length"] for e in m if e["depth"] == 0 and (e["data"] or e["zero"]))
+
+
+def test_backing_file(tmp_path: Path, qemu_img: Run, qemu_io: Run, qemu_info: Any) -> None:
+    base, ov = _overlay(tmp_path, qemu_img, qemu_io)
+    out = tmp_path / "out.qcow2"
+    qcow2rs.convert(ov, out, backing_file="base.qcow2", backing_format="qcow2")
+    _ok(qemu_img("check", out))
+    info = qemu_info(out)
+    assert info["backing-filename"] == "base.qcow2"
+    assert info["backing-filename-format"] == "qcow2"
+    assert info["virtual-size"] == qemu_info(ov)["virtual-size"]
+    # Reads as the overlay does (through the backing file): the zeros written over the base's
+    # data included.
+    _ok(qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ov, out))
+    # Only what the overlay's top image holds is in out's top image, as with qemu-img -B.
+    ref = tmp_path / "ref.qcow2"
+    _ok(qemu_img("convert", "-f", "qcow2", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2",
+                 ov, ref))
+    assert _top_allocated(qemu_img, out) <= _top_allocated(qemu_img, ref)
+    assert _top_allocated(qemu_img, out) < 1 * MiB
+    # A raw source has no backing chain: everything is written, zeros as zeros.
+    raw_out = tmp_path / "raw_out.qcow2"
+    flat = tmp_path / "flat.raw"
+    _ok(qemu_img("convert", "-f", "qcow2", "-O", "raw", ov, flat))
+    qcow2rs.convert(flat, raw_out, backing_file="base.qcow2", backing_format="qcow2")
+    _ok(qemu_img("check", raw_out))
+    _ok(qemu_img("compare", "-f", "raw", "-F", "qcow2", flat, raw_out))
+
+
+@pytest.mark.parametrize("dst_format", ["qcow2", "raw"])
+def test_no_create_overwrites_an_existing_target(
+    tmp_path: Path, qemu_img: Run, qemu_io: Run, dst_format: str
+) -> None:
+    raw = tmp_path / "src.raw"
+    data = _raw(raw)
+    dst = tmp_path / f"dst.{dst_format}"
+    _ok(qemu_img("create", "-f", dst_format, dst, str(len(data))))
+    # Old contents everywhere: the source's zero runs and holes must not let them show.
+    _ok(qemu_io("-f", dst_format, "-c", f"write -P 0xaa 0 {len(data)}", dst))
+    src = tmp_path / "src.qcow2"
+    _ok(qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, src))
+    qcow2rs.convert(src, dst, dst_format=dst_format, no_create=True)
+    if dst_format == "qcow2":
+        _ok(qemu_img("check", dst))
+    _ok(qemu_img("compare", "-f", "raw", "-F", dst_format, raw, dst))
+    # From a raw source, compressed, into the same image again.
+    if dst_format == "qcow2":
+        _ok(qemu_io("-f", "qcow2", "-c", f"write -P 0xbb 0 {len(data)}", dst))
+        qcow2rs.convert(raw, dst, no_create=True, compress=True)
+        _ok(qemu_img("check", dst))
+        _ok(qemu_img("compare", "-f", "raw", "-F", "qcow2", raw, dst))
+
+
+def test_no_create_errors(tmp_path: Path, qemu_img: Run) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(bytes(MiB))
+    small = tmp_path / "small.qcow2"
+    _ok(qemu_img("create", "-f", "qcow2", small, "512k"))
+    before = small.read_bytes()
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="smaller than input"):
+        qcow2rs.convert(raw, small, no_create=True)
+    assert small.read_bytes() == before
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="cluster_size"):
+        qcow2rs.convert(raw, small, no_create=True, cluster_size=4096)
+    with pytest.raises(qcow2rs.NotFoundError):
+        qcow2rs.convert(raw, tmp_path / "missing.qcow2", no_create=True)
+
+
+def test_no_create_over_a_backing_file(
+    tmp_path: Path, qemu_img: Run, qemu_io: Run
+) -> None:
+    base, ov = _overlay(tmp_path, qemu_img, qemu_io)
+    out = tmp_path / "out.qcow2"
+    _ok(qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", out))
+    qcow2rs.convert(ov, out, no_create=True, backing_file="base.qcow2", backing_format="qcow2")
+    _ok(qemu_img("check", out))
+    _ok(qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ov, out))
+    assert _top_allocated(qemu_img, out) < 1 * MiB
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"src_format": "vmdk"}, {"dst_format": "vdi"}, {"sparse_size": 100},
-     {"dst_format": "raw", "compress": True}],
+     {"dst_format": "raw", "compress": True}, {"backing_file": "b.qcow2"},
+     {"backing_format": "qcow2"}, {"backing_file": "b", "backing_format": "vmdk"},
+     {"dst_format": "raw", "backing_file": "b", "backing_format": "raw"}],
     ids=repr,
 )
 def test_bad_options(tmp_path: Path, kwargs: Any) -> None:

@@ -221,6 +221,12 @@ impl SectorCipher {
         self.run(buf, sector, false)
     }
 
+    /// [`SectorCipher::decrypt`] on this thread only, whatever the size.
+    pub(crate) fn decrypt_serial(&self, buf: &mut [u8], sector: u64) {
+        debug_assert!(buf.len().is_multiple_of(SECTOR));
+        self.run_serial(buf, sector, false)
+    }
+
     fn run(&self, buf: &mut [u8], sector: u64, encrypt: bool) {
         debug_assert!(buf.len().is_multiple_of(SECTOR));
         let threads = parallelism();

@@ -274,6 +274,21 @@ impl Crypto {
         self.run(file, buf, host, guest, false)
     }
 
+    /// [`Crypto::decrypt`] on this thread only, whatever the size (for a caller that already
+    /// spreads a request over the cores).
+    pub(crate) fn decrypt_here(
+        &self,
+        file: &str,
+        buf: &mut [u8],
+        host: HostOffset,
+        guest: GuestOffset,
+    ) -> Result<()> {
+        check_aligned(file, buf.len(), host, guest)?;
+        let (cipher, sector) = (self.cipher(file)?, self.sector(host, guest));
+        cipher.decrypt_serial(buf, sector);
+        Ok(())
+    }
+
     fn run(
         &self,
         file: &str,
