@@ -303,6 +303,7 @@ impl State {
         // with the rest; if it sits at the end of the file, trim the file too.
         self.trim_unused_run()?;
         self.return_run()?;
+        self.file.release_reserved();
         // In unsafe mode nothing was promised before close: write everything, sync once.
         let unsafe_mode = self.file.barriers_off();
         self.flush_inner()?;
