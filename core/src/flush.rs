@@ -49,6 +49,13 @@
 //!    error to one caller only): it fails too (`GroupCommit::flush`). Mutant: `failed-flush`;
 //!    the `flush_window` fault runs catch the concurrent case.
 //!
+//! Not a rule: the space that `alloc.rs` reserves ahead of allocating writes on an O_DIRECT
+//! file (`HostFile::preallocate_ahead`, fallocate with KEEP_SIZE) and gives back at close
+//! (punching holes that read as zeros). Both stay inside the length the run set, over bytes
+//! never written, so neither the bytes nor the length of the file depend on whether they
+//! reached the disk: every crash image is one without them. A crash only keeps the reserved
+//! blocks allocated (the file occupies more; `qemu-img check` sees nothing).
+//!
 //! # A flush
 //!
 //! Epoch 1 (only when an L1 entry, or a linked L2 table with a dependency, waits for it):
