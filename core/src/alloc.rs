@@ -262,15 +262,21 @@ impl State {
                 self.pending.file_grown();
             }
             self.alloc.run = (first, first + n);
+            self.file.new_run(start, end);
         }
         let c = self.alloc.run.0;
         self.alloc.run.0 += 1;
-        Ok(self.geo.host_offset(c))
+        let off = self.geo.host_offset(c);
+        self.file.preallocate_ahead(off, self.geo.cluster_size());
+        Ok(off)
     }
 
     /// Give back the unused part of the run (nothing points there: the decrease is immediate).
     pub(crate) fn return_run(&mut self) -> Result<()> {
         let (start, end) = std::mem::take(&mut self.alloc.run);
+        if start < end {
+            self.file.unreserve(self.geo.host_offset(start));
+        }
         for i in (0..end - start).rev() {
             self.change_refcount(start + i, -1)?;
         }

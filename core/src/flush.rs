@@ -49,6 +49,13 @@
 //!    error to one caller only): it fails too (`GroupCommit::flush`). Mutant: `failed-flush`;
 //!    the `flush_window` fault runs catch the concurrent case.
 //!
+//! Not a rule: the space that `alloc.rs` reserves ahead of allocating writes on an O_DIRECT
+//! file (`HostFile::preallocate_ahead`, fallocate with KEEP_SIZE) and gives back at close
+//! (punching holes that read as zeros). Both stay inside the length the run set, over bytes
+//! never written, so neither the bytes nor the length of the file depend on whether they
+//! reached the disk: every crash image is one without them. A crash only keeps the reserved
+//! blocks allocated (the file occupies more; `qemu-img check` sees nothing).
+//!
 //! # A flush
 //!
 //! Epoch 1 (only when an L1 entry, or a linked L2 table with a dependency, waits for it):
@@ -303,6 +310,7 @@ impl State {
         // with the rest; if it sits at the end of the file, trim the file too.
         self.trim_unused_run()?;
         self.return_run()?;
+        self.file.release_reserved();
         // In unsafe mode nothing was promised before close: write everything, sync once.
         let unsafe_mode = self.file.barriers_off();
         self.flush_inner()?;

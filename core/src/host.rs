@@ -10,6 +10,11 @@ use crate::mutants::active as mutant;
 use crate::offset::HostOffset;
 use crate::storage::Storage;
 
+/// Most space reserved ahead of allocating writes at a time ([`HostFile::preallocate_ahead`]).
+/// Each reservation is an fallocate, which waits for the O_DIRECT writes in flight: 4 MiB is one
+/// such wait per 64 clusters of 64 KiB.
+const PREALLOC_WINDOW: u64 = 4 << 20;
+
 /// Why the image refuses to go on (see [`HostFile::poisoned`]).
 #[derive(Clone, Copy)]
 struct Poison {
@@ -42,6 +47,12 @@ pub(crate) struct HostFile {
     punches: Vec<(u64, u64)>,
     /// Mutant `punch-late`: the batch before, issued with the next one.
     late: Vec<(u64, u64)>,
+    /// The never-written part of the allocation run, and the end of the space reserved in it
+    /// so far ([`HostFile::preallocate_ahead`]).
+    fresh: (u64, u64),
+    prealloc_end: u64,
+    /// The ranges reserved so far in this session ([`HostFile::release_reserved`]).
+    reserved: Vec<(u64, u64)>,
     /// Opened as damaged (`OpenOptions::damaged`, read-only): a metadata cluster that the file
     /// ends inside of reads as zeros past the end, as QEMU reads it.
     damaged: bool,
@@ -62,6 +73,9 @@ impl HostFile {
             io_gate: Arc::new(RwLock::new(())),
             punches: Vec::new(),
             late: Vec::new(),
+            fresh: (0, 0),
+            prealloc_end: 0,
+            reserved: Vec::new(),
             damaged: false,
             damage: Vec::new(),
         }
@@ -175,6 +189,78 @@ impl HostFile {
             .map_err(|e| Error::io(&self.name, what, e))?;
         self.len = len;
         Ok(())
+    }
+
+    /// A new allocation run `[start, end)` (`alloc_run_cluster`): its part past the written
+    /// extent was never written, and none of it will be until it is handed out, cluster after
+    /// cluster, so [`HostFile::preallocate_ahead`] may reserve space there.
+    pub(crate) fn new_run(&mut self, start: HostOffset, end: HostOffset) {
+        let from = start.get().max(self.written_end.next_multiple_of(4096));
+        self.fresh = (from, end.get().max(from));
+        self.prealloc_end = from;
+    }
+
+    /// Reserve space ahead of the allocation frontier: the cluster at `off` (of `cluster`
+    /// bytes) is being handed out of the run. When it is not covered yet, up to
+    /// [`PREALLOC_WINDOW`] of the run's never-written part from there on is reserved with
+    /// [`Storage::preallocate`] (O_DIRECT files only: there the writes that follow, issued
+    /// outside the state lock, then run in parallel instead of serializing in the file system
+    /// on block allocation). `alloc_run_cluster` has extended the file over the run, so the
+    /// reservation changes neither the bytes nor the length of the file and no crash image
+    /// differs (no ordering rule: `flush.rs`). Bounded, so that a nearly full disk keeps room
+    /// for metadata (and the storage reserves nothing there); a failure is ignored (it is a
+    /// hint). What the run does not use is given back with it ([`HostFile::unreserve`]).
+    pub(crate) fn preallocate_ahead(&mut self, off: HostOffset, cluster: u64) {
+        let off = off.get();
+        if off + cluster <= self.prealloc_end {
+            return;
+        }
+        let from = off.max(self.prealloc_end);
+        let to = self
+            .fresh
+            .1
+            .min(self.len)
+            .min(off + PREALLOC_WINDOW.max(cluster));
+        if from < to {
+            self.prealloc_end = to;
+            if self.storage.preallocate(from, to - from).is_ok() {
+                match self.reserved.last_mut() {
+                    Some(last) if last.1 == from => last.1 = to,
+                    _ => self.reserved.push((from, to)),
+                }
+            }
+        }
+    }
+
+    /// The run is given back from `from` on (its unused part: free clusters, never written):
+    /// punch out what [`HostFile::preallocate_ahead`] reserved there, so the file occupies what
+    /// it did without preallocation (a punch of never-written space changes no byte).
+    pub(crate) fn unreserve(&mut self, from: HostOffset) {
+        let from = from.get().max(self.fresh.0);
+        let to = self.prealloc_end.min(self.len);
+        self.fresh = (0, 0);
+        self.prealloc_end = 0;
+        if from < to {
+            let _ = self.storage.unreserve(from, to - from);
+        }
+    }
+
+    /// At close: give back the space reserved ahead of writes that no write used (the rest of
+    /// the clusters that were written only in part), so that the file occupies what it would
+    /// without preallocation. No data I/O may run meanwhile: the I/O gate is taken (close
+    /// runs when no other thread holds the image anyway).
+    pub(crate) fn release_reserved(&mut self) {
+        if self.reserved.is_empty() {
+            return;
+        }
+        let gate = self.io_gate.clone();
+        let _exclusive = gate.write().unwrap_or_else(|e| e.into_inner());
+        for (from, to) in std::mem::take(&mut self.reserved) {
+            let to = to.min(self.len);
+            if from < to {
+                let _ = self.storage.unreserve(from, to - from);
+            }
+        }
     }
 
     /// Note a freed range to punch out: [`HostFile::punch_pending`] issues the batch, sorted and

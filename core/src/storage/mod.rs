@@ -33,6 +33,25 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
     /// Truncate or extend the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserve the space of `[offset, offset + len)` for writes to come, a range inside the file
+    /// that was never written (it reads as zeros). Changes neither the bytes nor the length of
+    /// the file, so no crash image depends on it; a hint, done only where it pays: a file opened
+    /// with O_DIRECT gets `fallocate(KEEP_SIZE)`, so that O_DIRECT writes into the range find
+    /// their blocks allocated (unwritten) and ext4 runs them under its inode lock shared, in
+    /// parallel, where writes into a hole take it exclusively. The default does nothing. On
+    /// failure whatever was reserved is given back (the range still reads as zeros).
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Give back the space that [`Storage::preallocate`] reserved in `[offset, offset + len)`
+    /// and no write used since (on a file: punch the ranges that read as holes, which
+    /// fallocated blocks never written are). Changes no byte and not the length; the caller
+    /// guarantees that no write into the range runs meanwhile. The default does nothing.
+    fn unreserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Durability barrier: everything written before is on stable storage when this returns
     /// (fdatasync for a file).
     fn flush(&self) -> io::Result<()>;

@@ -25,6 +25,12 @@
 //! * a write past the end of the file extends it only if (part of) it persisted: the file then
 //!   ends after its last persisted sector;
 //! * a pending `set_len` (truncate or extend) may be lost;
+//! * `preallocate` (fallocate with KEEP_SIZE on a file) reserves space and changes neither the
+//!   bytes nor the length of the file: no crash image depends on whether it reached the disk,
+//!   so it is not logged (it is counted, and can be made to fail). What keeps this true is its
+//!   contract, which this storage enforces by panicking when the engine breaks it: the range
+//!   lies inside the file and reads as zeros (never written), so neither the reservation nor
+//!   the punch that gives it back after a failure can change a byte;
 //! * a failed operation (injected error) did not change what reads see, but may have reached the
 //!   disk anyway (EIO after a partial transfer): it is a pending operation of its own epoch like
 //!   any other; durable images of later epochs assume it did not land (it cannot land later:
@@ -76,6 +82,8 @@ pub enum OpKind {
     Discard,
     /// `flush`.
     Flush,
+    /// `preallocate` (counted and open to faults, not logged: see the module documentation).
+    Preallocate,
 }
 
 /// One logged operation, as the engine issued it.
@@ -227,7 +235,7 @@ struct Inner {
     data: Vec<u8>,
     base: Vec<u8>,
     log: Vec<LogEntry>,
-    counts: [u64; 4],
+    counts: [u64; 5],
     faults: Vec<Fault>,
     fired: u64,
     syncs: u64,
@@ -239,6 +247,7 @@ fn kind_index(k: OpKind) -> usize {
         OpKind::SetLen => 1,
         OpKind::Discard => 2,
         OpKind::Flush => 3,
+        OpKind::Preallocate => 4,
     }
 }
 
@@ -436,6 +445,25 @@ impl Storage for RecordingStorage {
             done: 0,
         });
         match error {
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut g = self.lock();
+        let off = to_usize(offset)?;
+        let end = end_of(offset, to_usize(len)?)?;
+        assert!(
+            end <= g.data.len(),
+            "preallocate {offset:#x}+{len:#x} past the end of the file ({:#x})",
+            g.data.len()
+        );
+        assert!(
+            g.data[off..end].iter().all(|&b| b == 0),
+            "preallocate {offset:#x}+{len:#x} over bytes that were written"
+        );
+        match g.admit(OpKind::Preallocate) {
             Some(e) => Err(io::Error::from_raw_os_error(e)),
             None => Ok(()),
         }
