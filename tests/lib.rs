@@ -841,6 +841,21 @@ pub fn tmpdir() -> TempDir {
         .unwrap()
 }
 
+/// A 4 MiB image with 4 KiB clusters (two L1 entries), three data clusters written by qemu-io.
+pub fn qemu_small_image(path: &Path) {
+    qemu_create(path, 4 << 20, "cluster_size=4096");
+    qemu_io(
+        path,
+        "qcow2",
+        &[
+            "write -P 0xaa 0 4k".into(),
+            "write -P 0xbb 4k 4k".into(),
+            "write -P 0xcc 8k 4k".into(),
+        ],
+    )
+    .ok();
+}
+
 /// `dir/name` as a PathBuf.
 pub fn path_in(dir: &TempDir, name: &str) -> PathBuf {
     dir.path().join(name)

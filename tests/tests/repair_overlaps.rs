@@ -3,38 +3,10 @@
 //! clean and the guest data that was readable must be unchanged. Each test was written, and seen
 //! to fail, before its fix (review of 2026-12-07).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qcow2rs::{Image, OpenOptions, RepairMode};
 use qcow2rs_tests::*;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn tmpdir(name: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("qcow2rs-repair-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
-}
-
-/// A 4 MiB image with 4 KiB clusters (two L1 entries), three data clusters written by qemu-io.
-fn qemu_image(path: &Path) {
-    qemu_create(path, 4 << 20, "cluster_size=4096");
-    qemu_io(
-        path,
-        "qcow2",
-        &[
-            "write -P 0xaa 0 4k".into(),
-            "write -P 0xbb 4k 4k".into(),
-            "write -P 0xcc 8k 4k".into(),
-        ],
-    )
-    .ok();
-}
 
 fn repair_all(path: &Path) -> qcow2rs::CheckReport {
     let img = Image::open(path, &OpenOptions::default())
@@ -53,9 +25,9 @@ fn repair_all(path: &Path) -> qcow2rs::CheckReport {
 #[test]
 fn l1_entry_with_flags_and_no_offset_is_reported_and_cleared() {
     require_qemu();
-    let d = tmpdir("l1-flags");
-    let p = d.0.join("a.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("a.qcow2");
+    qemu_small_image(&p);
     let before = qemu_read_all(&p, "qcow2");
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
     assert_eq!(peek_be32(&p, hdr::L1_SIZE), 2);
@@ -114,8 +86,8 @@ fn qemu_io_secret(img: &Path, cmds: &[&str]) -> Run {
 #[test]
 fn copied_repair_never_writes_an_l2_table_over_the_luks_header() {
     require_qemu();
-    let d = tmpdir("luks-l2");
-    let p = d.0.join("e.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("e.qcow2");
     let obj = secret_arg();
     qemu_img(&[
         "create",
@@ -172,9 +144,9 @@ fn copied_repair_never_writes_an_l2_table_over_the_luks_header() {
 #[test]
 fn active_l1_table_shared_with_a_snapshot_is_not_called_clean() {
     require_qemu();
-    let d = tmpdir("l1-snap");
-    let p = d.0.join("s.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("s.qcow2");
+    qemu_small_image(&p);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
     qemu_io(&p, "qcow2", &["write -P 0xdd 4k 4k".into()]).ok();
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
@@ -198,9 +170,9 @@ fn active_l1_table_shared_with_a_snapshot_is_not_called_clean() {
 #[test]
 fn write_never_changes_a_snapshot_sharing_the_active_l1_table() {
     require_qemu();
-    let d = tmpdir("l1-snap-write");
-    let p = d.0.join("s.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("s.qcow2");
+    qemu_small_image(&p);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
     poke_be64(&p, peek_be64(&p, hdr::SNAPSHOTS_OFFSET), l1);
@@ -212,7 +184,7 @@ fn write_never_changes_a_snapshot_sharing_the_active_l1_table() {
         }
         Err(e) => eprintln!("open refused: {e}"),
     }
-    let raw = d.0.join("snap.raw");
+    let raw = d.path().join("snap.raw");
     qemu_img(&[
         "convert",
         "-U",
@@ -240,9 +212,9 @@ fn write_never_changes_a_snapshot_sharing_the_active_l1_table() {
 fn guest_write_never_writes_an_l2_entry_into_refcount_structures() {
     require_qemu();
     for target in ["refcount table", "refcount block"] {
-        let d = tmpdir(&format!("l2-{}", target.replace(' ', "-")));
-        let p = d.0.join("r.qcow2");
-        qemu_image(&p);
+        let d = tmpdir();
+        let p = d.path().join("r.qcow2");
+        qemu_small_image(&p);
         let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
         let block = peek_be64(&p, reftable);
         let off = if target == "refcount table" {
@@ -270,9 +242,9 @@ fn guest_write_never_writes_an_l2_entry_into_refcount_structures() {
 #[test]
 fn discard_never_frees_a_refcount_block_named_by_an_l2_entry() {
     require_qemu();
-    let d = tmpdir("discard-refblock");
-    let p = d.0.join("r.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
+    qemu_small_image(&p);
     let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
     let block = peek_be64(&p, reftable);
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);

@@ -2,38 +2,10 @@
 //! compressed clusters, looking for a write that corrupts an image. Each test was written, and
 //! seen to fail, before its fix; qemu-img is the oracle where it has an opinion.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qcow2rs::{Image, OpenOptions, RepairMode};
 use qcow2rs_tests::*;
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-fn tmpdir(name: &str) -> Dir {
-    let d = std::env::temp_dir().join(format!("qcow2rs-review3-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Dir(d)
-}
-
-/// A 4 MiB image with 4 KiB clusters (two L1 entries), three data clusters written by qemu-io.
-fn qemu_image(path: &Path) {
-    qemu_create(path, 4 << 20, "cluster_size=4096");
-    qemu_io(
-        path,
-        "qcow2",
-        &[
-            "write -P 0xaa 0 4k".into(),
-            "write -P 0xbb 4k 4k".into(),
-            "write -P 0xcc 8k 4k".into(),
-        ],
-    )
-    .ok();
-}
 
 /// Set the 16-bit refcount of the cluster at `off` in the first refcount block.
 fn poke_refcount(p: &Path, off: u64, v: u16) {
@@ -58,9 +30,9 @@ fn holds_pattern(p: &Path, off: u64, b: u8) -> bool {
 #[test]
 fn allocator_never_hands_out_a_refcount_block_with_refcount_zero() {
     require_qemu();
-    let d = tmpdir("refblock-rc0");
-    let p = d.0.join("r.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
+    qemu_small_image(&p);
     let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
     let block = peek_be64(&p, reftable);
     poke_refcount(&p, block, 0);
@@ -97,9 +69,9 @@ fn allocator_never_hands_out_a_refcount_block_with_refcount_zero() {
 #[test]
 fn allocator_never_hands_out_an_active_l2_table_with_refcount_zero() {
     require_qemu();
-    let d = tmpdir("l2-rc0");
-    let p = d.0.join("r.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
+    qemu_small_image(&p);
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
     let l2 = peek_be64(&p, l1) & L1E_OFFSET_MASK;
     poke_refcount(&p, l2, 0);
@@ -133,9 +105,9 @@ fn allocator_never_hands_out_an_active_l2_table_with_refcount_zero() {
 #[test]
 fn refcount_rebuild_never_places_a_block_where_an_l2_entry_points() {
     require_qemu();
-    let d = tmpdir("rebuild-past-end");
-    let p = d.0.join("r.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
+    qemu_small_image(&p);
     let len = file_len(&p);
     let l1 = peek_be64(&p, hdr::L1_TABLE_OFFSET);
     let l2 = peek_be64(&p, l1) & L1E_OFFSET_MASK;
@@ -167,9 +139,9 @@ fn refcount_rebuild_never_places_a_block_where_an_l2_entry_points() {
 #[test]
 fn snapshot_l1_entry_with_flags_and_no_offset_is_repaired() {
     require_qemu();
-    let d = tmpdir("snap-l1-flags");
-    let p = d.0.join("s.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("s.qcow2");
+    qemu_small_image(&p);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
     let table = peek_be64(&p, hdr::SNAPSHOTS_OFFSET);
     let sn_l1 = peek_be64(&p, table);
@@ -261,8 +233,8 @@ enum Kind {
 }
 
 fn random_workload(seed: u64, cluster_size: u32, kind: Kind, ops: usize) {
-    let d = tmpdir(&format!("rand-{seed}-{cluster_size}-{kind:?}"));
-    let p = d.0.join("w.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("w.qcow2");
     let cs = cluster_size as u64;
     let mut rng = Rng::new(seed);
     let size0 = 64 * cs + 512 * rng.below(4);
@@ -276,7 +248,7 @@ fn random_workload(seed: u64, cluster_size: u32, kind: Kind, ops: usize) {
     let backing = matches!(kind, Kind::Backing);
     if backing {
         rng.fill(&mut model);
-        std::fs::write(d.0.join("base.raw"), &model).unwrap();
+        std::fs::write(d.path().join("base.raw"), &model).unwrap();
     }
     Image::create(
         &p,
@@ -466,8 +438,8 @@ fn random_snapshots_compressed_discards_resizes() {
 fn snapshot_create_delete_while_threads_write_compressed_clusters() {
     require_qemu();
     const T: u64 = 3;
-    let d = tmpdir("snap-threads");
-    let p = d.0.join("t.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("t.qcow2");
     let cs = 4096u64;
     let size = 96 * cs;
     Image::create(
@@ -568,9 +540,9 @@ fn snapshot_create_delete_while_threads_write_compressed_clusters() {
 #[test]
 fn allocator_never_hands_out_a_snapshot_l2_table_with_refcount_zero() {
     require_qemu();
-    let d = tmpdir("snap-l2-rc0");
-    let p = d.0.join("s.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("s.qcow2");
+    qemu_small_image(&p);
     qemu_img(&["snapshot", "-c", "s1", p.to_str().unwrap()]).ok();
     qemu_io(&p, "qcow2", &["write -P 0xdd 4k 4k".into()]).ok();
     let snap_before = qemu_raw(&p, Some("s1"), false);
@@ -599,9 +571,9 @@ fn allocator_never_hands_out_a_snapshot_l2_table_with_refcount_zero() {
 #[test]
 fn data_file_raw_without_a_data_file_is_never_written() {
     require_qemu();
-    let d = tmpdir("data-file-raw");
-    let p = d.0.join("r.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
+    qemu_small_image(&p);
     poke_be64(&p, hdr::AUTOCLEAR_FEATURES, 1 << 1);
     let q = qemu_io_raw(&p, "qcow2", &["read 0 4k".into()]);
     assert!(
@@ -632,12 +604,12 @@ fn data_file_raw_without_a_data_file_is_never_written() {
 #[test]
 fn compressed_clusters_qemu_packed_across_host_clusters() {
     require_qemu();
-    let d = tmpdir("comp-span");
-    let p = d.0.join("c.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("c.qcow2");
     let cs = 4096u64;
     let n = 48u64;
     qemu_create(&p, n * cs, "cluster_size=4096");
-    let raw = d.0.join("src.raw");
+    let raw = d.path().join("src.raw");
     let mut model = Vec::new();
     for k in 0..n {
         // Half compressible: about 2 KiB compressed, so they straddle host clusters.
@@ -733,8 +705,8 @@ fn compressed_clusters_qemu_packed_across_host_clusters() {
 fn snapshot_that_overflows_narrow_refcounts_fails_cleanly() {
     require_qemu();
     for bits in [1u32, 2] {
-        let d = tmpdir(&format!("narrow-{bits}"));
-        let p = d.0.join("n.qcow2");
+        let d = tmpdir();
+        let p = d.path().join("n.qcow2");
         let cs = 4096u64;
         Image::create(
             &p,
@@ -794,9 +766,9 @@ fn snapshot_that_overflows_narrow_refcounts_fails_cleanly() {
 #[test]
 fn deleting_a_snapshot_whose_l1_table_another_shares_keeps_the_other() {
     require_qemu();
-    let d = tmpdir("shared-snap-l1");
-    let p = d.0.join("s.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("s.qcow2");
+    qemu_small_image(&p);
     let ps = p.to_str().unwrap();
     qemu_img(&["snapshot", "-c", "s1", ps]).ok();
     qemu_img(&["snapshot", "-c", "s2", ps]).ok();
@@ -839,8 +811,8 @@ fn deleting_a_snapshot_whose_l1_table_another_shares_keeps_the_other() {
 #[test]
 fn active_l1_table_over_a_refcount_block_is_never_written() {
     require_qemu();
-    let d = tmpdir("l1-refblock");
-    let p = d.0.join("r.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
     qemu_create(&p, 64 << 20, "cluster_size=4096");
     qemu_io(&p, "qcow2", &["write -P 0xaa 0 4k".into()]).ok();
     let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
@@ -871,8 +843,8 @@ fn active_l1_table_over_a_refcount_block_is_never_written() {
 #[test]
 fn refcount_updates_never_rewrite_an_active_l2_table() {
     require_qemu();
-    let d = tmpdir("refblock-is-l2");
-    let p = d.0.join("r.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("r.qcow2");
     qemu_create(&p, 64 << 20, "cluster_size=4096");
     qemu_io(&p, "qcow2", &["write -P 0xaa 0 4k".into()]).ok();
     let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
@@ -925,9 +897,9 @@ fn refcount_updates_never_rewrite_an_active_l2_table() {
 #[test]
 fn bitmap_clusters_are_counted_as_qemu_counts_them() {
     require_qemu();
-    let d = tmpdir("bitmaps");
-    let p = d.0.join("b.qcow2");
-    qemu_image(&p);
+    let d = tmpdir();
+    let p = d.path().join("b.qcow2");
+    qemu_small_image(&p);
     let ps = p.to_str().unwrap();
     qemu_img(&["bitmap", "--add", ps, "b0"]).ok();
     qemu_io(&p, "qcow2", &["write -P 0xbb 1M 64k".into()]).ok();
@@ -963,8 +935,8 @@ fn bitmap_clusters_are_counted_as_qemu_counts_them() {
 #[test]
 fn snapshot_apply_and_resize_while_threads_write() {
     require_qemu();
-    let d = tmpdir("apply-threads");
-    let p = d.0.join("t.qcow2");
+    let d = tmpdir();
+    let p = d.path().join("t.qcow2");
     let cs = 4096u64;
     let size = 64 * cs;
     Image::create(
