@@ -214,34 +214,13 @@ fn decompress_pieces(
     }
     let per = pieces.len().div_ceil(threads);
     let groups: Vec<&[CompPiece]> = pieces.chunks(per).collect();
-    std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        let mut rest = buf;
-        let mut base = 0usize;
-        let mut last = None;
-        for (k, &group) in groups.iter().enumerate() {
-            // This group's part of the buffer: up to where the next group's first piece begins.
-            let end = groups.get(k + 1).map_or(base + rest.len(), |g| g[0].start);
-            let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
-            rest = tail;
-            let at = base;
-            base = end;
-            if k + 1 == groups.len() {
-                // The last group runs on this thread.
-                last = Some(decompress_serial(ctx, part, at, group));
-            } else {
-                handles.push(scope.spawn(move || decompress_serial(ctx, part, at, group)));
-            }
-        }
-        let mut kept = None;
-        for h in handles {
-            match h.join() {
-                Ok(r) => kept = r?.or(kept),
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-        Ok(last.transpose()?.flatten().or(kept))
-    })
+    let kept = run_split(
+        buf,
+        &groups,
+        |g| g[0].start,
+        |part, at, g| decompress_serial(ctx, part, at, g),
+    )?;
+    Ok(kept.into_iter().flatten().last())
 }
 
 /// One piece of a guest request that the lock-free path moves: `len` bytes at `start` in the
@@ -335,7 +314,7 @@ fn read_pieces(ctx: &DataCtx<'_>, buf: &mut [u8], pieces: &[Piece]) -> Result<()
             room -= n;
         }
     }
-    let run = |part: &mut [u8], base: usize, group: &[Piece]| -> Result<()> {
+    let run = |part: &mut [u8], base: usize, group: &Vec<Piece>| -> Result<()> {
         for p in group {
             let guest = ctx.offset + p.start as u64;
             let out = &mut part[p.start - base..p.start - base + p.len];
@@ -348,33 +327,47 @@ fn read_pieces(ctx: &DataCtx<'_>, buf: &mut [u8], pieces: &[Piece]) -> Result<()
         }
         Ok(())
     };
+    run_split(buf, &groups, |g| g[0].start, run)?;
+    Ok(())
+}
+
+/// Run `run` on every group of pieces at once, each on its own part of `buf` (from where the
+/// group's first piece starts, `start`, up to where the next group's does; the first part starts
+/// at 0): the last group on this thread, the others on threads of their own. `run` gets the
+/// part, its offset in `buf` and the group. The results, in the groups' order; the first error.
+fn run_split<G: Sync, T: Send>(
+    buf: &mut [u8],
+    groups: &[G],
+    start: impl Fn(&G) -> usize,
+    run: impl Fn(&mut [u8], usize, &G) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let run = &run;
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         let mut rest = buf;
         let mut base = 0usize;
-        let mut last = Ok(());
+        let mut last = None;
         for (k, group) in groups.iter().enumerate() {
-            // This group's part of the buffer: up to where the next group's first piece begins.
-            let end = groups.get(k + 1).map_or(base + rest.len(), |g| g[0].start);
+            let end = groups.get(k + 1).map_or(base + rest.len(), &start);
             let (part, tail) = std::mem::take(&mut rest).split_at_mut(end - base);
             rest = tail;
             let at = base;
             base = end;
             if k + 1 == groups.len() {
-                // The last group runs on this thread.
-                last = run(part, at, group);
+                last = Some(run(part, at, group));
             } else {
-                let run = &run;
                 handles.push(scope.spawn(move || run(part, at, group)));
             }
         }
+        let mut out = Vec::with_capacity(groups.len());
         for h in handles {
             match h.join() {
-                Ok(r) => r?,
+                Ok(r) => out.push(r?),
                 Err(p) => std::panic::resume_unwind(p),
             }
         }
-        last
+        out.extend(last.transpose()?);
+        Ok(out)
     })
 }
 
