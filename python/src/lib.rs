@@ -333,13 +333,32 @@ impl NativeImage {
         let n = raise(
             py,
             usize::try_from(n)
-                .map_err(|_| Error::InvalidArgument(format!("length {n} does not fit in memory"))),
+                .ok()
+                .filter(|&n| isize::try_from(n).is_ok())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("length {n} does not fit in memory"))
+                }),
         )?;
         if n == 0 {
             return Ok(PyBytes::new(py, b""));
         }
-        // The new bytes object is ours alone until this returns, so it is filled without the GIL.
-        PyBytes::new_with(py, n, |buf| self.with(py, |img| img.read_at(buf, offset)))
+        // A new bytes object, not zeroed first as `PyBytes::new_with` does (that costs a fifth
+        // of a 1 MiB read from the page cache); as `io.FileIO.read` does, it is handed out only
+        // after the read has filled all of it (`Image::read_at` fills the whole buffer or
+        // fails, and on failure the object is dropped unread). It is ours alone until this
+        // returns, so it is filled without the GIL.
+        // SAFETY: a null source asks CPython for an object of `n` uninitialised bytes, owned
+        // by us (null, with an exception set, if that fails); `PyBytes_AsString` of a bytes
+        // object is its `n`-byte buffer, which lives as long as `bytes` and is written only
+        // through `target` here.
+        let (bytes, target) = unsafe {
+            let raw = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as isize);
+            let bytes = Bound::from_owned_ptr_or_err(py, raw)?.cast_into_unchecked::<PyBytes>();
+            let ptr = pyo3::ffi::PyBytes_AsString(raw).cast::<u8>();
+            (bytes, std::slice::from_raw_parts_mut(ptr, n))
+        };
+        self.with(py, move |img| img.read_at(target, offset))?;
+        Ok(bytes)
     }
 
     /// Read into `buffer` (any writable, C-contiguous object with the buffer protocol) at

@@ -87,20 +87,84 @@ impl FileStorage {
     }
 
     fn read_plain(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.len() >= ALIAS_MIN && aliases(buf.as_ptr(), offset) {
+            let done = BOUNCE.with(|b| match b.try_borrow_mut() {
+                Ok(mut bounce) => self.read_bounced(&mut bounce, buf, offset).map(Some),
+                Err(_) => Ok(None),
+            })?;
+            if done.is_some() {
+                return Ok(());
+            }
+        }
+        let n = self.pread_full(buf, offset)?;
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// `pread` until `buf` is full or the end of the file; returns the bytes read.
+    fn pread_full(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(());
-                }
+                Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+        Ok(done)
+    }
+
+    /// [`Self::read_plain`] through `bounce`, placed so that the kernel's copy does not alias
+    /// (see [`aliases`]), a chunk of [`BOUNCE_LEN`] at a time.
+    fn read_bounced(&self, bounce: &mut Vec<u8>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        const PAGE: u64 = 4096;
+        if bounce.is_empty() {
+            *bounce = vec![0; BOUNCE_LEN + PAGE as usize];
+        }
+        // Half a page away from both the file offset and the destination, modulo a page, so
+        // that neither the kernel's copy into the chunk nor ours out of it (glibc's `memcpy`
+        // also uses `rep movsb` for large copies) runs at an aliasing distance.
+        let addr = bounce.as_ptr() as usize as u64;
+        let at = ((offset + PAGE / 2) % PAGE + PAGE - addr % PAGE) % PAGE;
+        let at = at as usize;
+        let mut done = 0;
+        while done < buf.len() {
+            let len = (buf.len() - done).min(BOUNCE_LEN);
+            let chunk = &mut bounce[at..at + len];
+            let n = self.pread_full(chunk, offset + done as u64)?;
+            buf[done..done + n].copy_from_slice(&chunk[..n]);
+            done += n;
+            if n < len {
+                buf[done..].fill(0);
+                break;
+            }
+        }
         Ok(())
     }
+}
+
+/// Reads of at least this many bytes are checked for [`aliases`].
+const ALIAS_MIN: usize = 4096;
+/// The chunk a read goes through when it would alias (a multiple of 4 KiB).
+const BOUNCE_LEN: usize = 64 << 10;
+
+thread_local! {
+    /// Each thread's bounce buffer for reads that would alias, made on its first such read.
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether the kernel's copy from the page cache into `dest` for a read at file `offset` runs
+/// at a short forward distance modulo 4 KiB (the destination 1 to 63 bytes past the source).
+/// The kernel copies with `rep movsb`, which on some x86 CPUs (measured here: AMD EPYC with
+/// FSRM) is 5x slower at such distances ("4K aliasing": 1.6 instead of 8 GB/s). A buffer from
+/// `malloc` of 128 KiB or more starts 16 bytes into a page, so every page-aligned read into one
+/// (a Python `bytearray`, `hashlib.file_digest`'s buffer, a C caller's `malloc`) would take the
+/// slow path; such reads go through an aligned bounce buffer instead, and the user-space copy
+/// out of it costs far less.
+fn aliases(dest: *const u8, offset: u64) -> bool {
+    let distance = (dest as usize as u64).wrapping_sub(offset) % 4096;
+    (1..64).contains(&distance)
 }
 
 impl Drop for FileStorage {
@@ -284,5 +348,58 @@ impl Storage for FileStorage {
     fn lock(&self, name: &str, mode: LockMode) -> crate::Result<()> {
         let mut held = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         lock::set(&self.file, name, &mut held, mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads that would alias go through the bounce buffer: every destination alignment, file
+    /// offsets inside and across chunks, and reads that run past the end of the file (the rest
+    /// reads as zeros), return exactly the file's bytes.
+    #[test]
+    fn aliasing_reads_return_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let len = 3 * BOUNCE_LEN + 12_345;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4093) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let st = FileStorage::open(&path, false, false).unwrap();
+        let mut space = vec![0u8; len + 2 * 4096 + 8192];
+        let mut bounced = 0;
+        for offset in [0u64, 512, 4095, 4096 + 100, BOUNCE_LEN as u64 - 16] {
+            for distance in [0usize, 8, 16, 24, 40, 63, 64, 2048] {
+                for n in [
+                    4096usize,
+                    BOUNCE_LEN,
+                    BOUNCE_LEN + 1,
+                    2 * BOUNCE_LEN + 777,
+                    len,
+                ] {
+                    // Place the destination `distance` bytes past the offset, modulo a page.
+                    let base = space.as_ptr() as usize;
+                    let want = (offset as usize + distance) % 4096;
+                    let at = (want + 4096 - base % 4096) % 4096;
+                    let dest = &mut space[at..at + n];
+                    dest.fill(0xa5);
+                    bounced += usize::from(aliases(dest.as_ptr(), offset));
+                    st.read_at(dest, offset).unwrap();
+                    let start = offset as usize;
+                    let have = len.saturating_sub(start).min(n);
+                    assert_eq!(
+                        dest[..have],
+                        data[start..start + have],
+                        "{offset} {distance} {n}"
+                    );
+                    assert!(
+                        dest[have..].iter().all(|&b| b == 0),
+                        "{offset} {distance} {n}"
+                    );
+                }
+            }
+        }
+        // distances 8, 16, 24, 40 and 63 alias, for every offset and length
+        assert_eq!(bounced, 5 * 5 * 5);
     }
 }
