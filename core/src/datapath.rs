@@ -514,11 +514,9 @@ pub(crate) fn write<'a>(
         match e.desc(&geo) {
             Desc::Normal { host } if e.copied() => {
                 s.check_write_target(host, c)?;
-                plan.push(Piece {
-                    start: done,
-                    len: n,
-                    host: host + in_cluster,
-                });
+                // Clusters next to each other in the file go in one write (one device request
+                // with O_DIRECT, where a write per cluster ran at half qemu's speed).
+                push_piece(&mut plan, done, n, host + in_cluster);
             }
             _ => return write_allocating(state, s, buf, offset),
         }

@@ -221,6 +221,15 @@ impl Storage for FileStorage {
         if !self.direct {
             return self.file.write_all_at(buf, offset);
         }
+        // Whole blocks from an aligned buffer go to the device as they are: no bounce buffer,
+        // no read-modify-write, and the file cannot grow past the write's end.
+        if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+        {
+            let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            return self.file.write_all_at(buf, offset);
+        }
         let a = DIRECT_ALIGN as u64;
         let start = offset / a * a;
         let end = (offset + buf.len() as u64).div_ceil(a) * a;
