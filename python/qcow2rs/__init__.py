@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -334,9 +335,13 @@ class Image(io.RawIOBase):
         backing: Union[str, Iterable[StrPath], None] = "any",
         damaged: bool = False,
         force_share: bool = False,
+        without_key: bool = False,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
+        if not isinstance(mode, str):
+            # As the built-in open words it.
+            raise TypeError(f"open() argument 'mode' must be str, not {type(mode).__name__}")
         self._native = _qcow2rs.open(
             path,
             mode,
@@ -349,6 +354,7 @@ class Image(io.RawIOBase):
             backing=backing,
             damaged=damaged,
             force_share=force_share,
+            without_key=without_key,
         )
         self.name = os.fsdecode(path)
         self._mode = "rb" if self._native.read_only else "rb+"
@@ -535,14 +541,17 @@ class Image(io.RawIOBase):
             raise ValueError("I/O operation on closed image")
 
     def readable(self) -> bool:
+        """True: an image can always be read."""
         self._check_open()
         return True
 
     def writable(self) -> bool:
+        """Whether the image is open read-write."""
         self._check_open()
         return not self._native.read_only
 
     def seekable(self) -> bool:
+        """True: an image can always seek."""
         self._check_open()
         return True
 
@@ -550,7 +559,7 @@ class Image(io.RawIOBase):
         """Move to `offset` relative to `whence` (SEEK_SET, SEEK_CUR, SEEK_END); return the new
         position. Positions past the end are allowed (reads there return nothing)."""
         self._check_open()
-        offset = offset.__index__()
+        offset = operator.index(offset)
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
@@ -565,8 +574,15 @@ class Image(io.RawIOBase):
         return pos
 
     def tell(self) -> int:
+        """The current position."""
         self._check_open()
         return self._pos
+
+    def fileno(self) -> int:
+        """An image has no file descriptor that reads as the virtual disk: raises
+        :class:`io.UnsupportedOperation` (:class:`ValueError` once closed, as :class:`io.FileIO`)."""
+        self._check_open()
+        raise io.UnsupportedOperation("fileno")
 
     def read(self, size: Optional[int] = -1) -> bytes:
         """Read up to `size` bytes from the current position (all to the end if omitted)."""
@@ -864,6 +880,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     backing: Union[str, Iterable[StrPath], None] = "any",
     damaged: bool = False,
     force_share: bool = False,
+    without_key: bool = False,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -874,7 +891,10 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
     `password` (str or bytes) opens an encrypted image; a wrong one raises
     :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
-    password of encrypted backing files. `snapshot` (an ID or a name, looked up as
+    password of encrypted backing files. `without_key` opens an encrypted image without its
+    password, for inspection, as ``qemu-img info``, ``map`` and ``check`` do: :meth:`Image.info`,
+    :meth:`Image.map`, :meth:`Image.check` and :meth:`Image.snapshots` work, reading or writing
+    the guest's data raises :class:`BadPasswordError`. `snapshot` (an ID or a name, looked up as
     ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
     active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
@@ -910,4 +930,5 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         backing=backing,
         damaged=damaged,
         force_share=force_share,
+        without_key=without_key,
     )

@@ -55,6 +55,7 @@ def open(
     backing: Union[str, Iterable[Union[str, os.PathLike[str]]], None] = None,
     damaged: bool = False,
     force_share: bool = False,
+    without_key: bool = False,
 ) -> NativeImage: ...
 @final
 class NativeImage:

@@ -45,7 +45,14 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
 pub(crate) fn to_pyerr_in(py: Python<'_>, err: qcow2rs::Error, image: Option<&str>) -> PyErr {
     use qcow2rs::Error as E;
     let errno = err.errno();
-    let message = err.to_string();
+    let message = match &err {
+        // The core's Display says "invalid argument: " first; the class (a ValueError, errno
+        // EINVAL) says that already, and the message then reads like every other one: the
+        // file first, when there is one, then what is wrong ("invalid mode: 'z'", as the
+        // built-in open words it).
+        E::InvalidArgument(m) => m.clone(),
+        _ => err.to_string(),
+    };
     let (class, filename): (&'static Class, Option<&str>) = match &err {
         E::Io { file, .. } => (
             match errno {

@@ -206,18 +206,64 @@ fn create(
             })
         })(),
     )?;
-    raise(py, py.detach(|| Image::create(&path, &opts)))
+    py.detach(|| Image::create(&path, &opts))
+        .map_err(|e| errors::to_pyerr_in(py, e, Some(&path.to_string_lossy())))
 }
 
-/// Whether `mode` opens read-only (`Some(true)`), read-write (`Some(false)`), or is not a mode
-/// (`None`). The modes are the built-in `open`'s binary ones that neither create nor truncate
-/// (`"rb"`, `"r+b"`, `"rb+"`, and `"r"`, `"r+"` without the `b`), plus the earlier `"rw"`.
-fn read_only_mode(mode: &str) -> Option<bool> {
-    match mode {
-        "r" | "rb" => Some(true),
-        "r+" | "r+b" | "rb+" | "rw" => Some(false),
-        _ => None,
+/// Whether `mode` opens read-only (`Ok(true)`) or read-write (`Ok(false)`), read as the built-in
+/// `open` reads it: the letters in any order, each at most once, with CPython's messages for
+/// what it refuses. Of the modes it takes, those that create, truncate or append (an image is made
+/// by `create`) and the text modes (an image is binary) are refused; `"rw"`, the earlier
+/// spelling, still means `"r+b"`.
+fn parse_mode(mode: &str) -> Result<bool, String> {
+    if mode == "rw" {
+        return Ok(false);
     }
+    let invalid = || format!("invalid mode: '{mode}'");
+    let [mut r, mut w, mut x, mut a, mut plus, mut t, mut b] = [false; 7];
+    for c in mode.chars() {
+        let flag = match c {
+            'r' => &mut r,
+            'w' => &mut w,
+            'x' => &mut x,
+            'a' => &mut a,
+            '+' => &mut plus,
+            't' => &mut t,
+            'b' => &mut b,
+            _ => return Err(invalid()),
+        };
+        if *flag {
+            return Err(invalid());
+        }
+        *flag = true;
+    }
+    if t && b {
+        return Err("can't have text and binary mode at once".into());
+    }
+    match [r, w, x, a].iter().filter(|&&f| f).count() {
+        0 => {
+            return Err(
+                "Must have exactly one of create/read/write/append mode and at most one plus"
+                    .into(),
+            )
+        }
+        1 => {}
+        _ => return Err("must have exactly one of create/read/write/append mode".into()),
+    }
+    if !r {
+        return Err(format!(
+            "{}: qcow2rs.open does not create, truncate or append to an image (make one with \
+             qcow2rs.create, then open it 'r+b')",
+            invalid()
+        ));
+    }
+    if t {
+        return Err(format!(
+            "{}: an image is a binary file (use 'rb' or 'r+b')",
+            invalid()
+        ));
+    }
+    Ok(!plus)
 }
 
 /// Open an image file. `mode` is `"rb"` (read-only) or `"r+b"` (read-write). `snapshot`
@@ -236,6 +282,7 @@ fn read_only_mode(mode: &str) -> Option<bool> {
     backing = None,
     damaged = false,
     force_share = false,
+    without_key = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -251,21 +298,12 @@ fn open(
     backing: Option<&Bound<'_, PyAny>>,
     damaged: bool,
     force_share: bool,
+    without_key: bool,
 ) -> PyResult<NativeImage> {
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
-    let read_only = match read_only_mode(mode) {
-        Some(ro) => ro,
-        None => {
-            return raise(
-                py,
-                Err(Error::InvalidArgument(format!(
-                    "invalid mode: '{mode}' (use 'rb' to read or 'r+b' to read and write)"
-                ))),
-            )
-        }
-    };
+    let read_only = raise(py, parse_mode(mode).map_err(Error::InvalidArgument))?;
     let opts = raise(
         py,
         (|| {
@@ -284,12 +322,17 @@ fn open(
                 backing,
                 damaged,
                 force_share,
+                without_key,
                 ..OpenOptions::default()
             })
         })(),
     )?;
-    let image = raise(py, py.detach(|| Image::open(&path, &opts)))?;
+    // Errors of the open name the file, also those the core words without it.
+    let image = py
+        .detach(|| Image::open(&path, &opts))
+        .map_err(|e| errors::to_pyerr_in(py, e, Some(&path.to_string_lossy())))?;
     Ok(NativeImage {
+        filename: image.filename().to_string(),
         image: RwLock::new(Some(image)),
     })
 }
@@ -298,9 +341,17 @@ fn open(
 #[pyclass(module = "qcow2rs._qcow2rs", name = "NativeImage", frozen)]
 pub struct NativeImage {
     image: RwLock<Option<Image>>,
+    /// The image file's name, for the errors of calls whose arguments are refused before they
+    /// reach the image (they name it as the core's errors do), also once it is closed.
+    filename: String,
 }
 
 impl NativeImage {
+    /// `r`, with a core error raised as its exception, naming this image when it names no file.
+    fn arg<T>(&self, py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
+        r.map_err(|e| errors::to_pyerr_in(py, e, Some(&self.filename)))
+    }
+
     /// Run `f` on the open image with the GIL released.
     fn with<R, F>(&self, py: Python<'_>, f: F) -> PyResult<R>
     where
@@ -325,12 +376,12 @@ impl NativeImage {
         offset: i128,
         length: i128,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         let n = self.with(py, |img| {
             Ok(img.virtual_size().saturating_sub(offset).min(length))
         })?;
-        let n = raise(
+        let n = self.arg(
             py,
             usize::try_from(n)
                 .map_err(|_| Error::InvalidArgument(format!("length {n} does not fit in memory"))),
@@ -351,7 +402,7 @@ impl NativeImage {
         offset: i128,
         buffer: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         let buf = PyUntypedBuffer::get(buffer)?;
         if buf.readonly() {
             return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -384,7 +435,7 @@ impl NativeImage {
     /// `offset`. The disk does not grow: writing past its end fails. An empty write does
     /// nothing, wherever it is (like writing nothing to a file).
     fn write_at(&self, py: Python<'_>, offset: i128, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         let buf = PyUntypedBuffer::get(data)?;
         if !buf.is_c_contiguous() {
             return Err(pyo3::exceptions::PyBufferError::new_err(
@@ -414,21 +465,21 @@ impl NativeImage {
 
     /// Write one cluster of `data`, compressed, at the cluster-aligned `offset`.
     fn write_compressed(&self, py: Python<'_>, offset: i128, data: &[u8]) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         self.with(py, |img| img.write_compressed(offset, data))
     }
 
     /// Make `length` bytes at `offset` read as zeros.
     fn write_zeroes(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         self.with(py, |img| img.write_zeroes(offset, length))
     }
 
     /// Discard the whole clusters inside the range.
     fn discard(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         self.with(py, |img| img.discard(offset, length))
     }
 
@@ -439,7 +490,7 @@ impl NativeImage {
 
     /// Change the virtual size.
     fn resize(&self, py: Python<'_>, size: i128) -> PyResult<()> {
-        let size = raise(py, to_u64("size", size))?;
+        let size = self.arg(py, to_u64("size", size))?;
         self.with(py, |img| img.resize(size))
     }
 
@@ -457,8 +508,8 @@ impl NativeImage {
         offset: i128,
         length: Option<i128>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, length.map(|l| to_u64("length", l)).transpose())?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, length.map(|l| to_u64("length", l)).transpose())?;
         let entries = self.with(py, |img| {
             let length = length.unwrap_or_else(|| img.virtual_size().saturating_sub(offset));
             img.map(offset, length)
@@ -483,7 +534,7 @@ impl NativeImage {
             Some("leaks") => Some(RepairMode::Leaks),
             Some("all") => Some(RepairMode::All),
             Some(other) => {
-                return raise(
+                return self.arg(
                     py,
                     Err(Error::InvalidArgument(format!(
                         "invalid repair mode: '{other}' (use None, 'leaks' or 'all')"
@@ -511,7 +562,7 @@ impl NativeImage {
     ) -> PyResult<Vec<usize>> {
         let add = password_arg(add)?;
         let remove = password_arg(remove)?;
-        let iter_time_ms = raise(py, iter_time.map(|t| to_u64("iter_time", t)).transpose())?;
+        let iter_time_ms = self.arg(py, iter_time.map(|t| to_u64("iter_time", t)).transpose())?;
         let change = KeySlotChange {
             state: if add.is_some() {
                 KeySlotState::Active
@@ -525,7 +576,7 @@ impl NativeImage {
             force,
         };
         if change.new_secret.is_none() && change.old_secret.is_none() && slot.is_none() {
-            return raise(
+            return self.arg(
                 py,
                 Err(Error::InvalidArgument(
                     "nothing to change: give a password to add or remove, or a slot".into(),
@@ -550,7 +601,7 @@ impl NativeImage {
                 .take()
         });
         match image {
-            Some(img) => raise(py, py.detach(|| img.close())),
+            Some(img) => self.arg(py, py.detach(|| img.close())),
             None => Ok(()),
         }
     }
@@ -617,7 +668,7 @@ impl NativeImage {
         icount: Option<i128>,
         date: Option<(i128, i128)>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let opts = raise(
+        let opts = self.arg(
             py,
             (|| {
                 Ok(SnapshotOptions {

@@ -1,0 +1,238 @@
+"""What a new user tries first, checked against what the built-in open, io.FileIO and qemu-img
+do: the audit of issue 12 (modes, error messages and filenames, convert's qemu-img options,
+inspection of an encrypted image without its password, help() on the result types)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pydoc
+import re
+from pathlib import Path
+from typing import Any, Callable, List, Tuple
+
+import pytest
+
+import qcow2rs
+
+MiB = 1 << 20
+
+
+def builtin_open_error(tmp_path: Path, mode: str) -> Tuple[type, str]:
+    """The exception type and message the built-in open gives for `mode`."""
+    path = tmp_path / "plain.bin"
+    path.write_bytes(b"x")
+    try:
+        open(path, mode).close()
+    except (ValueError, TypeError) as e:
+        return type(e), str(e)
+    raise AssertionError(f"the built-in open took {mode!r}")
+
+
+@pytest.mark.parametrize("mode", ["br", "+rb", "b+r", "+r", "rb+", "r+b"])
+def test_every_spelling_of_open_is_taken(disk: Path, mode: str) -> None:
+    # The built-in open takes the letters in any order.
+    with io.FileIO(disk, mode) as f:
+        builtin = f.mode
+    with qcow2rs.open(disk, mode) as img:
+        assert img.mode == builtin
+        assert img.writable() is ("+" in mode)
+
+
+@pytest.mark.parametrize("mode", ["rbb", "r++", "z", "U", "rU", "rb ", "rtb", "rwb", "", "b", "+", "t"])
+def test_invalid_modes_fail_as_the_builtin_open_fails(
+    disk: Path, tmp_path: Path, mode: str
+) -> None:
+    kind, message = builtin_open_error(tmp_path, mode)
+    with pytest.raises(kind) as ei:
+        qcow2rs.open(disk, mode)
+    assert str(ei.value) == message
+    assert isinstance(ei.value, qcow2rs.InvalidArgumentError)
+    assert ei.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("mode", ["w", "wb", "w+b", "a", "ab", "x", "xb"])
+def test_modes_that_create_or_truncate_are_refused(disk: Path, mode: str) -> None:
+    before = disk.read_bytes()
+    with pytest.raises(ValueError, match=rf"^invalid mode: '{re.escape(mode)}'.*qcow2rs\.create"):
+        qcow2rs.open(disk, mode)
+    assert disk.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["rt", "r+t"])
+def test_text_modes_are_refused(disk: Path, mode: str) -> None:
+    with pytest.raises(ValueError, match="invalid mode"):
+        qcow2rs.open(disk, mode)
+
+
+def test_a_mode_that_is_not_a_str_is_a_type_error(disk: Path) -> None:
+    with pytest.raises(TypeError, match=r"^open\(\) argument 'mode' must be str, not int$"):
+        qcow2rs.open(disk, 5)  # type: ignore[arg-type]
+
+
+def test_seek_takes_integers_only(rw: qcow2rs.Image) -> None:
+    with io.FileIO(os.devnull) as f, pytest.raises(TypeError) as builtin:
+        f.seek(3.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError) as ours:
+        rw.seek(3.0)  # type: ignore[arg-type]
+    assert str(ours.value) == str(builtin.value)
+
+
+def test_fileno_of_a_closed_image_is_a_value_error(disk: Path) -> None:
+    img = qcow2rs.open(disk)
+    with pytest.raises(io.UnsupportedOperation):
+        img.fileno()
+    img.close()
+    with pytest.raises(ValueError, match="closed"):
+        img.fileno()
+
+
+# -- error messages and filenames ------------------------------------------------------------
+
+
+def test_invalid_argument_messages_do_not_repeat_themselves(rw: qcow2rs.Image) -> None:
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        rw.check(repair="everything")
+    assert str(ei.value) == "invalid repair mode: 'everything' (use None, 'leaks' or 'all')"
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        rw.write_at(rw.size, b"x")
+    # Like every other error of a call on an image: the file first, then what is wrong.
+    assert str(ei.value).startswith(f"{rw.name}: cannot write 1 bytes")
+    assert "invalid argument" not in str(ei.value)
+
+
+BAD_CALLS: List[Tuple[str, Callable[[qcow2rs.Image], Any]]] = [
+    ("read_at", lambda img: img.read_at(-1, 1)),
+    ("read_at length", lambda img: img.read_at(0, -1)),
+    ("readinto_at", lambda img: img.readinto_at(-1, bytearray(1))),
+    ("write_at", lambda img: img.write_at(-1, b"x")),
+    ("write_zeroes", lambda img: img.write_zeroes(0, -1)),
+    ("discard", lambda img: img.discard(-1, 1)),
+    ("resize", lambda img: img.resize(-1)),
+    ("truncate", lambda img: img.truncate(-1)),
+    ("map", lambda img: img.map(-1)),
+    ("check", lambda img: img.check(repair="everything")),
+    ("create_snapshot", lambda img: img.create_snapshot("s", vm_clock_nsec=-1)),
+    ("add_password", lambda img: img.add_password("pw", iter_time=-1)),
+]
+
+
+@pytest.mark.parametrize("call", [c for _, c in BAD_CALLS], ids=[n for n, _ in BAD_CALLS])
+def test_bad_arguments_on_an_image_name_it(rw: qcow2rs.Image, call: Callable[..., Any]) -> None:
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        call(rw)
+    assert ei.value.errno == errno.EINVAL
+    assert ei.value.filename == rw.name
+
+
+def test_open_errors_name_the_file(disk: Path) -> None:
+    with qcow2rs.open(disk, "r+b") as img:
+        img.create_snapshot("s")
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        qcow2rs.open(disk, "r+b", snapshot="s")
+    assert ei.value.filename == str(disk)
+    assert str(ei.value).startswith(f"{disk}: ")
+
+
+def test_create_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.qcow2"
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        qcow2rs.create(path, MiB, cluster_size=1000)
+    assert ei.value.filename == str(path)
+
+
+# -- an encrypted image without its password, as qemu-img info / map / check inspect it ------
+
+
+def test_inspect_an_encrypted_image_without_its_password(tmp_path: Path, qemu_info: Any) -> None:
+    path = tmp_path / "enc.qcow2"
+    qcow2rs.create(path, 4 * MiB, encrypt="luks", password="pw", iter_time=10)
+    with qcow2rs.open(path, "r+b", password="pw") as img:
+        img.write_at(0, b"secret data")
+        img.create_snapshot("one")
+    with qcow2rs.open(path, without_key=True) as img:
+        assert img.info().to_dict() == qemu_info(path)
+        assert [s.name for s in img.snapshots()] == ["one"]
+        assert img.check().is_clean
+        assert img.map()[0].data
+        with pytest.raises(qcow2rs.BadPasswordError) as ei:
+            img.read_at(0, 11)
+        assert ei.value.filename == str(path)
+
+
+# -- convert: the qemu-img convert options a user looks for ----------------------------------
+
+
+@pytest.fixture
+def raw_src(tmp_path: Path) -> Path:
+    path = tmp_path / "src.raw"
+    path.write_bytes(os.urandom(MiB) + bytes(MiB))
+    return path
+
+
+def test_convert_refuses_compression_with_encryption(raw_src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "ce.qcow2"
+    # qemu-img: "Compression and encryption not supported at the same time"
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="ompression and encryption"):
+        qcow2rs.convert(raw_src, dst, compress=True, encrypt="luks", password="pw", iter_time=10)
+    assert not dst.exists()
+
+
+def test_convert_a_snapshot_out(tmp_path: Path, qemu_img: Any) -> None:
+    src = tmp_path / "src.qcow2"
+    qcow2rs.create(src, 2 * MiB)
+    with qcow2rs.open(src, "r+b") as img:
+        img.write_at(0, b"then")
+        img.create_snapshot("then")
+        img.write_at(0, b"now!")
+    dst = tmp_path / "then.raw"
+    qcow2rs.convert(src, dst, dst_format="raw", snapshot="then")  # qemu-img convert -l then
+    assert dst.read_bytes()[:4] == b"then"
+    ref = tmp_path / "ref.raw"
+    assert qemu_img("convert", "-l", "then", "-O", "raw", src, ref).returncode == 0
+    assert ref.read_bytes() == dst.read_bytes()
+    with pytest.raises(qcow2rs.SnapshotNotFoundError):
+        qcow2rs.convert(src, tmp_path / "x.raw", dst_format="raw", snapshot="never")
+
+
+@pytest.mark.parametrize("cache", ["writeback", "writethrough", "unsafe", "none"])
+def test_convert_cache_mode(raw_src: Path, tmp_path: Path, qemu_img: Any, cache: str) -> None:
+    dst = tmp_path / "t.qcow2"
+    qcow2rs.convert(raw_src, dst, cache=cache)  # qemu-img convert -t CACHE
+    assert qemu_img("compare", raw_src, dst).returncode == 0
+
+
+def test_convert_bad_cache_mode(raw_src: Path, tmp_path: Path) -> None:
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="cache"):
+        qcow2rs.convert(raw_src, tmp_path / "t.qcow2", cache="sometimes")
+
+
+def test_convert_names_itself_for_an_unknown_option(raw_src: Path, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"^convert\(\) got an unexpected keyword argument 'clustersize'"):
+        qcow2rs.convert(raw_src, tmp_path / "t.qcow2", clustersize=4096)
+
+
+def test_convert_size_error_names_the_target(raw_src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "small.qcow2"
+    qcow2rs.create(dst, MiB)
+    with pytest.raises(qcow2rs.InvalidArgumentError) as ei:
+        qcow2rs.convert(raw_src, dst, no_create=True)
+    assert ei.value.filename == str(dst)
+
+
+# -- help() shows what the source documents -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, field, words",
+    [
+        (qcow2rs.ImageInfo, "actual_size", "occupies on disk"),
+        (qcow2rs.MapEntry, "depth", "Backing-chain depth"),
+        (qcow2rs.CheckResult, "exit_code", "qemu-img's exit code"),
+        (qcow2rs.Snapshot, "icount", "instruction count"),
+    ],
+)
+def test_help_shows_the_fields_of_result_types(cls: type, field: str, words: str) -> None:
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
+    assert field in text and words in text
