@@ -28,6 +28,8 @@ Internal snapshots, as ``qemu-img snapshot`` makes them::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import io
 import operator
 import os
@@ -650,6 +652,14 @@ class Image(io.RawIOBase):
 
 _QCOW2_MAGIC = b"QFI\xfb"
 
+_CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+
+
+@functools.lru_cache(maxsize=None)
+def _create_options() -> frozenset[str]:
+    """The image options :func:`create` takes (``-o``), for :func:`convert`."""
+    return frozenset(inspect.signature(create).parameters) - {"path", "size"}
+
 
 def _detect_format(path: StrPath) -> str:
     with io.open(path, "rb") as f:
@@ -670,6 +680,9 @@ def convert(
     backing_file: Optional[str] = None,
     backing_format: Optional[str] = None,
     no_create: bool = False,
+    snapshot: Optional[str] = None,
+    cache: str = "writeback",
+    src_cache: str = "writeback",
     **create_options: Any,
 ) -> None:
     """Copy the disk `src` into the image `dst`, as ``qemu-img convert`` does.
@@ -695,7 +708,28 @@ def convert(
     may then be among the keyword arguments left. Zero runs are then written as zeros (the old
     contents must not show through), except where `backing_file` says to leave them to the
     backing file that the existing `dst` is expected to have.
+
+    `snapshot` (``-l``, an ID or a name) copies that internal snapshot of a qcow2 `src` out
+    instead of its active disk (:class:`SnapshotNotFoundError` when there is none). `cache`
+    (``-t``) and `src_cache` (``-T``) are the cache modes of `dst` and `src`, as
+    :func:`open` takes them (qemu-img's default for `dst` is ``"unsafe"``; here it is
+    ``"writeback"``, which costs the same for one convert: `dst` is made durable once, when it
+    is closed, except with ``"unsafe"``). Compression and encryption together are refused, as
+    qemu-img refuses them.
     """
+    unknown = set(create_options) - _create_options()
+    if unknown:
+        # As Python words an unexpected keyword: convert() takes them, not create().
+        raise TypeError(f"convert() got an unexpected keyword argument '{sorted(unknown)[0]}'")
+    for what, mode in (("cache", cache), ("src_cache", src_cache)):
+        if mode not in _CACHE_MODES:
+            raise InvalidArgumentError(
+                22, f"invalid {what} mode: {mode!r} (use {', '.join(map(repr, _CACHE_MODES))})"
+            )
+    if compress and create_options.get("encrypt") is not None:
+        raise InvalidArgumentError(
+            22, "Compression and encryption not supported at the same time (as in qemu-img)"
+        )
     fmt = src_format or _detect_format(src)
     if fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(22, f"invalid source format: {fmt!r} (use 'qcow2' or 'raw')")
@@ -703,6 +737,8 @@ def convert(
         raise InvalidArgumentError(
             22, f"invalid output format: {dst_format!r} (use 'qcow2' or 'raw')"
         )
+    if snapshot is not None and fmt != "qcow2":
+        raise InvalidArgumentError(22, "snapshot needs a qcow2 source (a raw file has none)")
     if dst_format == "raw" and (compress or create_options or backing_file is not None):
         raise InvalidArgumentError(
             22, "compress, backing_file and image options need dst_format='qcow2'"
@@ -734,7 +770,9 @@ def convert(
         # extent covers is left to the target's backing file or reads as zeros already.
         extents: List[Tuple[int, int, bool]] = []
         if fmt == "qcow2":
-            simg = stack.enter_context(Image(src, "rb", password=src_password))
+            simg = stack.enter_context(
+                Image(src, "rb", password=src_password, snapshot=snapshot, cache=src_cache)
+            )
             size = simg.virtual_size
             read_at: Callable[[int, int], bytes] = simg.read_at
             for e in simg.map():
@@ -762,7 +800,7 @@ def convert(
                         create_options, backing_file=backing_file, backing_format=backing_format
                     )
                 create(dst, -(-size // 512) * 512, **create_options)
-            dimg = stack.enter_context(Image(dst, "r+b", password=dst_password))
+            dimg = stack.enter_context(Image(dst, "r+b", password=dst_password, cache=cache))
             dst_size = dimg.virtual_size
             cluster = dimg.cluster_size
             step = max(chunk_size // cluster, 1) * cluster
@@ -803,8 +841,10 @@ def convert(
 
         if dst_size < size:
             raise InvalidArgumentError(
-                22, f"{os.fspath(dst)!s}: output file is smaller than input file "
-                f"({dst_size} < {size} bytes)"
+                22,
+                f"{os.fspath(dst)!s}: output file is smaller than input file "
+                f"({dst_size} < {size} bytes)",
+                os.fspath(dst),
             )
         total = sum(n for _, n, _ in extents)
         done = 0
@@ -828,6 +868,8 @@ def convert(
                     progress(done, total)
         if progress is not None and total == 0:
             progress(0, 0)
+        if dst_format == "raw" and cache != "unsafe":
+            os.fsync(dfd)
 
 
 def _write_nonzero(
