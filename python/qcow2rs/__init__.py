@@ -27,12 +27,15 @@ Internal snapshots, as ``qemu-img snapshot`` makes them::
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import functools
 import inspect
 import io
 import operator
 import os
+import re
+import textwrap
+import tokenize
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -655,10 +658,8 @@ _QCOW2_MAGIC = b"QFI\xfb"
 _CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 
 
-@functools.lru_cache(maxsize=None)
-def _create_options() -> frozenset[str]:
-    """The image options :func:`create` takes (``-o``), for :func:`convert`."""
-    return frozenset(inspect.signature(create).parameters) - {"path", "size"}
+# The image options create() takes (-o), which convert() passes on.
+_CREATE_OPTIONS = frozenset(inspect.signature(create).parameters) - {"path", "size"}
 
 
 def _detect_format(path: StrPath) -> str:
@@ -717,7 +718,7 @@ def convert(
     is closed, except with ``"unsafe"``). Compression and encryption together are refused, as
     qemu-img refuses them.
     """
-    unknown = set(create_options) - _create_options()
+    unknown = set(create_options) - _CREATE_OPTIONS
     if unknown:
         # As Python words an unexpected keyword: convert() takes them, not create().
         raise TypeError(f"convert() got an unexpected keyword argument '{sorted(unknown)[0]}'")
@@ -974,3 +975,38 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         force_share=force_share,
         without_key=without_key,
     )
+
+
+def _document_fields(*classes: type) -> None:
+    """Append each field's docstring (the string under it in the class body, which IDEs and
+    Sphinx read but Python drops) to its class's docstring, so that ``help()`` shows them too.
+    Without this module's source (a build without .py files) the docstrings stay as they are."""
+    try:
+        with tokenize.open(__file__) as f:
+            source = f.read()
+    except (OSError, SyntaxError):  # pragma: no cover - no source to read
+        return
+    for cls in classes:
+        # Only the class's own block is parsed: the whole module would cost 15 ms at import.
+        block = re.search(rf"^class {cls.__name__}\b.*?(?=^\S)", source, re.M | re.S)
+        if block is None:  # pragma: no cover - the source does not match this module
+            continue
+        node = ast.parse(block.group()).body[0]
+        assert isinstance(node, ast.ClassDef)
+        entries = []
+        for field, doc in zip(node.body, node.body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                text = " ".join(doc.value.value.split())
+                body = textwrap.fill(text, 88, initial_indent="    ", subsequent_indent="    ")
+                entries.append(f"{field.target.id}: {ast.unparse(field.annotation)}\n{body}")
+        if entries:
+            cls.__doc__ = f"{cls.__doc__ or ''}\n\nAttributes:\n\n" + "\n\n".join(entries)
+
+
+_document_fields(Snapshot, ImageInfo, MapEntry, CheckResult)
