@@ -10,7 +10,7 @@ __all__ = ["__version__", "create", "open", "NativeImage"]
 
 def create(
     path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
-    size: int,
+    size: Optional[int] = None,
     *,
     cluster_size: int = 65536,
     refcount_bits: int = 16,
@@ -33,7 +33,10 @@ def create(
 ) -> None:
     """Create a new qcow2 image file (an existing file is overwritten).
 
-    The keyword arguments are qemu-img's ``-o`` options: `compat` is ``"1.1"`` (v3) or ``"0.10"``
+    `size` is the virtual size in bytes (rounded up to 512); without it (with `backing_file`),
+    the backing file's, as ``qemu-img create -b BASE -F FMT FILE`` takes it.
+    The keyword arguments are qemu-img's ``-o`` options: `cluster_size` (512 to 2 MiB, a power
+    of two), `refcount_bits`, `compat` is ``"1.1"`` (v3) or ``"0.10"``
     (v2); `preallocation` is ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or
     ``"zstd"``; `backing_format` (``"qcow2"`` or ``"raw"``) is required with `backing_file`.
     `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs

@@ -101,6 +101,8 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 
 /// Create a new qcow2 image file (an existing file is overwritten).
 ///
+/// `size` is the virtual size in bytes (rounded up to 512); without it (with `backing_file`),
+/// the backing file's, as ``qemu-img create -b BASE -F FMT FILE`` takes it.
 /// The keyword arguments are qemu-img's ``-o`` options: `cluster_size` (512 to 2 MiB, a power
 /// of two), `refcount_bits`, `compat` is ``"1.1"`` (v3) or ``"0.10"`` (v2); `preallocation` is
 /// ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or ``"zstd"``;
@@ -112,7 +114,7 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 #[pyfunction]
 #[pyo3(signature = (
     path,
-    size,
+    size = None,
     *,
     cluster_size = 65536,
     refcount_bits = 16,
@@ -137,7 +139,7 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 fn create(
     py: Python<'_>,
     path: PathBuf,
-    size: i128,
+    size: Option<i128>,
     cluster_size: i128,
     refcount_bits: i128,
     compat: &str,
@@ -159,55 +161,71 @@ fn create(
 ) -> PyResult<()> {
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
-    let opts = raise(
-        py,
-        (|| {
-            let encryption = match encrypt {
-                None => {
-                    if password.is_some() {
-                        return Err(Error::InvalidArgument(
-                            "password given without encrypt= ('luks' or 'aes')".into(),
-                        ));
-                    }
-                    None
+    let file = path.to_string_lossy().into_owned();
+    let opts = (|| {
+        // As qemu-img create: without a size, the backing file's; its format is not guessed.
+        let size = match (size, &backing_file) {
+            (Some(s), _) => to_u64("size", s)?,
+            // The core takes the backing file's size for 0.
+            (None, Some(_)) => 0,
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{file}: Image creation needs a size parameter"
+                )))
+            }
+        };
+        if backing_file.is_some() && backing_format.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{file}: Backing file specified without backing format (give \
+                     backing_format='qcow2' or 'raw', as qemu-img create -F)"
+            )));
+        }
+        let encryption = match encrypt {
+            None => {
+                if password.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "password given without encrypt= ('luks' or 'aes')".into(),
+                    ));
                 }
-                Some(f) => {
-                    let pw = password.clone().ok_or_else(|| {
-                        Error::InvalidArgument(format!("encrypt='{f}' needs a password"))
-                    })?;
-                    Some(EncryptionOptions {
-                        format: EncryptionFormat::parse(f)?,
-                        password: pw,
-                        cipher_alg: alg("cipher_alg", cipher_alg, CipherAlg::parse)?,
-                        cipher_mode: alg("cipher_mode", cipher_mode, CipherMode::parse)?,
-                        ivgen_alg: alg("ivgen_alg", ivgen_alg, IvGenAlg::parse)?,
-                        ivgen_hash_alg: alg("ivgen_hash_alg", ivgen_hash_alg, HashAlg::parse)?,
-                        hash_alg: alg("hash_alg", hash_alg, HashAlg::parse)?,
-                        iter_time_ms: to_u64("iter_time", iter_time)?,
-                    })
-                }
-            };
-            Ok(CreateOptions {
-                size: to_u64("size", size)?,
-                cluster_size: to_u32("cluster_size", cluster_size)?,
-                refcount_bits: to_u32("refcount_bits", refcount_bits)?,
-                compat: Compat::parse(compat)?,
-                backing_file: backing_file
-                    .map(|p| path_to_string("backing_file", p))
-                    .transpose()?,
-                backing_format,
-                lazy_refcounts,
-                preallocation: Preallocation::parse(preallocation)?,
-                extended_l2,
-                compression_type: CompressionType::parse(compression_type)?,
-                open_backing: true,
-                encryption,
-                backing_password,
-            })
-        })(),
-    )?;
+                None
+            }
+            Some(f) => {
+                let pw = password.clone().ok_or_else(|| {
+                    Error::InvalidArgument(format!("encrypt='{f}' needs a password"))
+                })?;
+                Some(EncryptionOptions {
+                    format: EncryptionFormat::parse(f)?,
+                    password: pw,
+                    cipher_alg: alg("cipher_alg", cipher_alg, CipherAlg::parse)?,
+                    cipher_mode: alg("cipher_mode", cipher_mode, CipherMode::parse)?,
+                    ivgen_alg: alg("ivgen_alg", ivgen_alg, IvGenAlg::parse)?,
+                    ivgen_hash_alg: alg("ivgen_hash_alg", ivgen_hash_alg, HashAlg::parse)?,
+                    hash_alg: alg("hash_alg", hash_alg, HashAlg::parse)?,
+                    iter_time_ms: to_u64("iter_time", iter_time)?,
+                })
+            }
+        };
+        Ok(CreateOptions {
+            size,
+            cluster_size: to_u32("cluster_size", cluster_size)?,
+            refcount_bits: to_u32("refcount_bits", refcount_bits)?,
+            compat: Compat::parse(compat)?,
+            backing_file: backing_file
+                .map(|p| path_to_string("backing_file", p))
+                .transpose()?,
+            backing_format,
+            lazy_refcounts,
+            preallocation: Preallocation::parse(preallocation)?,
+            extended_l2,
+            compression_type: CompressionType::parse(compression_type)?,
+            open_backing: true,
+            encryption,
+            backing_password,
+        })
+    })()
+    .map_err(|e| errors::to_pyerr_in(py, e, Some(&file)))?;
     py.detach(|| Image::create(&path, &opts))
-        .map_err(|e| errors::to_pyerr_in(py, e, Some(&path.to_string_lossy())))
+        .map_err(|e| errors::to_pyerr_in(py, e, Some(&file)))
 }
 
 /// Whether `mode` opens read-only (`Ok(true)`) or read-write (`Ok(false)`), read as the built-in

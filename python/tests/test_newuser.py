@@ -236,3 +236,36 @@ def test_convert_size_error_names_the_target(raw_src: Path, tmp_path: Path) -> N
 def test_help_shows_the_fields_of_result_types(cls: type, field: str, words: str) -> None:
     text = pydoc.render_doc(cls, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
     assert field in text and words in text
+
+
+# -- create over a backing file, as qemu-img create -b -F does it ----------------------------
+
+
+def test_create_takes_the_size_of_the_backing_file(tmp_path: Path, qemu_info: Any) -> None:
+    base = tmp_path / "base.qcow2"
+    qcow2rs.create(base, 3 * MiB)
+    top = tmp_path / "top.qcow2"
+    # qemu-img create -f qcow2 -b base.qcow2 -F qcow2 top.qcow2   (no size)
+    qcow2rs.create(top, backing_file="base.qcow2", backing_format="qcow2")
+    assert qemu_info(top)["virtual-size"] == 3 * MiB
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(bytes(5 * MiB))
+    qcow2rs.create(top, backing_file=str(raw), backing_format="raw")
+    assert qemu_info(top)["virtual-size"] == 5 * MiB
+
+
+def test_create_without_a_size_or_a_backing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nosize.qcow2"
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="needs a size") as ei:
+        qcow2rs.create(path)
+    assert ei.value.filename == str(path)
+
+
+def test_create_needs_the_backing_format(tmp_path: Path) -> None:
+    # As documented, and as qemu-img refuses it: the format is not guessed.
+    qcow2rs.create(tmp_path / "base.qcow2", MiB)
+    path = tmp_path / "top.qcow2"
+    with pytest.raises(qcow2rs.InvalidArgumentError, match="without backing format") as ei:
+        qcow2rs.create(path, MiB, backing_file="base.qcow2")
+    assert ei.value.filename == str(path)
+    assert not path.exists()
