@@ -470,7 +470,9 @@ impl NativeImage {
         self.with(py, |img| {
             let size = img.virtual_size();
             let len = data.len() as u64;
-            if offset.checked_add(len).is_none_or(|end| end > size) {
+            // A read-only image refuses any write (the core says so), wherever it is: the mode
+            // is checked before the position, as io.FileIO does.
+            if !img.is_read_only() && offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(Error::InvalidArgument(format!(
                     "{}: cannot write {len} bytes at offset {offset}: the virtual disk ends at \
                      {size} bytes and does not grow by writing (use resize() to enlarge it)",

@@ -269,3 +269,21 @@ def test_create_needs_the_backing_format(tmp_path: Path) -> None:
         qcow2rs.create(path, MiB, backing_file="base.qcow2")
     assert ei.value.filename == str(path)
     assert not path.exists()
+
+
+def test_writing_a_read_only_image_is_unsupported_as_with_fileio(disk: Path) -> None:
+    # io.FileIO opened "rb" raises io.UnsupportedOperation for write and truncate; so do we
+    # (ReadOnlyError is one), and the mode is checked before the position, as FileIO does.
+    with qcow2rs.open(disk) as img:
+        img.seek(0, io.SEEK_END)
+        calls: List[Callable[[], Any]] = [
+            lambda: img.write(b"x"),
+            lambda: img.write_at(img.size, b"x"),
+            lambda: img.truncate(0),
+        ]
+        for call in calls:
+            with pytest.raises(io.UnsupportedOperation) as ei:
+                call()
+            assert isinstance(ei.value, qcow2rs.ReadOnlyError)
+            assert ei.value.errno == errno.EROFS
+            assert ei.value.filename == str(disk)
