@@ -143,6 +143,15 @@ class Snapshot:
         return d
 
 
+def _snapshot_ref(snapshot: Union[str, Snapshot]) -> str:
+    """A snapshot argument as the core takes it: an ID or a name; a Snapshot stands for its ID."""
+    if isinstance(snapshot, Snapshot):
+        return snapshot.id
+    if isinstance(snapshot, str):
+        return snapshot
+    raise TypeError(f"a snapshot is an ID or a name (str) or a Snapshot, not {snapshot!r}")
+
+
 def _date_arg(date: Union[datetime, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
     """A creation time as (seconds, nanoseconds) since the epoch; a naive datetime is local time,
     as :meth:`datetime.timestamp` takes it."""
@@ -336,7 +345,7 @@ class Image(io.RawIOBase):
         refcount_cache_size: Optional[int] = None,
         password: Optional[Union[str, bytes]] = None,
         backing_password: Optional[Union[str, bytes]] = None,
-        snapshot: Optional[str] = None,
+        snapshot: Union[str, Snapshot, None] = None,
         backing: Union[str, Iterable[StrPath], None] = "any",
         damaged: bool = False,
         force_share: bool = False,
@@ -355,7 +364,7 @@ class Image(io.RawIOBase):
             refcount_cache_size=refcount_cache_size,
             password=password,
             backing_password=backing_password,
-            snapshot=snapshot,
+            snapshot=None if snapshot is None else _snapshot_ref(snapshot),
             backing=backing,
             damaged=damaged,
             force_share=force_share,
@@ -494,19 +503,20 @@ class Image(io.RawIOBase):
             )
         )
 
-    def apply_snapshot(self, id_or_name: str) -> Snapshot:
+    def apply_snapshot(self, id_or_name: Union[str, Snapshot]) -> Snapshot:
         """Revert the disk to a snapshot, as ``qemu-img snapshot -a`` does; return it.
 
-        `id_or_name` is looked up as an ID first, then as a name. The disk's contents and its
+        `id_or_name` is looked up as an ID first, then as a name (a :class:`Snapshot` stands for
+        its ID). The disk's contents and its
         virtual size become the snapshot's (:attr:`size` follows); the snapshot stays. Durable
         when it returns. Raises :class:`SnapshotNotFoundError` when there is no such snapshot.
         """
-        return Snapshot(**self._native.apply_snapshot(id_or_name))
+        return Snapshot(**self._native.apply_snapshot(_snapshot_ref(id_or_name)))
 
-    def delete_snapshot(self, id_or_name: str) -> Snapshot:
-        """Delete a snapshot (by ID, else by name), as ``qemu-img snapshot -d`` does, and free
+    def delete_snapshot(self, id_or_name: Union[str, Snapshot]) -> Snapshot:
+        """Delete a snapshot (by ID, else by name; a :class:`Snapshot` by its ID), as ``qemu-img snapshot -d`` does, and free
         what only it used; return it. Raises :class:`SnapshotNotFoundError` when there is none."""
-        return Snapshot(**self._native.delete_snapshot(id_or_name))
+        return Snapshot(**self._native.delete_snapshot(_snapshot_ref(id_or_name)))
 
     @property
     def snapshot_view(self) -> Optional[Snapshot]:
@@ -681,9 +691,10 @@ def convert(
     backing_file: Optional[str] = None,
     backing_format: Optional[str] = None,
     no_create: bool = False,
-    snapshot: Optional[str] = None,
+    snapshot: Union[str, Snapshot, None] = None,
     cache: str = "writeback",
     src_cache: str = "writeback",
+    force_share: bool = False,
     **create_options: Any,
 ) -> None:
     """Copy the disk `src` into the image `dst`, as ``qemu-img convert`` does.
@@ -715,8 +726,9 @@ def convert(
     (``-t``) and `src_cache` (``-T``) are the cache modes of `dst` and `src`, as
     :func:`open` takes them (qemu-img's default for `dst` is ``"unsafe"``; here it is
     ``"writeback"``, which costs the same for one convert: `dst` is made durable once, when it
-    is closed, except with ``"unsafe"``). Compression and encryption together are refused, as
-    qemu-img refuses them.
+    is closed, except with ``"unsafe"``). `force_share` (``-U``) reads a qcow2 `src` that
+    someone else (a running VM) has open for writing: see :func:`open`. Compression and
+    encryption together are refused, as qemu-img refuses them.
     """
     unknown = set(create_options) - _CREATE_OPTIONS
     if unknown:
@@ -772,7 +784,14 @@ def convert(
         extents: List[Tuple[int, int, bool]] = []
         if fmt == "qcow2":
             simg = stack.enter_context(
-                Image(src, "rb", password=src_password, snapshot=snapshot, cache=src_cache)
+                Image(
+                    src,
+                    "rb",
+                    password=src_password,
+                    snapshot=snapshot,
+                    cache=src_cache,
+                    force_share=force_share,
+                )
             )
             size = simg.virtual_size
             read_at: Callable[[int, int], bytes] = simg.read_at
@@ -919,7 +938,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     refcount_cache_size: Optional[int] = None,
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
-    snapshot: Optional[str] = None,
+    snapshot: Union[str, Snapshot, None] = None,
     backing: Union[str, Iterable[StrPath], None] = "any",
     damaged: bool = False,
     force_share: bool = False,
@@ -938,8 +957,8 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     password, for inspection, as ``qemu-img info``, ``map`` and ``check`` do: :meth:`Image.info`,
     :meth:`Image.map`, :meth:`Image.check` and :meth:`Image.snapshots` work, reading or writing
     the guest's data raises :class:`BadPasswordError`. `snapshot` (an ID or a name, looked up as
-    ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
-    active disk: `mode` must be ``"rb"``; a missing snapshot raises
+    ``qemu-img snapshot`` does; or a :class:`Snapshot`) opens a read-only view of that internal
+    snapshot instead of the active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
 
     `backing` says which backing files the image may make us open; an image's header can name

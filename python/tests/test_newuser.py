@@ -287,3 +287,29 @@ def test_writing_a_read_only_image_is_unsupported_as_with_fileio(disk: Path) -> 
             assert isinstance(ei.value, qcow2rs.ReadOnlyError)
             assert ei.value.errno == errno.EROFS
             assert ei.value.filename == str(disk)
+
+
+def test_a_snapshot_object_names_its_snapshot(disk: Path) -> None:
+    with qcow2rs.open(disk, "r+b") as img:
+        img.write_at(0, b"one")
+        snap = img.create_snapshot("same name")
+        img.write_at(0, b"two")
+        img.create_snapshot("same name")
+        assert img.apply_snapshot(snap) == snap  # by its ID: the name is not unique
+        assert img.read_at(0, 3) == b"one"
+    with qcow2rs.open(disk, snapshot=snap) as view:
+        assert view.snapshot_view == snap
+    with qcow2rs.open(disk, "r+b") as img:
+        assert img.delete_snapshot(snap) == snap
+        assert [s.id for s in img.snapshots()] == ["2"]
+
+
+def test_convert_force_share_reads_an_image_in_use(disk: Path, tmp_path: Path) -> None:
+    with qcow2rs.open(disk, "r+b") as img:
+        img.write_at(0, b"busy")
+        img.flush()
+        out = tmp_path / "copy.raw"
+        with pytest.raises(qcow2rs.ImageLockedError):
+            qcow2rs.convert(disk, out, dst_format="raw")
+        qcow2rs.convert(disk, out, dst_format="raw", force_share=True)  # qemu-img convert -U
+        assert out.read_bytes()[:4] == b"busy"
