@@ -5,7 +5,7 @@ Create an image, write to it and read it back::
     import qcow2rs
 
     qcow2rs.create("disk.qcow2", 1 << 30)              # 1 GiB virtual disk
-    with qcow2rs.open("disk.qcow2", "rw") as img:
+    with qcow2rs.open("disk.qcow2", "r+b") as img:
         img.write_at(1 << 20, b"hello, qcow2")
         assert img.read_at(1 << 20, 12) == b"hello, qcow2"
         img.seek(0)
@@ -17,7 +17,7 @@ An open :class:`Image` is an :class:`io.RawIOBase`, so :func:`shutil.copyfileobj
 
 Internal snapshots, as ``qemu-img snapshot`` makes them::
 
-    with qcow2rs.open("disk.qcow2", "rw") as img:
+    with qcow2rs.open("disk.qcow2", "r+b") as img:
         snap = img.create_snapshot("before-upgrade")   # a Snapshot: id, name, date, ...
         img.write_at(0, b"oops")
         img.apply_snapshot(snap.id)                     # the disk is as it was
