@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import inspect
 import io
 import operator
@@ -39,7 +40,18 @@ import tokenize
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
 
 try:
     from . import _qcow2rs
@@ -743,7 +755,8 @@ def convert(
         raise InvalidArgumentError(
             22, "Compression and encryption not supported at the same time (as in qemu-img)"
         )
-    fmt = src_format or _detect_format(src)
+    with _file_errors(src, "open"):
+        fmt = src_format or _detect_format(src)
     if fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(22, f"invalid source format: {fmt!r} (use 'qcow2' or 'raw')")
     if dst_format not in ("qcow2", "raw"):
@@ -804,12 +817,14 @@ def convert(
                 else:
                     extents.append((e.start, e.length, True))
         else:
-            sfile = stack.enter_context(io.open(src, "rb", buffering=0))
-            size = os.fstat(sfile.fileno()).st_size
+            with _file_errors(src, "open"):
+                sfile = stack.enter_context(io.open(src, "rb", buffering=0))
+                size = os.fstat(sfile.fileno()).st_size
             fd = sfile.fileno()
 
             def pread(off: int, n: int) -> bytes:
-                return os.pread(fd, n, off)
+                with _file_errors(src, "read"):
+                    return os.pread(fd, n, off)
 
             read_at = pread
             extents = [(0, size, True)]
@@ -838,24 +853,27 @@ def convert(
 
             write_zeros: Callable[[int, int], None] = dimg.write_zeroes
         else:
-            if no_create:
-                dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
-            else:
-                dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
-                dfile.truncate(size)
-            dst_size = os.fstat(dfile.fileno()).st_size
+            with _file_errors(dst, "open"):
+                if no_create:
+                    dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
+                else:
+                    dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
+                    dfile.truncate(size)
+                dst_size = os.fstat(dfile.fileno()).st_size
             cluster = 65536
             step = max(chunk_size // cluster, 1) * cluster
             dfd = dfile.fileno()
 
             def write_at(off: int, data: bytes) -> None:
-                os.pwrite(dfd, data, off)
+                with _file_errors(dst, "write"):
+                    os.pwrite(dfd, data, off)
 
             def write_zeros(off: int, n: int) -> None:
                 zeros = bytes(min(n, step))
                 while n > 0:
                     k = min(n, len(zeros))
-                    os.pwrite(dfd, zeros[:k], off)
+                    with _file_errors(dst, "write"):
+                        os.pwrite(dfd, zeros[:k], off)
                     off += k
                     n -= k
 
@@ -889,7 +907,24 @@ def convert(
         if progress is not None and total == 0:
             progress(0, 0)
         if dst_format == "raw" and cache != "unsafe":
-            os.fsync(dfd)
+            with _file_errors(dst, "sync"):
+                os.fsync(dfd)
+
+
+@contextlib.contextmanager
+def _file_errors(path: StrPath, what: str) -> Iterator[None]:
+    """The OSErrors of a raw file that :func:`convert` opens, reads or writes itself, raised as
+    the qcow2rs error naming it (as the core's errors name an image's files)."""
+    try:
+        yield
+    except Error:
+        raise
+    except OSError as e:
+        name = os.fsdecode(path)
+        cls = {errno.ENOENT: NotFoundError, errno.EACCES: PermissionDeniedError}.get(
+            e.errno or 0, PermissionDeniedError if e.errno == errno.EPERM else Error
+        )
+        raise cls(e.errno, f"{name}: {what}: {e.strerror or e}", name) from e
 
 
 def _write_nonzero(

@@ -9,7 +9,7 @@ __version__: str
 __all__ = ["__version__", "create", "open", "NativeImage"]
 
 def create(
-    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
+    path: Union[str, os.PathLike[str]],
     size: Optional[int] = None,
     *,
     cluster_size: int = 65536,
@@ -46,7 +46,7 @@ def create(
     """
 
 def open(
-    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
+    path: Union[str, os.PathLike[str]],
     mode: str = "rb",
     *,
     cache: str = "writeback",

@@ -313,3 +313,21 @@ def test_convert_force_share_reads_an_image_in_use(disk: Path, tmp_path: Path) -
             qcow2rs.convert(disk, out, dst_format="raw")
         qcow2rs.convert(disk, out, dst_format="raw", force_share=True)  # qemu-img convert -U
         assert out.read_bytes()[:4] == b"busy"
+
+
+def test_convert_raises_qcow2rs_errors_for_raw_files(raw_src: Path, tmp_path: Path) -> None:
+    # Whatever the formats, a failing file is a qcow2rs.Error naming it.
+    missing = tmp_path / "missing.raw"
+    with pytest.raises(qcow2rs.NotFoundError) as ei:
+        qcow2rs.convert(missing, tmp_path / "o.qcow2")
+    assert ei.value.filename == str(missing) and ei.value.errno == errno.ENOENT
+    with pytest.raises(qcow2rs.NotFoundError) as ei:
+        qcow2rs.convert(missing, tmp_path / "o.qcow2", src_format="raw")
+    assert ei.value.filename == str(missing)
+    dst = tmp_path / "no" / "such" / "dir.raw"
+    with pytest.raises(qcow2rs.NotFoundError) as ei:
+        qcow2rs.convert(raw_src, dst, dst_format="raw")
+    assert ei.value.filename == str(dst)
+    with pytest.raises(qcow2rs.Error) as ei:
+        qcow2rs.convert(tmp_path, tmp_path / "o.qcow2", src_format="raw")
+    assert ei.value.errno == errno.EISDIR and ei.value.filename == str(tmp_path)
