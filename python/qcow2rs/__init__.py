@@ -594,9 +594,13 @@ class Image(io.RawIOBase):
         elif whence == io.SEEK_END:
             pos = self._native.virtual_size + offset
         else:
-            raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
+            # InvalidArgumentError: an OSError(EINVAL) as io.FileIO raises, and a ValueError as
+            # io.BytesIO raises.
+            raise InvalidArgumentError(
+                errno.EINVAL, f"invalid whence ({whence!r}, should be 0, 1 or 2)", self.name
+            )
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise InvalidArgumentError(errno.EINVAL, f"negative seek position {pos}", self.name)
         self._pos = pos
         return pos
 

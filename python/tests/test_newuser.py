@@ -331,3 +331,14 @@ def test_convert_raises_qcow2rs_errors_for_raw_files(raw_src: Path, tmp_path: Pa
     with pytest.raises(qcow2rs.Error) as ei:
         qcow2rs.convert(tmp_path, tmp_path / "o.qcow2", src_format="raw")
     assert ei.value.errno == errno.EISDIR and ei.value.filename == str(tmp_path)
+
+
+def test_bad_seeks_fail_as_fileio_fails(rw: qcow2rs.Image) -> None:
+    # io.FileIO raises OSError(EINVAL); io.BytesIO a ValueError: InvalidArgumentError is both.
+    rw.seek(100)
+    for args in [(-1,), (-101, io.SEEK_CUR), (-rw.size - 1, io.SEEK_END), (0, 7)]:
+        with pytest.raises(OSError) as ei:
+            rw.seek(*args)
+        assert isinstance(ei.value, qcow2rs.InvalidArgumentError)
+        assert ei.value.errno == errno.EINVAL and ei.value.filename == rw.name
+        assert rw.tell() == 100
