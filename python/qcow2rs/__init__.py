@@ -362,6 +362,7 @@ class Image(io.RawIOBase):
         damaged: bool = False,
         force_share: bool = False,
         without_key: bool = False,
+        lazy_refcounts: Optional[bool] = None,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
@@ -381,6 +382,7 @@ class Image(io.RawIOBase):
             damaged=damaged,
             force_share=force_share,
             without_key=without_key,
+            lazy_refcounts=lazy_refcounts,
         )
         self.name = os.fsdecode(path)
         self._mode = "rb" if self._native.read_only else "rb+"
@@ -982,6 +984,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     damaged: bool = False,
     force_share: bool = False,
     without_key: bool = False,
+    lazy_refcounts: Optional[bool] = None,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -995,7 +998,9 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     password of encrypted backing files. `without_key` opens an encrypted image without its
     password, for inspection, as ``qemu-img info``, ``map`` and ``check`` do: :meth:`Image.info`,
     :meth:`Image.map`, :meth:`Image.check` and :meth:`Image.snapshots` work, reading or writing
-    the guest's data raises :class:`BadPasswordError`. `snapshot` (an ID or a name, looked up as
+    the guest's data raises :class:`BadPasswordError`. `lazy_refcounts` (``True`` or ``False``;
+    None: as the image's header says) overrides the image's lazy refcounts bit for this open,
+    as ``--image-opts lazy-refcounts=on|off`` does. `snapshot` (an ID or a name, looked up as
     ``qemu-img snapshot`` does; or a :class:`Snapshot`) opens a read-only view of that internal
     snapshot instead of the active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
@@ -1032,6 +1037,7 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         damaged=damaged,
         force_share=force_share,
         without_key=without_key,
+        lazy_refcounts=lazy_refcounts,
     )
 
 

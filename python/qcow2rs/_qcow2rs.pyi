@@ -30,6 +30,7 @@ def create(
     hash_alg: str = "sha256",
     iter_time: int = 2000,
     backing_password: Optional[Union[str, bytes]] = None,
+    open_backing: bool = True,
 ) -> None:
     """Create a new qcow2 image file (an existing file is overwritten).
 
@@ -42,7 +43,9 @@ def create(
     `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
     `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
     `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
-    for LUKS. `backing_password` opens an encrypted backing file.
+    for LUKS. `backing_password` opens an encrypted backing file. `open_backing=False`
+    (``qemu-img create -u``) does not open the backing file, which need not exist yet: `size`
+    is then required.
     """
 
 def open(
@@ -59,6 +62,7 @@ def open(
     damaged: bool = False,
     force_share: bool = False,
     without_key: bool = False,
+    lazy_refcounts: Optional[bool] = None,
 ) -> NativeImage: ...
 @final
 class NativeImage:

@@ -110,7 +110,9 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 /// `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
 /// `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
 /// `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
-/// for LUKS. `backing_password` opens an encrypted backing file.
+/// for LUKS. `backing_password` opens an encrypted backing file. `open_backing=False`
+/// (``qemu-img create -u``) does not open the backing file, which need not exist yet: `size`
+/// is then required.
 #[pyfunction]
 #[pyo3(signature = (
     path,
@@ -134,6 +136,7 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
     hash_alg = "sha256",
     iter_time = 2000,
     backing_password = None,
+    open_backing = true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn create(
@@ -158,6 +161,7 @@ fn create(
     hash_alg: &str,
     iter_time: i128,
     backing_password: Option<&Bound<'_, PyAny>>,
+    open_backing: bool,
 ) -> PyResult<()> {
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
@@ -167,7 +171,13 @@ fn create(
         let size = match (size, &backing_file) {
             (Some(s), _) => to_u64("size", s)?,
             // The core takes the backing file's size for 0.
-            (None, Some(_)) => 0,
+            (None, Some(_)) if open_backing => 0,
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{file}: Image creation needs a size parameter when the backing file is \
+                     not opened (open_backing=False)"
+                )))
+            }
             (None, None) => {
                 return Err(Error::InvalidArgument(format!(
                     "{file}: Image creation needs a size parameter"
@@ -218,7 +228,7 @@ fn create(
             preallocation: Preallocation::parse(preallocation)?,
             extended_l2,
             compression_type: CompressionType::parse(compression_type)?,
-            open_backing: true,
+            open_backing,
             encryption,
             backing_password,
         })
@@ -301,6 +311,7 @@ fn parse_mode(mode: &str) -> Result<bool, String> {
     damaged = false,
     force_share = false,
     without_key = false,
+    lazy_refcounts = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -317,6 +328,7 @@ fn open(
     damaged: bool,
     force_share: bool,
     without_key: bool,
+    lazy_refcounts: Option<bool>,
 ) -> PyResult<NativeImage> {
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
@@ -341,6 +353,7 @@ fn open(
                 damaged,
                 force_share,
                 without_key,
+                lazy_refcounts,
                 ..OpenOptions::default()
             })
         })(),

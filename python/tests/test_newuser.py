@@ -342,3 +342,24 @@ def test_bad_seeks_fail_as_fileio_fails(rw: qcow2rs.Image) -> None:
         assert isinstance(ei.value, qcow2rs.InvalidArgumentError)
         assert ei.value.errno == errno.EINVAL and ei.value.filename == rw.name
         assert rw.tell() == 100
+
+
+def test_create_without_opening_the_backing_file(tmp_path: Path, qemu_info: Any) -> None:
+    # qemu-img create -u: the backing file need not exist yet; then the size must be given.
+    path = tmp_path / "top.qcow2"
+    qcow2rs.create(path, 2 * MiB, backing_file="later.qcow2", backing_format="qcow2",
+                   open_backing=False)
+    info = qemu_info(path)
+    assert info["backing-filename"] == "later.qcow2" and info["virtual-size"] == 2 * MiB
+    with pytest.raises(qcow2rs.InvalidArgumentError):
+        qcow2rs.create(path, backing_file="later.qcow2", backing_format="qcow2",
+                       open_backing=False)
+
+
+def test_open_overrides_lazy_refcounts(disk: Path, qemu_info: Any) -> None:
+    # --image-opts lazy-refcounts=on: refcounts written at close; the dirty bit meanwhile.
+    with qcow2rs.open(disk, "r+b", lazy_refcounts=True) as img:
+        img.write_at(0, b"x" * 65536)
+        img.flush()
+        assert img.info().dirty
+    assert not qemu_info(disk)["dirty-flag"]
