@@ -328,9 +328,9 @@ def test_convert_raises_qcow2rs_errors_for_raw_files(raw_src: Path, tmp_path: Pa
     with pytest.raises(qcow2rs.NotFoundError) as ei:
         qcow2rs.convert(raw_src, dst, dst_format="raw")
     assert ei.value.filename == str(dst)
-    with pytest.raises(qcow2rs.Error) as ei:
+    with pytest.raises(qcow2rs.Error) as other:
         qcow2rs.convert(tmp_path, tmp_path / "o.qcow2", src_format="raw")
-    assert ei.value.errno == errno.EISDIR and ei.value.filename == str(tmp_path)
+    assert other.value.errno == errno.EISDIR and other.value.filename == str(tmp_path)
 
 
 def test_bad_seeks_fail_as_fileio_fails(rw: qcow2rs.Image) -> None:
