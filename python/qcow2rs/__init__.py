@@ -586,7 +586,10 @@ class Image(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move to `offset` relative to `whence` (SEEK_SET, SEEK_CUR, SEEK_END); return the new
-        position. Positions past the end are allowed (reads there return nothing)."""
+        position. Positions past the end are allowed (reads there return nothing).
+        ``os.SEEK_DATA`` and ``os.SEEK_HOLE`` move to the next data or hole at or after `offset`,
+        as lseek(2) does in a sparse file (see :meth:`map`; the end of the disk is a hole):
+        :class:`Error` with errno ENXIO when there is none."""
         self._check_open()
         offset = operator.index(offset)
         if whence == io.SEEK_SET:
@@ -595,6 +598,9 @@ class Image(io.RawIOBase):
             pos = self._pos + offset
         elif whence == io.SEEK_END:
             pos = self._native.virtual_size + offset
+        elif whence in (_SEEK_DATA, _SEEK_HOLE):
+            self._pos = self._next_extent(offset, data=whence == _SEEK_DATA)
+            return self._pos
         else:
             # InvalidArgumentError: an OSError(EINVAL) as io.FileIO raises, and a ValueError as
             # io.BytesIO raises.
@@ -605,6 +611,21 @@ class Image(io.RawIOBase):
             raise InvalidArgumentError(errno.EINVAL, f"negative seek position {pos}", self.name)
         self._pos = pos
         return pos
+
+    def _next_extent(self, offset: int, *, data: bool) -> int:
+        """The first offset at or after `offset` that holds data (`data`) or is a hole, as
+        lseek(2) finds it with SEEK_DATA / SEEK_HOLE. Data is what :meth:`map` calls data (in
+        this image or its backing chain); zero and unallocated clusters are holes, and so is the
+        end of the disk. ENXIO past the end, or when no data follows."""
+        size = self._native.virtual_size
+        if 0 <= offset < size:
+            for e in self.map(offset):
+                if e.data == data:
+                    return max(e.start, offset)
+            if not data:
+                return size
+        what = "past the end of the disk" if offset >= size else "no data follows"
+        raise Error(errno.ENXIO, f"{self.name}: seek to offset {offset}: {what}", self.name)
 
     def tell(self) -> int:
         """The current position."""
@@ -682,6 +703,10 @@ class Image(io.RawIOBase):
 
 
 _QCOW2_MAGIC = b"QFI\xfb"
+
+# lseek(2)'s whence values for sparse files (Linux numbers, where os lacks them).
+_SEEK_DATA: int = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE: int = getattr(os, "SEEK_HOLE", 4)
 
 _CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 

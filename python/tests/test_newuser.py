@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import pydoc
 import re
@@ -363,3 +364,39 @@ def test_open_overrides_lazy_refcounts(disk: Path, qemu_info: Any) -> None:
         img.flush()
         assert img.info().dirty
     assert not qemu_info(disk)["dirty-flag"]
+
+
+def test_seek_data_and_hole_as_lseek(rw: qcow2rs.Image, qemu_img: Any) -> None:
+    # os.SEEK_DATA / os.SEEK_HOLE, as lseek(2) answers them for a sparse file: data is what
+    # qemu-img map calls data; zero clusters and unallocated ones are holes, the end is one.
+    rw.write_at(MiB, b"d" * 65536)
+    rw.write_at(3 * MiB, b"e" * 4096)
+    rw.write_zeroes(3 * MiB + 65536, 65536)
+    rw.flush()
+    json_map = qemu_img("map", "-U", "--output=json", rw.name)
+    assert json_map.returncode == 0
+    data: List[Tuple[int, int]] = []
+    for e in json.loads(json_map.stdout):
+        if not e["data"]:
+            continue
+        if data and data[-1][1] == e["start"]:
+            data[-1] = (data[-1][0], e["start"] + e["length"])
+        else:
+            data.append((e["start"], e["start"] + e["length"]))
+    assert data == [(MiB, MiB + 65536), (3 * MiB, 3 * MiB + 65536)]
+    assert rw.seek(0, os.SEEK_DATA) == MiB
+    assert rw.tell() == MiB
+    assert rw.seek(MiB + 5, os.SEEK_DATA) == MiB + 5
+    assert rw.seek(MiB + 5, os.SEEK_HOLE) == MiB + 65536
+    assert rw.seek(MiB + 65536, os.SEEK_DATA) == 3 * MiB
+    assert rw.seek(3 * MiB, os.SEEK_HOLE) == 3 * MiB + 65536
+    assert rw.seek(0, os.SEEK_HOLE) == 0
+    assert rw.seek(3 * MiB + 65536, os.SEEK_HOLE) == 3 * MiB + 65536
+    for offset in (3 * MiB + 65536, rw.size, rw.size + 1):
+        with pytest.raises(qcow2rs.Error) as ei:
+            rw.seek(offset, os.SEEK_DATA)
+        assert ei.value.errno == errno.ENXIO and ei.value.filename == rw.name
+    with pytest.raises(qcow2rs.Error) as ei:
+        rw.seek(rw.size, os.SEEK_HOLE)
+    assert ei.value.errno == errno.ENXIO
+    assert rw.tell() == 3 * MiB + 65536
