@@ -8,8 +8,11 @@ import errno
 import io
 import json
 import os
+import pickle
 import pydoc
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Tuple
 
@@ -400,3 +403,51 @@ def test_seek_data_and_hole_as_lseek(rw: qcow2rs.Image, qemu_img: Any) -> None:
         rw.seek(rw.size, os.SEEK_HOLE)
     assert ei.value.errno == errno.ENXIO
     assert rw.tell() == 3 * MiB + 65536
+
+
+def test_close_while_other_threads_read_and_write(disk: Path) -> None:
+    # close() waits for the calls in flight; later calls raise ValueError, as on a closed file.
+    img = qcow2rs.open(disk, "r+b")
+    started = threading.Barrier(5)
+    ended: List[BaseException] = []
+
+    def worker(k: int) -> None:
+        started.wait()
+        try:
+            while True:
+                if k % 2:
+                    img.write_at(k * MiB, bytes([k]) * 65536)
+                else:
+                    img.read_at(0, 4 * MiB)
+        except BaseException as e:  # noqa: B902 - the test looks at what ended the loop
+            ended.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.05)
+    img.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(ended) == 4
+    assert all(type(e) is ValueError and "closed" in str(e) for e in ended), ended
+    with qcow2rs.open(disk) as img:
+        assert img.check().is_clean
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [c for c in vars(qcow2rs).values() if isinstance(c, type) and issubclass(c, qcow2rs.Error)],
+    ids=lambda c: c.__name__,
+)
+def test_every_error_class_pickles(cls: type[qcow2rs.Error]) -> None:
+    err = cls(errno.EIO, "disk.qcow2: what went wrong", "disk.qcow2")
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, OSError)
+    assert type(again) is cls
+    assert (again.errno, again.filename, str(again)) == (
+        errno.EIO,
+        "disk.qcow2",
+        "disk.qcow2: what went wrong",
+    )
