@@ -51,7 +51,15 @@ pub(crate) fn to_pyerr_in(py: Python<'_>, err: qcow2rs::Error, image: Option<&st
         // file first, when there is one, then what is wrong ("invalid mode: 'z'", as the
         // built-in open words it).
         E::InvalidArgument(m) => m.clone(),
-        _ => err.to_string(),
+        // Rust's io::Error ends in " (os error N)"; strerror's words are what Python shows
+        // (the number is `errno`).
+        _ => {
+            let text = err.to_string();
+            match text.rfind(" (os error ") {
+                Some(i) if text.ends_with(')') => text[..i].to_string(),
+                _ => text,
+            }
+        }
     };
     let (class, filename): (&'static Class, Option<&str>) = match &err {
         E::Io { file, .. } => (

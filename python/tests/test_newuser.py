@@ -451,3 +451,15 @@ def test_every_error_class_pickles(cls: type[qcow2rs.Error]) -> None:
         "disk.qcow2",
         "disk.qcow2: what went wrong",
     )
+
+
+def test_os_error_messages_read_as_python_words_them(tmp_path: Path) -> None:
+    # "x: Could not open: No such file or directory", not Rust's "... (os error 2)": the errno
+    # is in e.errno already.
+    path = tmp_path / "missing.qcow2"
+    with pytest.raises(qcow2rs.NotFoundError) as ei:
+        qcow2rs.open(path)
+    assert str(ei.value) == f"{path}: Could not open: {os.strerror(errno.ENOENT)}"
+    with pytest.raises(qcow2rs.Error) as other:
+        qcow2rs.create(tmp_path, MiB)
+    assert str(other.value).endswith(os.strerror(errno.EISDIR))
