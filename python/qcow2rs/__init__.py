@@ -465,6 +465,32 @@ class Image(io.RawIOBase):
         last working password needs `force`."""
         return self._native.change_key_slots(remove=password, force=force)
 
+    def change_password(
+        self,
+        old: Union[str, bytes],
+        new: Union[str, bytes],
+        *,
+        iter_time: Optional[int] = None,
+    ) -> int:
+        """Replace the password `old` by `new`: add `new` to the first free LUKS key slot, then
+        erase every slot `old` opens (two ``qemu-img amend`` steps, each crash-safe: in between,
+        both open the image); return the new slot. `old` and `new` must differ; when `old` opens no
+        slot, nothing changes (:class:`InvalidArgumentError`)."""
+        if (old.encode() if isinstance(old, str) else bytes(old)) == (
+            new.encode() if isinstance(new, str) else bytes(new)
+        ):
+            raise InvalidArgumentError(
+                errno.EINVAL, "the old and the new password are the same", self.name
+            )
+        slot = self.add_password(new, iter_time=iter_time)
+        try:
+            self.remove_password(old)
+        except Error:
+            # `old` opens no slot: take `new` out again, leaving the slots as they were.
+            self.remove_key_slot(slot)
+            raise
+        return slot
+
     def remove_key_slot(self, slot: int, *, force: bool = False) -> None:
         """Erase LUKS key slot `slot`. Erasing the last active slot needs `force`."""
         self._native.change_key_slots(slot=slot, force=force)

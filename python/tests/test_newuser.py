@@ -463,3 +463,29 @@ def test_os_error_messages_read_as_python_words_them(tmp_path: Path) -> None:
     with pytest.raises(qcow2rs.Error) as other:
         qcow2rs.create(tmp_path, MiB)
     assert str(other.value).endswith(os.strerror(errno.EISDIR))
+
+
+def test_change_password_and_qemu_agrees(tmp_path: Path, qemu_img: Any) -> None:
+    path = tmp_path / "enc.qcow2"
+    qcow2rs.create(path, MiB, encrypt="luks", password="old", iter_time=10)
+    with qcow2rs.open(path, "r+b", password="old") as img:
+        img.write_at(0, b"secret data")
+        assert img.change_password("old", "new", iter_time=10) == 1
+        with pytest.raises(qcow2rs.InvalidArgumentError):
+            img.change_password("new", "new")
+        with pytest.raises(qcow2rs.InvalidArgumentError, match="no keyslots match"):
+            img.change_password("wrong", "newer", iter_time=10)
+        slots = [s["active"] for s in (img.info().encryption or {})["slots"]]
+        assert slots == [False, True] + [False] * 6
+
+    def qemu_check(pw: str) -> Any:
+        return qemu_img("check", "--object", f"secret,id=k,data={pw}", "--image-opts",
+                        f"driver=qcow2,file.filename={path},encrypt.key-secret=k")
+
+    assert qemu_check("new").returncode == 0
+    bad = qemu_check("old")
+    assert bad.returncode != 0 and "Invalid password" in bad.stderr
+    with pytest.raises(qcow2rs.BadPasswordError):
+        qcow2rs.open(path, password="old")
+    with qcow2rs.open(path, password="new") as img:
+        assert img.read_at(0, 11) == b"secret data"
