@@ -35,6 +35,7 @@ import io
 import operator
 import os
 import re
+import stat
 import textwrap
 import tokenize
 import warnings
@@ -785,7 +786,8 @@ def convert(
     from the backing file; zeros the source's top image holds are written as zeros.
 
     `no_create` (``-n``) writes into the existing image `dst` (of format `dst_format`, at least
-    as large as the source) instead of creating it; only ``password`` (an encrypted `dst`'s)
+    as large as the source) instead of creating it (a raw `dst` that is a block or character
+    device is always written in place, zeros included); only ``password`` (an encrypted `dst`'s)
     may then be among the keyword arguments left. Zero runs are then written as zeros (the old
     contents must not show through), except where `backing_file` says to leave them to the
     backing file that the existing `dst` is expected to have.
@@ -846,8 +848,16 @@ def convert(
     if chunk_size <= 0:
         raise InvalidArgumentError(22, f"chunk_size must be positive, not {chunk_size}")
     has_backing = backing_file is not None
+    # A raw target that is a device (a disk, /dev/null): written in place, neither created nor
+    # truncated, and it does not read as zeros.
+    with _file_errors(dst, "stat"):
+        try:
+            dst_mode: Optional[int] = os.stat(dst).st_mode
+        except FileNotFoundError:
+            dst_mode = None
+    dst_device = dst_format == "raw" and dst_mode is not None and not stat.S_ISREG(dst_mode)
     # A new image without a backing file reads as zeros: zeros need not be written.
-    zero_init = not no_create and not has_backing
+    zero_init = not no_create and not has_backing and not dst_device
     with contextlib.ExitStack() as stack:
         # The source: (size, read_at(off, n), extents: (start, length, is_data)); what no
         # extent covers is left to the target's backing file or reads as zeros already.
@@ -911,12 +921,17 @@ def convert(
             write_zeros: Callable[[int, int], None] = dimg.write_zeroes
         else:
             with _file_errors(dst, "open"):
-                if no_create:
+                if no_create or dst_device:
                     dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
                 else:
                     dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
                     dfile.truncate(size)
-                dst_size = os.fstat(dfile.fileno()).st_size
+                if dst_mode is not None and stat.S_ISBLK(dst_mode):
+                    dst_size = os.lseek(dfile.fileno(), 0, os.SEEK_END)
+                elif dst_device:
+                    dst_size = size  # a character device has no size to check
+                else:
+                    dst_size = os.fstat(dfile.fileno()).st_size
             cluster = 65536
             step = max(chunk_size // cluster, 1) * cluster
             dfd = dfile.fileno()
@@ -978,9 +993,13 @@ def _file_errors(path: StrPath, what: str) -> Iterator[None]:
         raise
     except OSError as e:
         name = os.fsdecode(path)
-        cls = {errno.ENOENT: NotFoundError, errno.EACCES: PermissionDeniedError}.get(
-            e.errno or 0, PermissionDeniedError if e.errno == errno.EPERM else Error
-        )
+        classes = {
+            errno.ENOENT: NotFoundError,
+            errno.EACCES: PermissionDeniedError,
+            errno.EPERM: PermissionDeniedError,
+            errno.ENOSPC: NoSpaceError,
+        }
+        cls = classes.get(e.errno or 0, Error)
         raise cls(e.errno, f"{name}: {what}: {e.strerror or e}", name) from e
 
 

@@ -11,6 +11,8 @@ import os
 import pickle
 import pydoc
 import re
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -489,3 +491,40 @@ def test_change_password_and_qemu_agrees(tmp_path: Path, qemu_img: Any) -> None:
         qcow2rs.open(path, password="old")
     with qcow2rs.open(path, password="new") as img:
         assert img.read_at(0, 11) == b"secret data"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_convert_to_a_full_raw_target_is_no_space(raw_src: Path) -> None:
+    # /dev/full refuses every write with ENOSPC. A device is written in place (not created,
+    # not truncated), with or without -n.
+    for no_create in (False, True):
+        with pytest.raises(qcow2rs.NoSpaceError) as ei:
+            qcow2rs.convert(raw_src, "/dev/full", dst_format="raw", no_create=no_create)
+        assert ei.value.errno == errno.ENOSPC and ei.value.filename == "/dev/full"
+
+
+def test_convert_into_a_block_device_writes_the_zeros(raw_src: Path, tmp_path: Path) -> None:
+    # qemu-img convert -O raw disk.qcow2 /dev/sdX: a device does not read as zeros, so the
+    # zero runs must be written too. A loop device stands in for the disk (root only).
+    losetup = shutil.which("losetup")
+    if losetup is None or os.geteuid() != 0:
+        pytest.skip("needs losetup and root")
+    backing = tmp_path / "loop.img"
+    backing.write_bytes(b"\xff" * (3 * MiB))
+    r = subprocess.run([losetup, "--find", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"losetup: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        src = tmp_path / "src.qcow2"
+        qcow2rs.convert(raw_src, src)
+        qcow2rs.convert(src, dev, dst_format="raw")
+        with open(dev, "rb") as f:
+            assert f.read(2 * MiB) == raw_src.read_bytes()
+            assert f.read() == b"\xff" * MiB  # past the source: untouched
+        small = tmp_path / "big.raw"
+        small.write_bytes(bytes(4 * MiB))
+        with pytest.raises(qcow2rs.InvalidArgumentError, match="smaller"):
+            qcow2rs.convert(small, dev, dst_format="raw")
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)
