@@ -886,7 +886,8 @@ def convert(
         else:
             with _file_errors(src, "open"):
                 sfile = stack.enter_context(io.open(src, "rb", buffering=0))
-                size = os.fstat(sfile.fileno()).st_size
+                # A block device (a disk) has no st_size: its end is where lseek finds it.
+                size = os.lseek(sfile.fileno(), 0, os.SEEK_END)
             fd = sfile.fileno()
 
             def pread(off: int, n: int) -> bytes:

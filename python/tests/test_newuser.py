@@ -522,9 +522,15 @@ def test_convert_into_a_block_device_writes_the_zeros(raw_src: Path, tmp_path: P
         with open(dev, "rb") as f:
             assert f.read(2 * MiB) == raw_src.read_bytes()
             assert f.read() == b"\xff" * MiB  # past the source: untouched
-        small = tmp_path / "big.raw"
-        small.write_bytes(bytes(4 * MiB))
+        big = tmp_path / "big.raw"
+        big.write_bytes(bytes(4 * MiB))
         with pytest.raises(qcow2rs.InvalidArgumentError, match="smaller"):
-            qcow2rs.convert(small, dev, dst_format="raw")
+            qcow2rs.convert(big, dev, dst_format="raw")
+        # And from the device: qemu-img convert -f raw /dev/sdX disk.qcow2.
+        out = tmp_path / "from-device.qcow2"
+        qcow2rs.convert(dev, out)
+        with qcow2rs.open(out) as img:
+            assert img.size == 3 * MiB
+            assert img.read() == raw_src.read_bytes() + b"\xff" * MiB
     finally:
         subprocess.run([losetup, "-d", dev], check=False)
