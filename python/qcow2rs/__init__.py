@@ -694,6 +694,11 @@ class Image(io.RawIOBase):
         self._check_open()
         with memoryview(data) as view:
             n = view.nbytes
+            if n == 0 and self._mode == "rb":
+                # The core does nothing for nothing; io.FileIO still refuses it when read-only.
+                raise ReadOnlyError(
+                    errno.EROFS, f"{self.name}: image is read-only: opened read-only", self.name
+                )
             self._native.write_at(self._pos, view)
         self._pos += n
         return n

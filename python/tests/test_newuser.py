@@ -286,6 +286,7 @@ def test_writing_a_read_only_image_is_unsupported_as_with_fileio(disk: Path) -> 
             lambda: img.write(b"x"),
             lambda: img.write_at(img.size, b"x"),
             lambda: img.truncate(0),
+            lambda: img.write(b""),
         ]
         for call in calls:
             with pytest.raises(io.UnsupportedOperation) as ei:
