@@ -535,3 +535,28 @@ def test_convert_into_a_block_device_writes_the_zeros(raw_src: Path, tmp_path: P
             assert img.read() == raw_src.read_bytes() + b"\xff" * MiB
     finally:
         subprocess.run([losetup, "-d", dev], check=False)
+
+
+def test_inspect_an_encrypted_chain_without_passwords(tmp_path: Path, qemu_info: Any) -> None:
+    # qemu-img info needs no key, for the image or its encrypted backing file; nor does
+    # qemu-img create -b over an encrypted base (the size is metadata).
+    base = tmp_path / "base.qcow2"
+    qcow2rs.create(base, 2 * MiB, encrypt="luks", password="basepw", iter_time=10)
+    top = tmp_path / "top.qcow2"
+    qcow2rs.create(top, backing_file="base.qcow2", backing_format="qcow2", encrypt="luks",
+                   password="toppw", iter_time=10)
+    assert qemu_info(top)["virtual-size"] == 2 * MiB
+    with pytest.raises(qcow2rs.BadPasswordError):
+        qcow2rs.create(top, backing_file="base.qcow2", backing_format="qcow2",
+                       backing_password="wrong")
+    with qcow2rs.open(top, without_key=True) as img:
+        assert img.info().to_dict() == qemu_info(top)
+        assert [(e.depth, e.present) for e in img.map()] == [(1, False)]
+        with pytest.raises(qcow2rs.BadPasswordError):
+            img.read_at(0, 1)
+    with qcow2rs.open(top, password="toppw", without_key=True) as img:
+        with pytest.raises(qcow2rs.BadPasswordError) as ei:
+            img.read_at(0, 1)  # the data is the base's, whose key was not given
+        assert ei.value.filename is not None and ei.value.filename.endswith("base.qcow2")
+    with pytest.raises(qcow2rs.BadPasswordError):
+        qcow2rs.open(top, password="toppw")  # without without_key, the base's key is needed
