@@ -102,12 +102,16 @@ pub(crate) fn resolve(overlay: &str, backing: &str) -> PathBuf {
 /// Open the backing file of `overlay`, as `policy` allows (never called with
 /// [`BackingPolicy::None`]), read-only and locked as QEMU locks backing files (a qcow2 one as a
 /// read-only image, or as a force-share one with `force_share`; a raw one with the read byte
-/// only). `chain` holds the canonical paths already open above.
+/// only). `chain` holds the canonical paths already open above. `without_key` opens encrypted
+/// qcow2 backing files without their key when `password` is None, for inspection (as
+/// [`OpenOptions::without_key`] does for the image itself).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    without_key: bool,
     policy: &BackingPolicy,
     force_share: bool,
     chain: &mut Vec<PathBuf>,
@@ -118,6 +122,7 @@ pub(crate) fn open(
         backing,
         format,
         password,
+        without_key,
         policy,
         force_share,
         chain,
@@ -132,11 +137,13 @@ pub(crate) fn open(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn open_inner(
     overlay: &str,
     backing: &str,
     format: Option<&str>,
     password: Option<&Password>,
+    without_key: bool,
     policy: &BackingPolicy,
     force_share: bool,
     chain: &mut Vec<PathBuf>,
@@ -186,6 +193,7 @@ fn open_inner(
                 backing_password: password.cloned(),
                 backing: policy.clone(),
                 force_share,
+                without_key,
                 ..OpenOptions::read_only()
             };
             let img = Image::open_storage_chain(Arc::new(storage), &shown, &opts, chain)?;

@@ -157,6 +157,9 @@ impl Image {
                     bf,
                     backing_format.as_deref(),
                     opts.backing_password.as_ref(),
+                    // Its size and format are metadata: an encrypted backing file needs no key
+                    // for them (as qemu-img create takes it); a given one is checked.
+                    true,
                     &crate::BackingPolicy::Any,
                     false,
                     &mut chain,
@@ -492,6 +495,7 @@ impl Image {
                 bf,
                 h.backing_format().as_deref(),
                 opts.backing_password.as_ref(),
+                opts.without_key,
                 &policy,
                 opts.force_share,
                 chain,

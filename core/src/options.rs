@@ -242,7 +242,8 @@ pub struct OpenOptions {
     /// The password of encrypted backing files (each file of the chain below this one).
     pub backing_password: Option<Password>,
     /// Open an encrypted image without its password, for inspection: `info`, `map` and `check`
-    /// work; reading or writing guest data fails with [`Error::NeedKey`].
+    /// work; reading or writing guest data fails with [`Error::NeedKey`]. Encrypted backing
+    /// files are then opened without their key too, unless `backing_password` is given.
     pub without_key: bool,
     /// Open a damaged image for inspection and rescue: an L1, refcount or snapshot table that
     /// lies (partly) past the end of a truncated file reads as zeros where the file ends, as

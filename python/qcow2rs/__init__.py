@@ -5,7 +5,7 @@ Create an image, write to it and read it back::
     import qcow2rs
 
     qcow2rs.create("disk.qcow2", 1 << 30)              # 1 GiB virtual disk
-    with qcow2rs.open("disk.qcow2", "rw") as img:
+    with qcow2rs.open("disk.qcow2", "r+b") as img:
         img.write_at(1 << 20, b"hello, qcow2")
         assert img.read_at(1 << 20, 12) == b"hello, qcow2"
         img.seek(0)
@@ -17,7 +17,7 @@ An open :class:`Image` is an :class:`io.RawIOBase`, so :func:`shutil.copyfileobj
 
 Internal snapshots, as ``qemu-img snapshot`` makes them::
 
-    with qcow2rs.open("disk.qcow2", "rw") as img:
+    with qcow2rs.open("disk.qcow2", "r+b") as img:
         snap = img.create_snapshot("before-upgrade")   # a Snapshot: id, name, date, ...
         img.write_at(0, b"oops")
         img.apply_snapshot(snap.id)                     # the disk is as it was
@@ -27,13 +27,32 @@ Internal snapshots, as ``qemu-img snapshot`` makes them::
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import errno
+import inspect
 import io
+import operator
 import os
+import re
+import stat
+import textwrap
+import tokenize
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
 
 try:
     from . import _qcow2rs
@@ -135,6 +154,15 @@ class Snapshot:
         if self.icount is not None:
             d["icount"] = self.icount
         return d
+
+
+def _snapshot_ref(snapshot: Union[str, Snapshot]) -> str:
+    """A snapshot argument as the core takes it: an ID or a name; a Snapshot stands for its ID."""
+    if isinstance(snapshot, Snapshot):
+        return snapshot.id
+    if isinstance(snapshot, str):
+        return snapshot
+    raise TypeError(f"a snapshot is an ID or a name (str) or a Snapshot, not {snapshot!r}")
 
 
 def _date_arg(date: Union[datetime, Tuple[int, int], None]) -> Optional[Tuple[int, int]]:
@@ -330,13 +358,18 @@ class Image(io.RawIOBase):
         refcount_cache_size: Optional[int] = None,
         password: Optional[Union[str, bytes]] = None,
         backing_password: Optional[Union[str, bytes]] = None,
-        snapshot: Optional[str] = None,
+        snapshot: Union[str, Snapshot, None] = None,
         backing: Union[str, Iterable[StrPath], None] = "any",
         damaged: bool = False,
         force_share: bool = False,
+        without_key: bool = False,
+        lazy_refcounts: Optional[bool] = None,
     ) -> None:
         """Open the image at `path`; see :func:`qcow2rs.open`."""
         super().__init__()
+        if not isinstance(mode, str):
+            # As the built-in open words it.
+            raise TypeError(f"open() argument 'mode' must be str, not {type(mode).__name__}")
         self._native = _qcow2rs.open(
             path,
             mode,
@@ -345,10 +378,12 @@ class Image(io.RawIOBase):
             refcount_cache_size=refcount_cache_size,
             password=password,
             backing_password=backing_password,
-            snapshot=snapshot,
+            snapshot=None if snapshot is None else _snapshot_ref(snapshot),
             backing=backing,
             damaged=damaged,
             force_share=force_share,
+            without_key=without_key,
+            lazy_refcounts=lazy_refcounts,
         )
         self.name = os.fsdecode(path)
         self._mode = "rb" if self._native.read_only else "rb+"
@@ -431,6 +466,32 @@ class Image(io.RawIOBase):
         last working password needs `force`."""
         return self._native.change_key_slots(remove=password, force=force)
 
+    def change_password(
+        self,
+        old: Union[str, bytes],
+        new: Union[str, bytes],
+        *,
+        iter_time: Optional[int] = None,
+    ) -> int:
+        """Replace the password `old` by `new`: add `new` to the first free LUKS key slot, then
+        erase every slot `old` opens (two ``qemu-img amend`` steps, each crash-safe: in between,
+        both open the image); return the new slot. `old` and `new` must differ; when `old` opens no
+        slot, nothing changes (:class:`InvalidArgumentError`)."""
+        if (old.encode() if isinstance(old, str) else bytes(old)) == (
+            new.encode() if isinstance(new, str) else bytes(new)
+        ):
+            raise InvalidArgumentError(
+                errno.EINVAL, "the old and the new password are the same", self.name
+            )
+        slot = self.add_password(new, iter_time=iter_time)
+        try:
+            self.remove_password(old)
+        except Error:
+            # `old` opens no slot: take `new` out again, leaving the slots as they were.
+            self.remove_key_slot(slot)
+            raise
+        return slot
+
     def remove_key_slot(self, slot: int, *, force: bool = False) -> None:
         """Erase LUKS key slot `slot`. Erasing the last active slot needs `force`."""
         self._native.change_key_slots(slot=slot, force=force)
@@ -483,19 +544,20 @@ class Image(io.RawIOBase):
             )
         )
 
-    def apply_snapshot(self, id_or_name: str) -> Snapshot:
+    def apply_snapshot(self, id_or_name: Union[str, Snapshot]) -> Snapshot:
         """Revert the disk to a snapshot, as ``qemu-img snapshot -a`` does; return it.
 
-        `id_or_name` is looked up as an ID first, then as a name. The disk's contents and its
+        `id_or_name` is looked up as an ID first, then as a name (a :class:`Snapshot` stands for
+        its ID). The disk's contents and its
         virtual size become the snapshot's (:attr:`size` follows); the snapshot stays. Durable
         when it returns. Raises :class:`SnapshotNotFoundError` when there is no such snapshot.
         """
-        return Snapshot(**self._native.apply_snapshot(id_or_name))
+        return Snapshot(**self._native.apply_snapshot(_snapshot_ref(id_or_name)))
 
-    def delete_snapshot(self, id_or_name: str) -> Snapshot:
-        """Delete a snapshot (by ID, else by name), as ``qemu-img snapshot -d`` does, and free
+    def delete_snapshot(self, id_or_name: Union[str, Snapshot]) -> Snapshot:
+        """Delete a snapshot (by ID, else by name; a :class:`Snapshot` by its ID), as ``qemu-img snapshot -d`` does, and free
         what only it used; return it. Raises :class:`SnapshotNotFoundError` when there is none."""
-        return Snapshot(**self._native.delete_snapshot(id_or_name))
+        return Snapshot(**self._native.delete_snapshot(_snapshot_ref(id_or_name)))
 
     @property
     def snapshot_view(self) -> Optional[Snapshot]:
@@ -535,38 +597,73 @@ class Image(io.RawIOBase):
             raise ValueError("I/O operation on closed image")
 
     def readable(self) -> bool:
+        """True: an image can always be read."""
         self._check_open()
         return True
 
     def writable(self) -> bool:
+        """Whether the image is open read-write."""
         self._check_open()
         return not self._native.read_only
 
     def seekable(self) -> bool:
+        """True: an image can always seek."""
         self._check_open()
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move to `offset` relative to `whence` (SEEK_SET, SEEK_CUR, SEEK_END); return the new
-        position. Positions past the end are allowed (reads there return nothing)."""
+        position. Positions past the end are allowed (reads there return nothing).
+        ``os.SEEK_DATA`` and ``os.SEEK_HOLE`` move to the next data or hole at or after `offset`,
+        as lseek(2) does in a sparse file (see :meth:`map`; the end of the disk is a hole):
+        :class:`Error` with errno ENXIO when there is none."""
         self._check_open()
-        offset = offset.__index__()
+        offset = operator.index(offset)
         if whence == io.SEEK_SET:
             pos = offset
         elif whence == io.SEEK_CUR:
             pos = self._pos + offset
         elif whence == io.SEEK_END:
             pos = self._native.virtual_size + offset
+        elif whence in (_SEEK_DATA, _SEEK_HOLE):
+            self._pos = self._next_extent(offset, data=whence == _SEEK_DATA)
+            return self._pos
         else:
-            raise ValueError(f"invalid whence ({whence!r}, should be 0, 1 or 2)")
+            # InvalidArgumentError: an OSError(EINVAL) as io.FileIO raises, and a ValueError as
+            # io.BytesIO raises.
+            raise InvalidArgumentError(
+                errno.EINVAL, f"invalid whence ({whence!r}, should be 0, 1 or 2)", self.name
+            )
         if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
+            raise InvalidArgumentError(errno.EINVAL, f"negative seek position {pos}", self.name)
         self._pos = pos
         return pos
 
+    def _next_extent(self, offset: int, *, data: bool) -> int:
+        """The first offset at or after `offset` that holds data (`data`) or is a hole, as
+        lseek(2) finds it with SEEK_DATA / SEEK_HOLE. Data is what :meth:`map` calls data (in
+        this image or its backing chain); zero and unallocated clusters are holes, and so is the
+        end of the disk. ENXIO past the end, or when no data follows."""
+        size = self._native.virtual_size
+        if 0 <= offset < size:
+            for e in self.map(offset):
+                if e.data == data:
+                    return max(e.start, offset)
+            if not data:
+                return size
+        what = "past the end of the disk" if offset >= size else "no data follows"
+        raise Error(errno.ENXIO, f"{self.name}: seek to offset {offset}: {what}", self.name)
+
     def tell(self) -> int:
+        """The current position."""
         self._check_open()
         return self._pos
+
+    def fileno(self) -> int:
+        """An image has no file descriptor that reads as the virtual disk: raises
+        :class:`io.UnsupportedOperation` (:class:`ValueError` once closed, as :class:`io.FileIO`)."""
+        self._check_open()
+        raise io.UnsupportedOperation("fileno")
 
     def read(self, size: Optional[int] = -1) -> bytes:
         """Read up to `size` bytes from the current position (all to the end if omitted)."""
@@ -597,6 +694,11 @@ class Image(io.RawIOBase):
         self._check_open()
         with memoryview(data) as view:
             n = view.nbytes
+            if n == 0 and self._mode == "rb":
+                # The core does nothing for nothing; io.FileIO still refuses it when read-only.
+                raise ReadOnlyError(
+                    errno.EROFS, f"{self.name}: image is read-only: opened read-only", self.name
+                )
             self._native.write_at(self._pos, view)
         self._pos += n
         return n
@@ -634,6 +736,16 @@ class Image(io.RawIOBase):
 
 _QCOW2_MAGIC = b"QFI\xfb"
 
+# lseek(2)'s whence values for sparse files (Linux numbers, where os lacks them).
+_SEEK_DATA: int = getattr(os, "SEEK_DATA", 3)
+_SEEK_HOLE: int = getattr(os, "SEEK_HOLE", 4)
+
+_CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+
+
+# The image options create() takes (-o), which convert() passes on.
+_CREATE_OPTIONS = frozenset(inspect.signature(create).parameters) - {"path", "size"}
+
 
 def _detect_format(path: StrPath) -> str:
     with io.open(path, "rb") as f:
@@ -654,6 +766,10 @@ def convert(
     backing_file: Optional[str] = None,
     backing_format: Optional[str] = None,
     no_create: bool = False,
+    snapshot: Union[str, Snapshot, None] = None,
+    cache: str = "writeback",
+    src_cache: str = "writeback",
+    force_share: bool = False,
     **create_options: Any,
 ) -> None:
     """Copy the disk `src` into the image `dst`, as ``qemu-img convert`` does.
@@ -675,18 +791,44 @@ def convert(
     from the backing file; zeros the source's top image holds are written as zeros.
 
     `no_create` (``-n``) writes into the existing image `dst` (of format `dst_format`, at least
-    as large as the source) instead of creating it; only ``password`` (an encrypted `dst`'s)
+    as large as the source) instead of creating it (a raw `dst` that is a block or character
+    device is always written in place, zeros included); only ``password`` (an encrypted `dst`'s)
     may then be among the keyword arguments left. Zero runs are then written as zeros (the old
     contents must not show through), except where `backing_file` says to leave them to the
     backing file that the existing `dst` is expected to have.
+
+    `snapshot` (``-l``, an ID or a name) copies that internal snapshot of a qcow2 `src` out
+    instead of its active disk (:class:`SnapshotNotFoundError` when there is none). `cache`
+    (``-t``) and `src_cache` (``-T``) are the cache modes of `dst` and `src`, as
+    :func:`open` takes them (qemu-img's default for `dst` is ``"unsafe"``; here it is
+    ``"writeback"``, which costs the same for one convert: `dst` is made durable once, when it
+    is closed, except with ``"unsafe"``). `force_share` (``-U``) reads a qcow2 `src` that
+    someone else (a running VM) has open for writing: see :func:`open`. Compression and
+    encryption together are refused, as qemu-img refuses them.
     """
-    fmt = src_format or _detect_format(src)
+    unknown = set(create_options) - _CREATE_OPTIONS
+    if unknown:
+        # As Python words an unexpected keyword: convert() takes them, not create().
+        raise TypeError(f"convert() got an unexpected keyword argument '{sorted(unknown)[0]}'")
+    for what, mode in (("cache", cache), ("src_cache", src_cache)):
+        if mode not in _CACHE_MODES:
+            raise InvalidArgumentError(
+                22, f"invalid {what} mode: {mode!r} (use {', '.join(map(repr, _CACHE_MODES))})"
+            )
+    if compress and create_options.get("encrypt") is not None:
+        raise InvalidArgumentError(
+            22, "Compression and encryption not supported at the same time (as in qemu-img)"
+        )
+    with _file_errors(src, "open"):
+        fmt = src_format or _detect_format(src)
     if fmt not in ("qcow2", "raw"):
         raise InvalidArgumentError(22, f"invalid source format: {fmt!r} (use 'qcow2' or 'raw')")
     if dst_format not in ("qcow2", "raw"):
         raise InvalidArgumentError(
             22, f"invalid output format: {dst_format!r} (use 'qcow2' or 'raw')"
         )
+    if snapshot is not None and fmt != "qcow2":
+        raise InvalidArgumentError(22, "snapshot needs a qcow2 source (a raw file has none)")
     if dst_format == "raw" and (compress or create_options or backing_file is not None):
         raise InvalidArgumentError(
             22, "compress, backing_file and image options need dst_format='qcow2'"
@@ -711,14 +853,31 @@ def convert(
     if chunk_size <= 0:
         raise InvalidArgumentError(22, f"chunk_size must be positive, not {chunk_size}")
     has_backing = backing_file is not None
+    # A raw target that is a device (a disk, /dev/null): written in place, neither created nor
+    # truncated, and it does not read as zeros.
+    with _file_errors(dst, "stat"):
+        try:
+            dst_mode: Optional[int] = os.stat(dst).st_mode
+        except FileNotFoundError:
+            dst_mode = None
+    dst_device = dst_format == "raw" and dst_mode is not None and not stat.S_ISREG(dst_mode)
     # A new image without a backing file reads as zeros: zeros need not be written.
-    zero_init = not no_create and not has_backing
+    zero_init = not no_create and not has_backing and not dst_device
     with contextlib.ExitStack() as stack:
         # The source: (size, read_at(off, n), extents: (start, length, is_data)); what no
         # extent covers is left to the target's backing file or reads as zeros already.
         extents: List[Tuple[int, int, bool]] = []
         if fmt == "qcow2":
-            simg = stack.enter_context(Image(src, "rb", password=src_password))
+            simg = stack.enter_context(
+                Image(
+                    src,
+                    "rb",
+                    password=src_password,
+                    snapshot=snapshot,
+                    cache=src_cache,
+                    force_share=force_share,
+                )
+            )
             size = simg.virtual_size
             read_at: Callable[[int, int], bytes] = simg.read_at
             for e in simg.map():
@@ -730,12 +889,15 @@ def convert(
                 else:
                     extents.append((e.start, e.length, True))
         else:
-            sfile = stack.enter_context(io.open(src, "rb", buffering=0))
-            size = os.fstat(sfile.fileno()).st_size
+            with _file_errors(src, "open"):
+                sfile = stack.enter_context(io.open(src, "rb", buffering=0))
+                # A block device (a disk) has no st_size: its end is where lseek finds it.
+                size = os.lseek(sfile.fileno(), 0, os.SEEK_END)
             fd = sfile.fileno()
 
             def pread(off: int, n: int) -> bytes:
-                return os.pread(fd, n, off)
+                with _file_errors(src, "read"):
+                    return os.pread(fd, n, off)
 
             read_at = pread
             extents = [(0, size, True)]
@@ -746,7 +908,7 @@ def convert(
                         create_options, backing_file=backing_file, backing_format=backing_format
                     )
                 create(dst, -(-size // 512) * 512, **create_options)
-            dimg = stack.enter_context(Image(dst, "r+b", password=dst_password))
+            dimg = stack.enter_context(Image(dst, "r+b", password=dst_password, cache=cache))
             dst_size = dimg.virtual_size
             cluster = dimg.cluster_size
             step = max(chunk_size // cluster, 1) * cluster
@@ -764,31 +926,41 @@ def convert(
 
             write_zeros: Callable[[int, int], None] = dimg.write_zeroes
         else:
-            if no_create:
-                dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
-            else:
-                dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
-                dfile.truncate(size)
-            dst_size = os.fstat(dfile.fileno()).st_size
+            with _file_errors(dst, "open"):
+                if no_create or dst_device:
+                    dfile = stack.enter_context(io.open(dst, "r+b", buffering=0))
+                else:
+                    dfile = stack.enter_context(io.open(dst, "wb", buffering=0))
+                    dfile.truncate(size)
+                if dst_mode is not None and stat.S_ISBLK(dst_mode):
+                    dst_size = os.lseek(dfile.fileno(), 0, os.SEEK_END)
+                elif dst_device:
+                    dst_size = size  # a character device has no size to check
+                else:
+                    dst_size = os.fstat(dfile.fileno()).st_size
             cluster = 65536
             step = max(chunk_size // cluster, 1) * cluster
             dfd = dfile.fileno()
 
             def write_at(off: int, data: bytes) -> None:
-                os.pwrite(dfd, data, off)
+                with _file_errors(dst, "write"):
+                    os.pwrite(dfd, data, off)
 
             def write_zeros(off: int, n: int) -> None:
                 zeros = bytes(min(n, step))
                 while n > 0:
                     k = min(n, len(zeros))
-                    os.pwrite(dfd, zeros[:k], off)
+                    with _file_errors(dst, "write"):
+                        os.pwrite(dfd, zeros[:k], off)
                     off += k
                     n -= k
 
         if dst_size < size:
             raise InvalidArgumentError(
-                22, f"{os.fspath(dst)!s}: output file is smaller than input file "
-                f"({dst_size} < {size} bytes)"
+                22,
+                f"{os.fspath(dst)!s}: output file is smaller than input file "
+                f"({dst_size} < {size} bytes)",
+                os.fspath(dst),
             )
         total = sum(n for _, n, _ in extents)
         done = 0
@@ -812,6 +984,29 @@ def convert(
                     progress(done, total)
         if progress is not None and total == 0:
             progress(0, 0)
+        if dst_format == "raw" and cache != "unsafe":
+            with _file_errors(dst, "sync"):
+                os.fsync(dfd)
+
+
+@contextlib.contextmanager
+def _file_errors(path: StrPath, what: str) -> Iterator[None]:
+    """The OSErrors of a raw file that :func:`convert` opens, reads or writes itself, raised as
+    the qcow2rs error naming it (as the core's errors name an image's files)."""
+    try:
+        yield
+    except Error:
+        raise
+    except OSError as e:
+        name = os.fsdecode(path)
+        classes = {
+            errno.ENOENT: NotFoundError,
+            errno.EACCES: PermissionDeniedError,
+            errno.EPERM: PermissionDeniedError,
+            errno.ENOSPC: NoSpaceError,
+        }
+        cls = classes.get(e.errno or 0, Error)
+        raise cls(e.errno, f"{name}: {what}: {e.strerror or e}", name) from e
 
 
 def _write_nonzero(
@@ -860,10 +1055,12 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     refcount_cache_size: Optional[int] = None,
     password: Optional[Union[str, bytes]] = None,
     backing_password: Optional[Union[str, bytes]] = None,
-    snapshot: Optional[str] = None,
+    snapshot: Union[str, Snapshot, None] = None,
     backing: Union[str, Iterable[StrPath], None] = "any",
     damaged: bool = False,
     force_share: bool = False,
+    without_key: bool = False,
+    lazy_refcounts: Optional[bool] = None,
 ) -> Image:
     """Open the qcow2 image at `path` (a str or os.PathLike).
 
@@ -874,9 +1071,14 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
     ``"unsafe"``. `l2_cache_size` and `refcount_cache_size` bound the metadata caches, in bytes.
     `password` (str or bytes) opens an encrypted image; a wrong one raises
     :class:`BadPasswordError` (LUKS; legacy AES has no key check). `backing_password` is the
-    password of encrypted backing files. `snapshot` (an ID or a name, looked up as
-    ``qemu-img snapshot`` does) opens a read-only view of that internal snapshot instead of the
-    active disk: `mode` must be ``"rb"``; a missing snapshot raises
+    password of encrypted backing files. `without_key` opens an encrypted image without its
+    password, for inspection, as ``qemu-img info``, ``map`` and ``check`` do: :meth:`Image.info`,
+    :meth:`Image.map`, :meth:`Image.check` and :meth:`Image.snapshots` work, reading or writing
+    the guest's data raises :class:`BadPasswordError`. `lazy_refcounts` (``True`` or ``False``;
+    None: as the image's header says) overrides the image's lazy refcounts bit for this open,
+    as ``--image-opts lazy-refcounts=on|off`` does. `snapshot` (an ID or a name, looked up as
+    ``qemu-img snapshot`` does; or a :class:`Snapshot`) opens a read-only view of that internal
+    snapshot instead of the active disk: `mode` must be ``"rb"``; a missing snapshot raises
     :class:`SnapshotNotFoundError`.
 
     `backing` says which backing files the image may make us open; an image's header can name
@@ -910,4 +1112,41 @@ def open(  # noqa: A001 - like gzip.open and tarfile.open
         backing=backing,
         damaged=damaged,
         force_share=force_share,
+        without_key=without_key,
+        lazy_refcounts=lazy_refcounts,
     )
+
+
+def _document_fields(*classes: type) -> None:
+    """Append each field's docstring (the string under it in the class body, which IDEs and
+    Sphinx read but Python drops) to its class's docstring, so that ``help()`` shows them too.
+    Without this module's source (a build without .py files) the docstrings stay as they are."""
+    try:
+        with tokenize.open(__file__) as f:
+            source = f.read()
+    except (OSError, SyntaxError):  # pragma: no cover - no source to read
+        return
+    for cls in classes:
+        # Only the class's own block is parsed: the whole module would cost 15 ms at import.
+        block = re.search(rf"^class {cls.__name__}\b.*?(?=^\S)", source, re.M | re.S)
+        if block is None:  # pragma: no cover - the source does not match this module
+            continue
+        node = ast.parse(block.group()).body[0]
+        assert isinstance(node, ast.ClassDef)
+        entries = []
+        for field, doc in zip(node.body, node.body[1:]):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                text = " ".join(doc.value.value.split())
+                body = textwrap.fill(text, 88, initial_indent="    ", subsequent_indent="    ")
+                entries.append(f"{field.target.id}: {ast.unparse(field.annotation)}\n{body}")
+        if entries:
+            cls.__doc__ = f"{cls.__doc__ or ''}\n\nAttributes:\n\n" + "\n\n".join(entries)
+
+
+_document_fields(Snapshot, ImageInfo, MapEntry, CheckResult)

@@ -8,6 +8,8 @@ is the file the core names, or None.
 
 from __future__ import annotations
 
+import io
+
 __all__ = [
     "Error",
     "NotFoundError",
@@ -83,8 +85,10 @@ class BadKeyError(Error):
 BadPasswordError = BadKeyError
 
 
-class ReadOnlyError(Error):
-    """A change was attempted on an image open read-only (EROFS)."""
+class ReadOnlyError(Error, io.UnsupportedOperation):
+    """A change was attempted on an image open read-only (EROFS). Also an
+    :class:`io.UnsupportedOperation`, which :class:`io.FileIO` raises for a write to a file
+    opened ``"rb"``."""
 
     __module__ = "qcow2rs"
 

@@ -9,8 +9,8 @@ __version__: str
 __all__ = ["__version__", "create", "open", "NativeImage"]
 
 def create(
-    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
-    size: int,
+    path: Union[str, os.PathLike[str]],
+    size: Optional[int] = None,
     *,
     cluster_size: int = 65536,
     refcount_bits: int = 16,
@@ -30,20 +30,26 @@ def create(
     hash_alg: str = "sha256",
     iter_time: int = 2000,
     backing_password: Optional[Union[str, bytes]] = None,
+    open_backing: bool = True,
 ) -> None:
     """Create a new qcow2 image file (an existing file is overwritten).
 
-    The keyword arguments are qemu-img's ``-o`` options: `compat` is ``"1.1"`` (v3) or ``"0.10"``
+    `size` is the virtual size in bytes (rounded up to 512); without it (with `backing_file`),
+    the backing file's, as ``qemu-img create -b BASE -F FMT FILE`` takes it.
+    The keyword arguments are qemu-img's ``-o`` options: `cluster_size` (512 to 2 MiB, a power
+    of two), `refcount_bits`, `compat` is ``"1.1"`` (v3) or ``"0.10"``
     (v2); `preallocation` is ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or
     ``"zstd"``; `backing_format` (``"qcow2"`` or ``"raw"``) is required with `backing_file`.
     `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
     `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
     `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
-    for LUKS. `backing_password` opens an encrypted backing file.
+    for LUKS. `backing_password` opens an encrypted backing file. `open_backing=False`
+    (``qemu-img create -u``) does not open the backing file, which need not exist yet: `size`
+    is then required.
     """
 
 def open(
-    path: Union[str, bytes, os.PathLike[str], os.PathLike[bytes]],
+    path: Union[str, os.PathLike[str]],
     mode: str = "rb",
     *,
     cache: str = "writeback",
@@ -55,6 +61,8 @@ def open(
     backing: Union[str, Iterable[Union[str, os.PathLike[str]]], None] = None,
     damaged: bool = False,
     force_share: bool = False,
+    without_key: bool = False,
+    lazy_refcounts: Optional[bool] = None,
 ) -> NativeImage: ...
 @final
 class NativeImage:

@@ -45,7 +45,22 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: qcow2rs::Error) -> PyErr {
 pub(crate) fn to_pyerr_in(py: Python<'_>, err: qcow2rs::Error, image: Option<&str>) -> PyErr {
     use qcow2rs::Error as E;
     let errno = err.errno();
-    let message = err.to_string();
+    let message = match &err {
+        // The core's Display says "invalid argument: " first; the class (a ValueError, errno
+        // EINVAL) says that already, and the message then reads like every other one: the
+        // file first, when there is one, then what is wrong ("invalid mode: 'z'", as the
+        // built-in open words it).
+        E::InvalidArgument(m) => m.clone(),
+        // Rust's io::Error ends in " (os error N)"; strerror's words are what Python shows
+        // (the number is `errno`).
+        _ => {
+            let text = err.to_string();
+            match text.rfind(" (os error ") {
+                Some(i) if text.ends_with(')') => text[..i].to_string(),
+                _ => text,
+            }
+        }
+    };
     let (class, filename): (&'static Class, Option<&str>) = match &err {
         E::Io { file, .. } => (
             match errno {

@@ -101,6 +101,8 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 
 /// Create a new qcow2 image file (an existing file is overwritten).
 ///
+/// `size` is the virtual size in bytes (rounded up to 512); without it (with `backing_file`),
+/// the backing file's, as ``qemu-img create -b BASE -F FMT FILE`` takes it.
 /// The keyword arguments are qemu-img's ``-o`` options: `cluster_size` (512 to 2 MiB, a power
 /// of two), `refcount_bits`, `compat` is ``"1.1"`` (v3) or ``"0.10"`` (v2); `preallocation` is
 /// ``"off"`` or ``"metadata"``; `compression_type` is ``"zlib"`` or ``"zstd"``;
@@ -108,11 +110,13 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
 /// `encrypt` is ``"luks"`` or ``"aes"`` (legacy, no key check: for old images only) and needs
 /// `password` (str or bytes); `cipher_alg`, `cipher_mode`, `ivgen_alg`, `ivgen_hash_alg`,
 /// `hash_alg` and `iter_time` (milliseconds of PBKDF2) are qemu-img's ``encrypt.*`` options
-/// for LUKS. `backing_password` opens an encrypted backing file.
+/// for LUKS. `backing_password` opens an encrypted backing file. `open_backing=False`
+/// (``qemu-img create -u``) does not open the backing file, which need not exist yet: `size`
+/// is then required.
 #[pyfunction]
 #[pyo3(signature = (
     path,
-    size,
+    size = None,
     *,
     cluster_size = 65536,
     refcount_bits = 16,
@@ -132,12 +136,13 @@ fn alg<T>(what: &str, v: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, E
     hash_alg = "sha256",
     iter_time = 2000,
     backing_password = None,
+    open_backing = true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn create(
     py: Python<'_>,
     path: PathBuf,
-    size: i128,
+    size: Option<i128>,
     cluster_size: i128,
     refcount_bits: i128,
     compat: &str,
@@ -156,68 +161,137 @@ fn create(
     hash_alg: &str,
     iter_time: i128,
     backing_password: Option<&Bound<'_, PyAny>>,
+    open_backing: bool,
 ) -> PyResult<()> {
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
-    let opts = raise(
-        py,
-        (|| {
-            let encryption = match encrypt {
-                None => {
-                    if password.is_some() {
-                        return Err(Error::InvalidArgument(
-                            "password given without encrypt= ('luks' or 'aes')".into(),
-                        ));
-                    }
-                    None
+    let file = path.to_string_lossy().into_owned();
+    let opts = (|| {
+        // As qemu-img create: without a size, the backing file's; its format is not guessed.
+        let size = match (size, &backing_file) {
+            (Some(s), _) => to_u64("size", s)?,
+            // The core takes the backing file's size for 0.
+            (None, Some(_)) if open_backing => 0,
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{file}: Image creation needs a size parameter when the backing file is \
+                     not opened (open_backing=False)"
+                )))
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{file}: Image creation needs a size parameter"
+                )))
+            }
+        };
+        if backing_file.is_some() && backing_format.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{file}: Backing file specified without backing format (give \
+                     backing_format='qcow2' or 'raw', as qemu-img create -F)"
+            )));
+        }
+        let encryption = match encrypt {
+            None => {
+                if password.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "password given without encrypt= ('luks' or 'aes')".into(),
+                    ));
                 }
-                Some(f) => {
-                    let pw = password.clone().ok_or_else(|| {
-                        Error::InvalidArgument(format!("encrypt='{f}' needs a password"))
-                    })?;
-                    Some(EncryptionOptions {
-                        format: EncryptionFormat::parse(f)?,
-                        password: pw,
-                        cipher_alg: alg("cipher_alg", cipher_alg, CipherAlg::parse)?,
-                        cipher_mode: alg("cipher_mode", cipher_mode, CipherMode::parse)?,
-                        ivgen_alg: alg("ivgen_alg", ivgen_alg, IvGenAlg::parse)?,
-                        ivgen_hash_alg: alg("ivgen_hash_alg", ivgen_hash_alg, HashAlg::parse)?,
-                        hash_alg: alg("hash_alg", hash_alg, HashAlg::parse)?,
-                        iter_time_ms: to_u64("iter_time", iter_time)?,
-                    })
-                }
-            };
-            Ok(CreateOptions {
-                size: to_u64("size", size)?,
-                cluster_size: to_u32("cluster_size", cluster_size)?,
-                refcount_bits: to_u32("refcount_bits", refcount_bits)?,
-                compat: Compat::parse(compat)?,
-                backing_file: backing_file
-                    .map(|p| path_to_string("backing_file", p))
-                    .transpose()?,
-                backing_format,
-                lazy_refcounts,
-                preallocation: Preallocation::parse(preallocation)?,
-                extended_l2,
-                compression_type: CompressionType::parse(compression_type)?,
-                open_backing: true,
-                encryption,
-                backing_password,
-            })
-        })(),
-    )?;
-    raise(py, py.detach(|| Image::create(&path, &opts)))
+                None
+            }
+            Some(f) => {
+                let pw = password.clone().ok_or_else(|| {
+                    Error::InvalidArgument(format!("encrypt='{f}' needs a password"))
+                })?;
+                Some(EncryptionOptions {
+                    format: EncryptionFormat::parse(f)?,
+                    password: pw,
+                    cipher_alg: alg("cipher_alg", cipher_alg, CipherAlg::parse)?,
+                    cipher_mode: alg("cipher_mode", cipher_mode, CipherMode::parse)?,
+                    ivgen_alg: alg("ivgen_alg", ivgen_alg, IvGenAlg::parse)?,
+                    ivgen_hash_alg: alg("ivgen_hash_alg", ivgen_hash_alg, HashAlg::parse)?,
+                    hash_alg: alg("hash_alg", hash_alg, HashAlg::parse)?,
+                    iter_time_ms: to_u64("iter_time", iter_time)?,
+                })
+            }
+        };
+        Ok(CreateOptions {
+            size,
+            cluster_size: to_u32("cluster_size", cluster_size)?,
+            refcount_bits: to_u32("refcount_bits", refcount_bits)?,
+            compat: Compat::parse(compat)?,
+            backing_file: backing_file
+                .map(|p| path_to_string("backing_file", p))
+                .transpose()?,
+            backing_format,
+            lazy_refcounts,
+            preallocation: Preallocation::parse(preallocation)?,
+            extended_l2,
+            compression_type: CompressionType::parse(compression_type)?,
+            open_backing,
+            encryption,
+            backing_password,
+        })
+    })()
+    .map_err(|e| errors::to_pyerr_in(py, e, Some(&file)))?;
+    py.detach(|| Image::create(&path, &opts))
+        .map_err(|e| errors::to_pyerr_in(py, e, Some(&file)))
 }
 
-/// Whether `mode` opens read-only (`Some(true)`), read-write (`Some(false)`), or is not a mode
-/// (`None`). The modes are the built-in `open`'s binary ones that neither create nor truncate
-/// (`"rb"`, `"r+b"`, `"rb+"`, and `"r"`, `"r+"` without the `b`), plus the earlier `"rw"`.
-fn read_only_mode(mode: &str) -> Option<bool> {
-    match mode {
-        "r" | "rb" => Some(true),
-        "r+" | "r+b" | "rb+" | "rw" => Some(false),
-        _ => None,
+/// Whether `mode` opens read-only (`Ok(true)`) or read-write (`Ok(false)`), read as the built-in
+/// `open` reads it: the letters in any order, each at most once, with CPython's messages for
+/// what it refuses. Of the modes it takes, those that create, truncate or append (an image is made
+/// by `create`) and the text modes (an image is binary) are refused; `"rw"`, the earlier
+/// spelling, still means `"r+b"`.
+fn parse_mode(mode: &str) -> Result<bool, String> {
+    if mode == "rw" {
+        return Ok(false);
     }
+    let invalid = || format!("invalid mode: '{mode}'");
+    let [mut r, mut w, mut x, mut a, mut plus, mut t, mut b] = [false; 7];
+    for c in mode.chars() {
+        let flag = match c {
+            'r' => &mut r,
+            'w' => &mut w,
+            'x' => &mut x,
+            'a' => &mut a,
+            '+' => &mut plus,
+            't' => &mut t,
+            'b' => &mut b,
+            _ => return Err(invalid()),
+        };
+        if *flag {
+            return Err(invalid());
+        }
+        *flag = true;
+    }
+    if t && b {
+        return Err("can't have text and binary mode at once".into());
+    }
+    match [r, w, x, a].iter().filter(|&&f| f).count() {
+        0 => {
+            return Err(
+                "Must have exactly one of create/read/write/append mode and at most one plus"
+                    .into(),
+            )
+        }
+        1 => {}
+        _ => return Err("must have exactly one of create/read/write/append mode".into()),
+    }
+    if !r {
+        return Err(format!(
+            "{}: qcow2rs.open does not create, truncate or append to an image (make one with \
+             qcow2rs.create, then open it 'r+b')",
+            invalid()
+        ));
+    }
+    if t {
+        return Err(format!(
+            "{}: an image is a binary file (use 'rb' or 'r+b')",
+            invalid()
+        ));
+    }
+    Ok(!plus)
 }
 
 /// Open an image file. `mode` is `"rb"` (read-only) or `"r+b"` (read-write). `snapshot`
@@ -236,6 +310,8 @@ fn read_only_mode(mode: &str) -> Option<bool> {
     backing = None,
     damaged = false,
     force_share = false,
+    without_key = false,
+    lazy_refcounts = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn open(
@@ -251,21 +327,13 @@ fn open(
     backing: Option<&Bound<'_, PyAny>>,
     damaged: bool,
     force_share: bool,
+    without_key: bool,
+    lazy_refcounts: Option<bool>,
 ) -> PyResult<NativeImage> {
     let backing = backing_arg(backing)?;
     let password = password_arg(password)?;
     let backing_password = password_arg(backing_password)?;
-    let read_only = match read_only_mode(mode) {
-        Some(ro) => ro,
-        None => {
-            return raise(
-                py,
-                Err(Error::InvalidArgument(format!(
-                    "invalid mode: '{mode}' (use 'rb' to read or 'r+b' to read and write)"
-                ))),
-            )
-        }
-    };
+    let read_only = raise(py, parse_mode(mode).map_err(Error::InvalidArgument))?;
     let opts = raise(
         py,
         (|| {
@@ -284,12 +352,18 @@ fn open(
                 backing,
                 damaged,
                 force_share,
+                without_key,
+                lazy_refcounts,
                 ..OpenOptions::default()
             })
         })(),
     )?;
-    let image = raise(py, py.detach(|| Image::open(&path, &opts)))?;
+    // Errors of the open name the file, also those the core words without it.
+    let image = py
+        .detach(|| Image::open(&path, &opts))
+        .map_err(|e| errors::to_pyerr_in(py, e, Some(&path.to_string_lossy())))?;
     Ok(NativeImage {
+        filename: image.filename().to_string(),
         image: RwLock::new(Some(image)),
     })
 }
@@ -298,9 +372,17 @@ fn open(
 #[pyclass(module = "qcow2rs._qcow2rs", name = "NativeImage", frozen)]
 pub struct NativeImage {
     image: RwLock<Option<Image>>,
+    /// The image file's name, for the errors of calls whose arguments are refused before they
+    /// reach the image (they name it as the core's errors do), also once it is closed.
+    filename: String,
 }
 
 impl NativeImage {
+    /// `r`, with a core error raised as its exception, naming this image when it names no file.
+    fn arg<T>(&self, py: Python<'_>, r: Result<T, Error>) -> PyResult<T> {
+        r.map_err(|e| errors::to_pyerr_in(py, e, Some(&self.filename)))
+    }
+
     /// Run `f` on the open image with the GIL released.
     fn with<R, F>(&self, py: Python<'_>, f: F) -> PyResult<R>
     where
@@ -325,12 +407,12 @@ impl NativeImage {
         offset: i128,
         length: i128,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         let n = self.with(py, |img| {
             Ok(img.virtual_size().saturating_sub(offset).min(length))
         })?;
-        let n = raise(
+        let n = self.arg(
             py,
             usize::try_from(n)
                 .ok()
@@ -370,7 +452,7 @@ impl NativeImage {
         offset: i128,
         buffer: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         let buf = PyUntypedBuffer::get(buffer)?;
         if buf.readonly() {
             return Err(pyo3::exceptions::PyTypeError::new_err(
@@ -403,7 +485,7 @@ impl NativeImage {
     /// `offset`. The disk does not grow: writing past its end fails. An empty write does
     /// nothing, wherever it is (like writing nothing to a file).
     fn write_at(&self, py: Python<'_>, offset: i128, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         let buf = PyUntypedBuffer::get(data)?;
         if !buf.is_c_contiguous() {
             return Err(pyo3::exceptions::PyBufferError::new_err(
@@ -420,7 +502,9 @@ impl NativeImage {
         self.with(py, |img| {
             let size = img.virtual_size();
             let len = data.len() as u64;
-            if offset.checked_add(len).is_none_or(|end| end > size) {
+            // A read-only image refuses any write (the core says so), wherever it is: the mode
+            // is checked before the position, as io.FileIO does.
+            if !img.is_read_only() && offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(Error::InvalidArgument(format!(
                     "{}: cannot write {len} bytes at offset {offset}: the virtual disk ends at \
                      {size} bytes and does not grow by writing (use resize() to enlarge it)",
@@ -433,21 +517,21 @@ impl NativeImage {
 
     /// Write one cluster of `data`, compressed, at the cluster-aligned `offset`.
     fn write_compressed(&self, py: Python<'_>, offset: i128, data: &[u8]) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
         self.with(py, |img| img.write_compressed(offset, data))
     }
 
     /// Make `length` bytes at `offset` read as zeros.
     fn write_zeroes(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         self.with(py, |img| img.write_zeroes(offset, length))
     }
 
     /// Discard the whole clusters inside the range.
     fn discard(&self, py: Python<'_>, offset: i128, length: i128) -> PyResult<()> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, to_u64("length", length))?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, to_u64("length", length))?;
         self.with(py, |img| img.discard(offset, length))
     }
 
@@ -458,7 +542,7 @@ impl NativeImage {
 
     /// Change the virtual size.
     fn resize(&self, py: Python<'_>, size: i128) -> PyResult<()> {
-        let size = raise(py, to_u64("size", size))?;
+        let size = self.arg(py, to_u64("size", size))?;
         self.with(py, |img| img.resize(size))
     }
 
@@ -476,8 +560,8 @@ impl NativeImage {
         offset: i128,
         length: Option<i128>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let offset = raise(py, to_u64("offset", offset))?;
-        let length = raise(py, length.map(|l| to_u64("length", l)).transpose())?;
+        let offset = self.arg(py, to_u64("offset", offset))?;
+        let length = self.arg(py, length.map(|l| to_u64("length", l)).transpose())?;
         let entries = self.with(py, |img| {
             let length = length.unwrap_or_else(|| img.virtual_size().saturating_sub(offset));
             img.map(offset, length)
@@ -502,7 +586,7 @@ impl NativeImage {
             Some("leaks") => Some(RepairMode::Leaks),
             Some("all") => Some(RepairMode::All),
             Some(other) => {
-                return raise(
+                return self.arg(
                     py,
                     Err(Error::InvalidArgument(format!(
                         "invalid repair mode: '{other}' (use None, 'leaks' or 'all')"
@@ -530,7 +614,7 @@ impl NativeImage {
     ) -> PyResult<Vec<usize>> {
         let add = password_arg(add)?;
         let remove = password_arg(remove)?;
-        let iter_time_ms = raise(py, iter_time.map(|t| to_u64("iter_time", t)).transpose())?;
+        let iter_time_ms = self.arg(py, iter_time.map(|t| to_u64("iter_time", t)).transpose())?;
         let change = KeySlotChange {
             state: if add.is_some() {
                 KeySlotState::Active
@@ -544,7 +628,7 @@ impl NativeImage {
             force,
         };
         if change.new_secret.is_none() && change.old_secret.is_none() && slot.is_none() {
-            return raise(
+            return self.arg(
                 py,
                 Err(Error::InvalidArgument(
                     "nothing to change: give a password to add or remove, or a slot".into(),
@@ -569,7 +653,7 @@ impl NativeImage {
                 .take()
         });
         match image {
-            Some(img) => raise(py, py.detach(|| img.close())),
+            Some(img) => self.arg(py, py.detach(|| img.close())),
             None => Ok(()),
         }
     }
@@ -636,7 +720,7 @@ impl NativeImage {
         icount: Option<i128>,
         date: Option<(i128, i128)>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let opts = raise(
+        let opts = self.arg(
             py,
             (|| {
                 Ok(SnapshotOptions {

@@ -36,3 +36,21 @@ def test_readme_python_example_runs_as_printed(
         assert img.read_at(0, 12) == b"hello, qcow2"
         assert img.info().backing_file == "base.qcow2"
         assert img.info().crypt_method == 2
+
+
+def test_python_readme_example_runs_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """python/README.md's example (the package's own page, which PyPI would show)."""
+    page = README.parent / "python" / "README.md"
+    text = page.read_text()
+    blocks = text.split("```python\n")
+    assert len(blocks) == 2, "want one ```python block in python/README.md"
+    code = "\n" * blocks[0].count("\n") + blocks[1].split("\n```", 1)[0] + "\n"
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(page), "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out == f"{64 << 20} True\n"
+    assert (tmp_path / "disk.raw").stat().st_size == 64 << 20
+    with open(tmp_path / "disk.raw", "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(12) == b"hello, qcow2"
