@@ -401,3 +401,87 @@ fn direct_random_snapshots_compressed_discards_resizes_reopens() {
         }
     }
 }
+
+/// The allocator's block-at-a-time scan where the refcount table covers less than the file:
+/// a qemu-img image (512-byte clusters, 64-bit refcounts: one refcount block covers 64
+/// clusters, the one-cluster table 4096; 32-bit: 8192) whose file was extended past what the table covers
+/// with garbage (nothing references it). Allocating over it grows the table and creates
+/// blocks at every block boundary; the garbage must never show through (taken for zeros) and
+/// qemu-img must find the image clean and read what was written, in both cache modes.
+#[test]
+fn allocation_past_a_refcount_table_shorter_than_the_file() {
+    require_qemu();
+    for (cache, bits) in [
+        (CacheMode::Writeback, 64),
+        (CacheMode::None, 64),
+        (CacheMode::None, 32),
+    ] {
+        let d = tmpdir();
+        if cache == CacheMode::None && !direct_ok(d.path()) {
+            continue;
+        }
+        let p = d.path().join("short.qcow2");
+        qemu_create(
+            &p,
+            8 << 20,
+            &format!("cluster_size=512,refcount_bits={bits}"),
+        );
+        let len = file_len(&p);
+        let covered = 512 / 8 * (512 * 8 / bits as u64) * 512;
+        let mut rng = Rng::new(bits as u64);
+        let tail = rng.bytes((covered + 300 * 512 - len) as usize);
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+            f.write_all(&tail).unwrap();
+        }
+        let img = Image::open(
+            &p,
+            &OpenOptions {
+                cache,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
+        let mut model = vec![0u8; 8 << 20];
+        for i in 0..3000u64 {
+            let off = rng.below((8 << 20) / 512) * 512;
+            let n = (rng.range(1, 16) * 512).min((8 << 20) - off);
+            let b = if i % 3 == 0 {
+                vec![0x5a; n as usize]
+            } else {
+                rng.bytes(n as usize)
+            };
+            // Partial writes of fresh clusters read the rest as zeros: never the garbage.
+            let sub = rng.below(n / 512) * 512;
+            img.write_at(&b[sub as usize..], off + sub).unwrap();
+            model[(off + sub) as usize..(off + n) as usize].copy_from_slice(&b[sub as usize..]);
+        }
+        let r = img.check(None).unwrap();
+        assert!(
+            r.is_clean(),
+            "{cache:?} {bits}: {}",
+            head_tail(&r.messages.join("\n"), 20)
+        );
+        let mut got = vec![0u8; model.len()];
+        img.read_at(&mut got, 0).unwrap();
+        assert_same(&format!("{cache:?} {bits}-bit: our reading"), &got, &model);
+        let reftable_clusters = peek_be32(&p, hdr::REFCOUNT_TABLE_CLUSTERS);
+        img.close().unwrap();
+        assert!(
+            peek_be32(&p, hdr::REFCOUNT_TABLE_CLUSTERS) > 1 || reftable_clusters > 1,
+            "{cache:?} {bits}-bit: the refcount table did not grow: nothing was allocated past it"
+        );
+        let q = qemu_check(&p);
+        assert!(
+            (q.code == 0 || q.code == 3) && q.corruptions == 0 && q.check_errors == 0,
+            "{cache:?} {bits}-bit: qemu-img check:\n{}",
+            q.text
+        );
+        assert_same(
+            &format!("{cache:?} {bits}-bit: qemu reads the disk"),
+            &qemu_read_all(&p, "qcow2"),
+            &model,
+        );
+    }
+}
