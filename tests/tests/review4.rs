@@ -161,6 +161,12 @@ fn threads_over_reserved_space(seed: u64, cs: u64, refcount_bits: u32, budget: D
                         img.check(Some(RepairMode::Leaks)).unwrap();
                     }
                     7 => img.flush().unwrap(),
+                    8 => {
+                        // Grow the disk (the writers stay below the old size): the grown
+                        // range is scrubbed and the L1 table may move while they run.
+                        let size = img.virtual_size();
+                        img.resize(size + rng.range(1, 64) * 512).unwrap();
+                    }
                     _ => {}
                 }
                 std::thread::sleep(Duration::from_millis(3));
@@ -170,8 +176,9 @@ fn threads_over_reserved_space(seed: u64, cs: u64, refcount_bits: u32, budget: D
             w.join().unwrap();
         }
     });
-    let model = model.into_inner().unwrap();
-    let mut all = vec![0u8; size as usize];
+    let mut model = model.into_inner().unwrap();
+    model.resize(img.virtual_size() as usize, 0);
+    let mut all = vec![0u8; model.len()];
     img.read_at(&mut all, 0).unwrap();
     assert_same(&format!("{ctx}: the disk after the threads"), &all, &model);
     let r = img.check(None).unwrap();
@@ -200,8 +207,19 @@ fn threads_write_over_reserved_space_while_snapshots_checks_and_repairs_run() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(800);
+    // `REVIEW4_CONFIGS=2097152:16,512:1` runs other cluster sizes and refcount widths.
+    let configs: Vec<(u64, u32)> = match std::env::var("REVIEW4_CONFIGS") {
+        Ok(v) => v
+            .split(',')
+            .map(|c| {
+                let (a, b) = c.split_once(':').unwrap();
+                (a.parse().unwrap(), b.parse().unwrap())
+            })
+            .collect(),
+        Err(_) => vec![(512, 16), (4096, 2), (65536, 16), (65536, 64)],
+    };
     for seed in 0..seeds {
-        for (cs, bits) in [(512, 16), (4096, 2), (65536, 16), (65536, 64)] {
+        for &(cs, bits) in &configs {
             threads_over_reserved_space(seed, cs, bits, Duration::from_millis(ms));
         }
     }
