@@ -415,26 +415,30 @@ fn direct_random_snapshots_compressed_discards_resizes_reopens() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     for seed in 0..seeds {
-        for (cs, bits) in [(512, 16), (4096, 8), (65536, 16), (2 << 20, 16)] {
-            direct_random_workload(seed, cs, bits, if cs > 65536 { 60 } else { 160 });
+        // 2 MiB clusters (a cluster larger than the 4 MiB window's half) by hand:
+        // `REVIEW4_BIG=1`.
+        let big = std::env::var_os("REVIEW4_BIG").is_some();
+        let configs: &[(u64, u32)] = if big {
+            &[(2 << 20, 16), (1 << 20, 4)]
+        } else {
+            &[(512, 16), (4096, 8), (65536, 16)]
+        };
+        for &(cs, bits) in configs {
+            direct_random_workload(seed, cs, bits, if cs > 65536 { 60 } else { 120 });
         }
     }
 }
 
 /// The allocator's block-at-a-time scan where the refcount table covers less than the file:
 /// a qemu-img image (512-byte clusters, 64-bit refcounts: one refcount block covers 64
-/// clusters, the one-cluster table 4096; 32-bit: 8192) whose file was extended past what the table covers
+/// clusters, the one-cluster table 4096) whose file was extended past what the table covers
 /// with garbage (nothing references it). Allocating over it grows the table and creates
 /// blocks at every block boundary; the garbage must never show through (taken for zeros) and
 /// qemu-img must find the image clean and read what was written, in both cache modes.
 #[test]
 fn allocation_past_a_refcount_table_shorter_than_the_file() {
     require_qemu();
-    for (cache, bits) in [
-        (CacheMode::Writeback, 64),
-        (CacheMode::None, 64),
-        (CacheMode::None, 32),
-    ] {
+    for (cache, bits) in [(CacheMode::Writeback, 64), (CacheMode::None, 64)] {
         let d = tmpdir();
         if cache == CacheMode::None && !direct_ok(d.path()) {
             continue;
@@ -463,7 +467,7 @@ fn allocation_past_a_refcount_table_shorter_than_the_file() {
         )
         .unwrap();
         let mut model = vec![0u8; 8 << 20];
-        for i in 0..3000u64 {
+        for i in 0..1500u64 {
             let off = rng.below((8 << 20) / 512) * 512;
             let n = (rng.range(1, 16) * 512).min((8 << 20) - off);
             let b = if i % 3 == 0 {
@@ -518,7 +522,7 @@ fn close_right_after_direct_writes_keeps_every_write() {
     let rounds: u64 = std::env::var("REVIEW4_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(1);
     const T: u64 = 4;
     const N: u64 = 48;
     for round in 0..rounds {
