@@ -574,3 +574,69 @@ fn close_right_after_direct_writes_keeps_every_write() {
         assert_eq!(file_len(&p), end, "round {round}: file length after close");
     }
 }
+
+/// A qemu-img image whose last data cluster was lost with the end of the file (a host crash
+/// after the L2 entry and the refcount reached the disk but the file's growth did not:
+/// `qemu-img check` reports the reference past the end of the file), with 512-byte clusters
+/// and the file ending a little below what its refcount table covers. The first allocation
+/// needs the refcount table to grow: its new structures must not go where that L2 entry
+/// points (the cluster just past the end, whose refcount is 1), or the guest cluster and the
+/// refcount structures share a cluster (qemu-img: `refcount=1 reference=2`), which QEMU's
+/// growth (at the end of what the old table covers) never does.
+#[test]
+fn refcount_table_growth_never_lands_on_a_referenced_cluster_past_the_end() {
+    require_qemu();
+    let d = tmpdir();
+    let p = d.path().join("lost-tail.qcow2");
+    qemu_create(&p, 64 << 20, "cluster_size=512,refcount_bits=16");
+    // 16-bit refcounts, 512-byte clusters: the one-cluster refcount table covers 16384
+    // clusters (8 MiB of file). Fill to a little below that, then one more data cluster at
+    // the end of the file (its L2 table exists), then lose it.
+    qemu_io(
+        &p,
+        "qcow2",
+        &[
+            "write -P 0x33 0 7900k".into(),
+            "write -P 0x44 7900k 512".into(),
+        ],
+    )
+    .ok();
+    let len = file_len(&p);
+    assert!(
+        len < 16384 * 512,
+        "the file must end inside the table's coverage"
+    );
+    truncate(&p, len - 512);
+    let lost = len - 512;
+    let before = qemu_check(&p);
+    assert!(
+        before.corruptions + before.check_errors > 0 || before.code != 0,
+        "qemu-img sees the lost cluster:\n{}",
+        before.text
+    );
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    // An allocating write elsewhere: its run reaches past what the refcount table covers.
+    img.write_at(&[0x55; 512], 32 << 20).unwrap();
+    img.close().unwrap();
+    let reftable = peek_be64(&p, hdr::REFCOUNT_TABLE_OFFSET);
+    let clusters = peek_be32(&p, hdr::REFCOUNT_TABLE_CLUSTERS) as u64;
+    assert!(clusters > 1, "the refcount table grew");
+    assert!(
+        !(reftable..reftable + clusters * 512).contains(&lost),
+        "the new refcount table ({reftable:#x}, {clusters} clusters) covers the cluster the L2 entry names ({lost:#x})"
+    );
+    for i in 0..clusters * 512 / 8 {
+        let block = peek_be64(&p, reftable + 8 * i);
+        assert_ne!(
+            block, lost,
+            "refcount block {i} placed on the cluster the L2 entry names ({lost:#x})"
+        );
+    }
+    // qemu-img finds nothing worse than before: no cluster counted twice.
+    let after = qemu_check(&p);
+    assert!(
+        !after.text.contains("reference=2"),
+        "qemu-img check after the write:\n{}",
+        after.text
+    );
+}
