@@ -497,7 +497,8 @@ impl State {
     }
 
     /// Grow the refcount table to at least `min_entries`, placing the new table and the refcount
-    /// blocks that describe it in a fresh area past every allocation.
+    /// blocks that describe it in a fresh area past every allocation, the end of the file and
+    /// what the old table covers.
     fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
         let cluster_size = self.geo.cluster_size();
         let per = self.geo.refcounts_per_block();
