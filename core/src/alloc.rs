@@ -497,16 +497,22 @@ impl State {
     }
 
     /// Grow the refcount table to at least `min_entries`, placing the new table and the refcount
-    /// blocks that describe it in a fresh area past every allocation.
+    /// blocks that describe it in a fresh area past every allocation, the end of the file and
+    /// what the old table covers.
     fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
         let cluster_size = self.geo.cluster_size();
         let per = self.geo.refcounts_per_block();
+        let old_entries = self.alloc.reftable.len() as u64;
+        // Past everything allocated, the file, and what the old table covers (as QEMU places
+        // it): a cluster the old table covers may have a refcount although it lies past the
+        // end of the file (an L2 entry naming a data cluster whose write the file lost in a
+        // crash), and the new structures must not share it.
         let area = self
             .alloc
             .alloc_end
             .get()
-            .max(self.geo.clusters_for(self.file.len()));
-        let old_entries = self.alloc.reftable.len() as u64;
+            .max(self.geo.clusters_for(self.file.len()))
+            .max(old_entries.saturating_mul(per));
         let mut table_entries = min_entries.max(old_entries);
         let (mut nb, mut nt);
         loop {
