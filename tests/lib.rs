@@ -899,3 +899,277 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         "(non-string panic payload)".to_string()
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// A random workload mixing snapshots, compressed clusters, zeroes, discards, resizes, flushes and
+// reopens, with a model of the active disk and of every snapshot; our check along the way,
+// qemu-img check and qemu-img's reading at the end (review3.rs, review4.rs).
+
+/// The password of [`SnapshotWorkload`]'s LUKS images.
+pub const WORKLOAD_PASSWORD: &str = "correct horse battery staple";
+
+/// qemu's `--object` for [`WORKLOAD_PASSWORD`], as secret `sec0`.
+pub fn workload_secret() -> String {
+    format!("secret,id=sec0,data={WORKLOAD_PASSWORD}")
+}
+
+/// What kind of image a [`SnapshotWorkload`] runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum ImageKind {
+    Plain,
+    Subclusters,
+    /// LUKS, with [`WORKLOAD_PASSWORD`].
+    Luks,
+    /// Over a raw backing file of random data (discarded clusters become zero clusters, a
+    /// grown range reads as zeros).
+    Backing,
+}
+
+/// A snapshot the model keeps: its name and the disk it holds.
+pub struct ModelSnapshot {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+/// The model's side of a discard of `len` bytes at `off`: the whole clusters in it read as
+/// zeros (the partial ones at either end keep their data), up to the end of the disk.
+pub fn discard_model(m: &mut [u8], off: u64, len: u64, cs: u64) {
+    let size = m.len() as u64;
+    let end = off + len;
+    let first = off.div_ceil(cs) * cs;
+    let last = if end >= size { size } else { end / cs * cs };
+    if last > first {
+        m[first as usize..last as usize].fill(0);
+    }
+}
+
+/// qemu-img's reading of the image (its active disk, or snapshot `name`), with
+/// [`WORKLOAD_PASSWORD`] when `luks`.
+pub fn qemu_raw(p: &Path, snapshot: Option<&str>, luks: bool) -> Vec<u8> {
+    let raw = p.with_extension(format!("{}.raw", snapshot.unwrap_or("active")));
+    let mut args: Vec<String> = vec!["convert".into(), "-U".into()];
+    if let Some(name) = snapshot {
+        args.extend(["-l".into(), format!("snapshot.name={name}")]);
+    }
+    if luks {
+        args.extend([
+            "--object".into(),
+            workload_secret(),
+            "--image-opts".into(),
+            format!(
+                "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+                p.display()
+            ),
+        ]);
+    } else {
+        args.push(p.to_str().unwrap().into());
+    }
+    args.extend(["-O".into(), "raw".into(), raw.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    qemu_img(&args).ok();
+    let d = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    d
+}
+
+/// Parameters of [`snapshot_workload`].
+#[derive(Clone, Debug)]
+pub struct SnapshotWorkload {
+    pub seed: u64,
+    pub cluster_size: u32,
+    pub refcount_bits: u32,
+    pub kind: ImageKind,
+    /// The cache mode every open uses (`CacheMode::None`: O_DIRECT, through the space reserved
+    /// ahead of allocating writes, trimmed and punched at each close).
+    pub cache: qcow2rs::CacheMode,
+    pub ops: usize,
+}
+
+/// One thread: writes, compressed writes, zeroes, discards, snapshots created, applied and
+/// deleted, the disk grown and shrunk, flushes, closes and reopens, against a model of the
+/// disk and of every snapshot; our check and a full read every 16 operations, qemu-img check
+/// and qemu-img's reading of the disk and of every snapshot at the end.
+pub fn snapshot_workload(w: &SnapshotWorkload) {
+    let d = tmpdir();
+    let p = d.path().join("w.qcow2");
+    let cs = w.cluster_size as u64;
+    let mut rng = Rng::new(w.seed);
+    let size0 = 64 * cs + 512 * rng.below(4);
+    let luks = matches!(w.kind, ImageKind::Luks);
+    let encryption = luks.then(|| {
+        let mut e = qcow2rs::EncryptionOptions::luks(WORKLOAD_PASSWORD);
+        e.iter_time_ms = 10;
+        e
+    });
+    let mut model = vec![0u8; size0 as usize];
+    let backing = matches!(w.kind, ImageKind::Backing);
+    if backing {
+        rng.fill(&mut model);
+        std::fs::write(d.path().join("base.raw"), &model).unwrap();
+    }
+    Image::create(
+        &p,
+        &qcow2rs::CreateOptions {
+            cluster_size: w.cluster_size,
+            refcount_bits: w.refcount_bits,
+            extended_l2: matches!(w.kind, ImageKind::Subclusters),
+            encryption,
+            backing_file: backing.then(|| "base.raw".into()),
+            backing_format: backing.then(|| "raw".into()),
+            ..qcow2rs::CreateOptions::new(size0)
+        },
+    )
+    .unwrap();
+    let opts = OpenOptions {
+        password: luks.then(|| WORKLOAD_PASSWORD.into()),
+        cache: w.cache,
+        ..OpenOptions::default()
+    };
+    let ctx = format!(
+        "seed {}, {} B clusters, {}-bit refcounts, {:?}, {:?}",
+        w.seed, cs, w.refcount_bits, w.kind, w.cache
+    );
+    let mut snaps: Vec<ModelSnapshot> = Vec::new();
+    let mut img = Image::open(&p, &opts).unwrap();
+    let mut next = 0;
+    let mut log = Vec::new();
+    for i in 0..w.ops {
+        let size = model.len() as u64;
+        let op = rng.below(100);
+        let (off, len) = {
+            let off = rng.below(size) & !511;
+            let len = (rng.range(1, 3 * cs) & !511).max(512).min(size - off);
+            (off, len)
+        };
+        match op {
+            0..=24 => {
+                let b = rng.bytes(len as usize);
+                log.push(format!("write {off:#x}+{len:#x}"));
+                img.write_at(&b, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&b);
+            }
+            25..=44 => {
+                let c = rng.below(size.div_ceil(cs)) * cs;
+                let n = cs.min(size - c);
+                let b = compressible(rng.next_u64(), n as usize);
+                log.push(format!("compressed {c:#x}+{n:#x}"));
+                img.write_compressed(c, &b).unwrap();
+                model[c as usize..(c + n) as usize].copy_from_slice(&b);
+            }
+            45..=54 => {
+                log.push(format!("zeroes {off:#x}+{len:#x}"));
+                img.write_zeroes(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            55..=66 => {
+                log.push(format!("discard {off:#x}+{len:#x}"));
+                img.discard(off, len).unwrap();
+                discard_model(&mut model, off, len, cs);
+            }
+            67..=74 => {
+                if snaps.len() < 4 {
+                    let name = format!("s{next}");
+                    next += 1;
+                    log.push(format!("snapshot create {name}"));
+                    img.create_snapshot(&name).unwrap();
+                    snaps.push(ModelSnapshot {
+                        name,
+                        data: model.clone(),
+                    });
+                }
+            }
+            75..=80 => {
+                if !snaps.is_empty() {
+                    let s = &snaps[rng.below(snaps.len() as u64) as usize];
+                    log.push(format!("snapshot apply {}", s.name));
+                    img.apply_snapshot(s.name.as_str()).unwrap();
+                    model = s.data.clone();
+                }
+            }
+            81..=86 => {
+                if !snaps.is_empty() {
+                    let k = rng.below(snaps.len() as u64) as usize;
+                    let s = snaps.remove(k);
+                    log.push(format!("snapshot delete {}", s.name));
+                    img.delete_snapshot(s.name.as_str()).unwrap();
+                }
+            }
+            87..=91 => {
+                let new = if rng.chance(50) {
+                    size + 512 * rng.range(1, 3 * cs / 512)
+                } else {
+                    (size - 512 * rng.range(1, 3 * cs / 512)).max(8 * cs)
+                };
+                log.push(format!("resize {size:#x} -> {new:#x}"));
+                match img.resize(new) {
+                    Ok(()) => model.resize(new as usize, 0),
+                    Err(e) => log.push(format!("  refused: {e}")),
+                }
+            }
+            92..=95 => {
+                log.push("flush".into());
+                img.flush().unwrap();
+            }
+            _ => {
+                log.push("reopen".into());
+                img.close().unwrap();
+                img = Image::open(&p, &opts).unwrap();
+            }
+        }
+        if i % 16 == 15 {
+            let r = img.check(None).unwrap();
+            assert!(
+                r.is_clean(),
+                "{ctx}: check after op {i}:\n{}\nops:\n{}",
+                head_tail(&r.messages.join("\n"), 20),
+                log.join("\n")
+            );
+            let mut got = vec![0u8; model.len()];
+            img.read_at(&mut got, 0).unwrap();
+            if got != model {
+                eprintln!("{ctx}: ops:\n{}", log.join("\n"));
+            }
+            assert_same(&format!("{ctx}: disk after op {i}"), &got, &model);
+        }
+    }
+    img.close().unwrap();
+    let q = if luks {
+        let opts = format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+            p.display()
+        );
+        qemu_img(&[
+            "check",
+            "--object",
+            &workload_secret(),
+            "--image-opts",
+            &opts,
+        ])
+    } else {
+        qemu_img(&["check", p.to_str().unwrap()])
+    };
+    assert!(
+        q.code == 0 && q.all().contains("No errors were found"),
+        "{ctx}: qemu-img check:\n{}\nops:\n{}",
+        q.all(),
+        log.join("\n")
+    );
+    let got = qemu_raw(&p, None, luks);
+    if got != model {
+        eprintln!("{ctx}: ops:\n{}", log.join("\n"));
+    }
+    assert_same(&format!("{ctx}: qemu reads the disk"), &got, &model);
+    for s in &snaps {
+        // qemu-img reads a snapshot at the active disk's size.
+        let got = qemu_raw(&p, Some(&s.name), luks);
+        let n = got.len().min(s.data.len());
+        if got[..n] != s.data[..n] {
+            eprintln!("{ctx}: ops:\n{}", log.join("\n"));
+        }
+        assert_same(
+            &format!("{ctx}: qemu reads snapshot {}", s.name),
+            &got[..n],
+            &s.data[..n],
+        );
+    }
+}

@@ -226,187 +226,8 @@ fn threads_write_over_reserved_space_while_snapshots_checks_and_repairs_run() {
     }
 }
 
-struct Snap {
-    name: String,
-    data: Vec<u8>,
-}
-
-fn discard_model(m: &mut [u8], off: u64, len: u64, cs: u64) {
-    let size = m.len() as u64;
-    let end = off + len;
-    let first = off.div_ceil(cs) * cs;
-    let last = if end >= size { size } else { end / cs * cs };
-    if last > first {
-        m[first as usize..last as usize].fill(0);
-    }
-}
-
-/// qemu-img's reading of the image (its active disk, or snapshot `name`).
-fn qemu_raw(p: &Path, snapshot: Option<&str>) -> Vec<u8> {
-    let raw = p.with_extension(format!("{}.raw", snapshot.unwrap_or("active")));
-    let mut args: Vec<String> = vec!["convert".into(), "-U".into()];
-    if let Some(name) = snapshot {
-        args.extend(["-l".into(), format!("snapshot.name={name}")]);
-    }
-    args.push(p.to_str().unwrap().into());
-    args.extend(["-O".into(), "raw".into(), raw.to_str().unwrap().into()]);
-    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-    qemu_img(&args).ok();
-    let d = std::fs::read(&raw).unwrap();
-    std::fs::remove_file(&raw).unwrap();
-    d
-}
-
-/// One thread, O_DIRECT: writes, compressed writes, zeroes, discards, snapshots created,
-/// applied and deleted, the disk grown and shrunk, flushes, closes and reopens (each close
-/// trims the run and punches what was reserved), against a model of the disk and of every
-/// snapshot; our check every 16 operations, qemu-img check and qemu-img's reading at the end.
-fn direct_random_workload(seed: u64, cs: u64, refcount_bits: u32, ops: usize) {
-    let d = tmpdir();
-    if !direct_ok(d.path()) {
-        return;
-    }
-    let p = d.path().join("w.qcow2");
-    let mut rng = Rng::new(seed);
-    let size0 = 64 * cs + 512 * rng.below(4);
-    let mut model = vec![0u8; size0 as usize];
-    Image::create(
-        &p,
-        &CreateOptions {
-            cluster_size: cs as u32,
-            refcount_bits,
-            ..CreateOptions::new(size0)
-        },
-    )
-    .unwrap();
-    let ctx = format!("seed {seed}, {cs} B clusters, {refcount_bits}-bit refcounts");
-    let mut snaps: Vec<Snap> = Vec::new();
-    let mut img = Image::open(&p, &direct()).unwrap();
-    let mut next = 0;
-    let mut log = Vec::new();
-    for i in 0..ops {
-        let size = model.len() as u64;
-        let (off, len) = {
-            let off = rng.below(size) & !511;
-            let len = (rng.range(1, 3 * cs) & !511).max(512).min(size - off);
-            (off, len)
-        };
-        match rng.below(100) {
-            0..=29 => {
-                let b = rng.bytes(len as usize);
-                log.push(format!("write {off:#x}+{len:#x}"));
-                img.write_at(&b, off).unwrap();
-                model[off as usize..(off + len) as usize].copy_from_slice(&b);
-            }
-            30..=44 => {
-                let c = rng.below(size.div_ceil(cs)) * cs;
-                let n = cs.min(size - c);
-                let b = compressible(rng.next_u64(), n as usize);
-                log.push(format!("compressed {c:#x}+{n:#x}"));
-                img.write_compressed(c, &b).unwrap();
-                model[c as usize..(c + n) as usize].copy_from_slice(&b);
-            }
-            45..=52 => {
-                log.push(format!("zeroes {off:#x}+{len:#x}"));
-                img.write_zeroes(off, len).unwrap();
-                model[off as usize..(off + len) as usize].fill(0);
-            }
-            53..=64 => {
-                log.push(format!("discard {off:#x}+{len:#x}"));
-                img.discard(off, len).unwrap();
-                discard_model(&mut model, off, len, cs);
-            }
-            65..=72 => {
-                if snaps.len() < 4 {
-                    let name = format!("s{next}");
-                    next += 1;
-                    log.push(format!("snapshot create {name}"));
-                    if img.create_snapshot(&name).is_ok() {
-                        snaps.push(Snap {
-                            name,
-                            data: model.clone(),
-                        });
-                    }
-                }
-            }
-            73..=77 => {
-                if !snaps.is_empty() {
-                    let s = &snaps[rng.below(snaps.len() as u64) as usize];
-                    log.push(format!("snapshot apply {}", s.name));
-                    img.apply_snapshot(s.name.as_str()).unwrap();
-                    model = s.data.clone();
-                }
-            }
-            78..=83 => {
-                if !snaps.is_empty() {
-                    let k = rng.below(snaps.len() as u64) as usize;
-                    let s = snaps.remove(k);
-                    log.push(format!("snapshot delete {}", s.name));
-                    img.delete_snapshot(s.name.as_str()).unwrap();
-                }
-            }
-            84..=89 => {
-                let new = if rng.chance(50) {
-                    size + 512 * rng.range(1, 3 * cs / 512)
-                } else {
-                    (size - 512 * rng.range(1, 3 * cs / 512)).max(8 * cs)
-                };
-                log.push(format!("resize {size:#x} -> {new:#x}"));
-                match img.resize(new) {
-                    Ok(()) => model.resize(new as usize, 0),
-                    Err(e) => log.push(format!("  refused: {e}")),
-                }
-            }
-            90..=93 => {
-                log.push("flush".into());
-                img.flush().unwrap();
-            }
-            _ => {
-                log.push("reopen".into());
-                img.close().unwrap();
-                img = Image::open(&p, &direct()).unwrap();
-            }
-        }
-        if i % 16 == 15 {
-            let r = img.check(None).unwrap();
-            assert!(
-                r.is_clean(),
-                "{ctx}: check after op {i}:\n{}\nops:\n{}",
-                head_tail(&r.messages.join("\n"), 20),
-                log.join("\n")
-            );
-            let mut got = vec![0u8; model.len()];
-            img.read_at(&mut got, 0).unwrap();
-            if got != model {
-                eprintln!("{ctx}: ops:\n{}", log.join("\n"));
-            }
-            assert_same(&format!("{ctx}: disk after op {i}"), &got, &model);
-        }
-    }
-    img.close().unwrap();
-    let q = qemu_img(&["check", p.to_str().unwrap()]);
-    assert!(
-        q.code == 0 && q.all().contains("No errors were found"),
-        "{ctx}: qemu-img check:\n{}\nops:\n{}",
-        q.all(),
-        log.join("\n")
-    );
-    let got = qemu_raw(&p, None);
-    if got != model {
-        eprintln!("{ctx}: ops:\n{}", log.join("\n"));
-    }
-    assert_same(&format!("{ctx}: qemu reads the disk"), &got, &model);
-    for s in &snaps {
-        let got = qemu_raw(&p, Some(&s.name));
-        let n = got.len().min(s.data.len());
-        assert_same(
-            &format!("{ctx}: qemu reads snapshot {}", s.name),
-            &got[..n],
-            &s.data[..n],
-        );
-    }
-}
-
+/// One thread, O_DIRECT ([`snapshot_workload`]): every close trims the run and punches what
+/// was reserved ahead, every reopen starts from there.
 #[test]
 fn direct_random_snapshots_compressed_discards_resizes_reopens() {
     require_qemu();
@@ -423,8 +244,18 @@ fn direct_random_snapshots_compressed_discards_resizes_reopens() {
         } else {
             &[(512, 16), (4096, 8), (65536, 16)]
         };
-        for &(cs, bits) in configs {
-            direct_random_workload(seed, cs, bits, if cs > 65536 { 60 } else { 120 });
+        for &(cs, refcount_bits) in configs {
+            if !direct_ok(tmpdir().path()) {
+                return;
+            }
+            snapshot_workload(&SnapshotWorkload {
+                seed,
+                cluster_size: cs as u32,
+                refcount_bits,
+                kind: ImageKind::Plain,
+                cache: CacheMode::None,
+                ops: if cs > 65536 { 60 } else { 120 },
+            });
         }
     }
 }
