@@ -294,7 +294,8 @@ typedef struct qcow2_create_options {
      */
     uint64_t encrypt_iter_time_ms;
     /**
-     * Password of an encrypted backing file (opened to take its size); NULL for none.
+     * Password of an encrypted backing file; NULL for none. Not needed: the backing file is
+     * opened for its size only, which is read without the key (as `qemu-img create -b` does).
      */
     const uint8_t *backing_password;
     /**

@@ -147,7 +147,8 @@ pub struct qcow2_create_options {
     pub encrypt_hash_alg: *const c_char,
     /// LUKS PBKDF2 time per key slot in milliseconds; 0 (the default) for 2000.
     pub encrypt_iter_time_ms: u64,
-    /// Password of an encrypted backing file (opened to take its size); NULL for none.
+    /// Password of an encrypted backing file; NULL for none. Not needed: the backing file is
+    /// opened for its size only, which is read without the key (as `qemu-img create -b` does).
     pub backing_password: *const u8,
     /// Length of `backing_password`.
     pub backing_password_len: usize,
