@@ -144,6 +144,14 @@ impl FileStorage {
     }
 }
 
+/// Whether an O_DIRECT request of `len` bytes at `buf` (file `offset`) can go to the device
+/// as it is: buffer, offset and length all on [`DIRECT_ALIGN`] boundaries.
+fn direct_as_is(buf: *const u8, len: usize, offset: u64) -> bool {
+    (buf as usize).is_multiple_of(DIRECT_ALIGN)
+        && offset.is_multiple_of(DIRECT_ALIGN as u64)
+        && len.is_multiple_of(DIRECT_ALIGN)
+}
+
 /// Reads of at least this many bytes are checked for [`aliases`].
 const ALIAS_MIN: usize = 4096;
 /// The chunk a read goes through when it would alias (a multiple of 4 KiB).
@@ -200,10 +208,7 @@ impl Storage for FileStorage {
         }
         // A read the device can do into the caller's buffer itself (a VMM's guest memory, the
         // CLI's and NBD server's aligned buffers) needs no bounce buffer.
-        if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-            && offset.is_multiple_of(DIRECT_ALIGN as u64)
-            && buf.len().is_multiple_of(DIRECT_ALIGN)
-        {
+        if direct_as_is(buf.as_ptr(), buf.len(), offset) {
             return self.read_plain(buf, offset);
         }
         let a = DIRECT_ALIGN as u64;
@@ -223,10 +228,7 @@ impl Storage for FileStorage {
         }
         // Whole blocks from an aligned buffer go to the device as they are: no bounce buffer,
         // no read-modify-write, and the file cannot grow past the write's end.
-        if (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
-            && offset.is_multiple_of(DIRECT_ALIGN as u64)
-            && buf.len().is_multiple_of(DIRECT_ALIGN)
-        {
+        if direct_as_is(buf.as_ptr(), buf.len(), offset) {
             let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
             return self.file.write_all_at(buf, offset);
         }
